@@ -1,0 +1,62 @@
+"""Import the WSGI callable named by ``MODULE[:CALLABLE]``, with errors a user can act on."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fleet.config import parse_app_spec
+
+WSGIApp = Callable[..., Iterable[bytes]]
+
+
+class AppLoadError(Exception):
+    """The application could not be loaded; str(error) is one line."""
+
+
+def add_pythonpath(paths: Iterable[str]) -> None:
+    for path in reversed(list(paths)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def load_app(spec: str, pythonpath: Iterable[str] = ()) -> WSGIApp:
+    module_name, attr = parse_app_spec(spec)
+    add_pythonpath(pythonpath)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise AppLoadError(
+                f"cannot import module {module_name!r}: {error}; check --module and --pythonpath"
+            ) from None
+        raise AppLoadError(f"importing {module_name!r} failed: {error!r}") from None
+    except BaseException as error:  # an app's import can raise anything, SystemExit included
+        raise AppLoadError(f"importing {module_name!r} failed: {type(error).__name__}: {error}") from None
+    app: Any = module
+    for part in attr.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise AppLoadError(f"module {module_name!r} has no callable {attr!r}") from None
+    if not callable(app):
+        raise AppLoadError(f"{module_name}:{attr} is not callable (it is {type(app).__name__})")
+    return app
+
+
+def check_main(argv: list[str]) -> int:
+    """``python -m fleet.appload SPEC [PATH...]``: the master's pre-flight import check."""
+    from fleet.exitcodes import APP_LOAD_FAILED
+
+    try:
+        load_app(argv[0], argv[1:])
+    except AppLoadError as error:
+        print(f"fleet: error: {error}", file=sys.stderr)
+        return APP_LOAD_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_main(sys.argv[1:]))

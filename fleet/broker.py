@@ -1,0 +1,260 @@
+"""Which worker thread gets which request: the dispatcher's state, with no sockets.
+
+Every worker thread asks for work by sending credits; a request only goes to a
+thread that asked for it. So a thread that retires simply stops asking and
+nothing is ever queued for it (Mongrel2's own round-robin loses what it queued
+to a handler that leaves), a stuck thread receives nothing more, and the
+broker always knows which connection each thread holds, so the client of a
+crashed worker can be answered at once.
+
+Requests on a connection that a thread already holds wait here (HTTP
+pipelining must be answered in order, and Mongrel2 would hand the second
+request to another handler). Requests for which no thread has a credit wait in
+a bounded backlog.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+# A thread holds at most this many requests: the one it serves and the next,
+# so that it never idles for a round trip to the broker between two requests.
+PREFETCH = 2
+# Requests waiting for a free thread; past this the broker answers 503, so a
+# host whose workers are all stuck sheds load instead of growing without end.
+MAX_BACKLOG = 10_000
+
+ConnKey = tuple[int, bytes]  # (endpoint index, Mongrel2 connection id)
+
+
+@dataclass(slots=True)
+class Held:
+    """A request a thread has been given and not yet finished."""
+
+    sender: bytes
+    since: float
+
+
+@dataclass(slots=True)
+class Thread:
+    ident: bytes
+    pid: int
+    credits: int = 0
+    retiring: bool = False
+    held: dict[ConnKey, Held] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    ident: bytes
+    index: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Orphan:
+    """A request whose client must be answered by the broker itself (502 or 503)."""
+
+    index: int
+    sender: bytes
+    conn_id: bytes
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    served: int = 0
+    last_request_at: float = 0.0
+
+
+class Broker:
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.threads: dict[bytes, Thread] = {}
+        self.holder: dict[ConnKey, bytes] = {}
+        self.counters: dict[int, WorkerCounters] = {}
+        # Dicts used as ordered sets: threads that hold nothing come first,
+        # then threads that could take one more behind the one they serve.
+        self._idle: dict[bytes, None] = {}
+        self._spare: dict[bytes, None] = {}
+        self._parked: dict[ConnKey, deque[tuple[bytes, bytes]]] = {}
+        self._backlog: deque[tuple[int, bytes, bytes, bytes]] = deque()
+
+    # -- worker threads -------------------------------------------------
+
+    def credit(self, ident: bytes, pid: int, count: int = 1) -> list[Assignment]:
+        thread = self.threads.get(ident)
+        if thread is None:
+            thread = self.threads[ident] = Thread(ident, pid)
+            self.counters.setdefault(pid, WorkerCounters())
+        if thread.retiring:
+            return []
+        thread.credits += count
+        self._file(thread)
+        return self._drain_backlog()
+
+    def done(self, ident: bytes, index: int, conn_id: bytes, credit: bool) -> list[Assignment]:
+        """A thread finished the request of (index, conn_id); maybe it wants another."""
+        key = (index, conn_id)
+        thread = self.threads.get(ident)
+        if thread is None:
+            return []
+        if thread.held.pop(key, None) is not None:
+            counters = self.counters[thread.pid]
+            counters.served += 1
+        if self.holder.get(key) == ident:
+            del self.holder[key]
+        if credit and not thread.retiring:
+            thread.credits += 1
+        self._file(thread)
+        assignments: list[Assignment] = []
+        parked = self._parked.get(key)
+        if parked:
+            sender, raw = parked.popleft()
+            if not parked:
+                del self._parked[key]
+            assignment = self.request(index, sender, conn_id, raw)
+            if assignment is not None:
+                assignments.append(assignment)
+        assignments.extend(self._drain_backlog())
+        return assignments
+
+    def retire(self, ident: bytes) -> None:
+        """The thread will ask for nothing more; it still finishes what it holds."""
+        thread = self.threads.get(ident)
+        if thread is None:
+            return
+        thread.retiring = True
+        thread.credits = 0
+        self._idle.pop(ident, None)
+        self._spare.pop(ident, None)
+
+    def forget_thread(self, ident: bytes) -> None:
+        """The thread exited cleanly after retiring."""
+        thread = self.threads.pop(ident, None)
+        if thread is not None:
+            self._idle.pop(ident, None)
+            self._spare.pop(ident, None)
+
+    def worker_gone(self, pid: int) -> list[Orphan]:
+        """A worker process died: its threads' requests can only be answered by us."""
+        orphans: list[Orphan] = []
+        for ident in [i for i, t in self.threads.items() if t.pid == pid]:
+            thread = self.threads.pop(ident)
+            self._idle.pop(ident, None)
+            self._spare.pop(ident, None)
+            for key, held in thread.held.items():
+                orphans.append(Orphan(key[0], held.sender, key[1]))
+                if self.holder.get(key) == ident:
+                    del self.holder[key]
+                # Pipelined requests behind it die with the connection we close.
+                self._parked.pop(key, None)
+        return orphans
+
+    def unreachable(self, assignment: Assignment) -> None:
+        """Sending to the thread failed (its process is gone): undo and queue again."""
+        thread = self.threads.get(assignment.ident)
+        sender, conn_id, _ = _route(assignment.raw)
+        key = (assignment.index, conn_id)
+        if thread is not None:
+            thread.held.pop(key, None)
+            thread.credits = 0
+            thread.retiring = True
+            self._idle.pop(thread.ident, None)
+            self._spare.pop(thread.ident, None)
+        if self.holder.get(key) == assignment.ident:
+            del self.holder[key]
+        self._backlog.appendleft((assignment.index, sender, conn_id, assignment.raw))
+
+    # -- requests from Mongrel2 -----------------------------------------
+
+    def request(self, index: int, sender: bytes, conn_id: bytes, raw: bytes) -> Assignment | None:
+        """Give the request to a thread, or keep it; None means it waits here."""
+        key = (index, conn_id)
+        if key in self.holder:
+            self._parked.setdefault(key, deque()).append((sender, raw))
+            return None
+        ident = self._pick()
+        if ident is None:
+            if len(self._backlog) >= MAX_BACKLOG:
+                raise BacklogFull(Orphan(index, sender, conn_id))
+            self._backlog.append((index, sender, conn_id, raw))
+            return None
+        return self._assign(ident, key, sender, raw)
+
+    def holder_of(self, index: int, conn_id: bytes) -> bytes | None:
+        return self.holder.get((index, conn_id))
+
+    def take_waiting(self) -> list[Orphan]:
+        """Empty the backlog and parked requests (shutting down: they get 503)."""
+        waiting = [Orphan(i, s, c) for i, s, c, _ in self._backlog]
+        self._backlog.clear()
+        for (index, conn_id), parked in self._parked.items():
+            waiting.extend(Orphan(index, sender, conn_id) for sender, _ in parked)
+        self._parked.clear()
+        return waiting
+
+    # -- figures ----------------------------------------------------------
+
+    def busy_threads(self, pid: int) -> int:
+        return sum(1 for t in self.threads.values() if t.pid == pid and t.held)
+
+    def oldest_request_age(self, pid: int) -> float | None:
+        starts = [h.since for t in self.threads.values() if t.pid == pid for h in t.held.values()]
+        return self.clock() - min(starts) if starts else None
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(t.held) for t in self.threads.values())
+
+    # -- internals ----------------------------------------------------------
+
+    def _pick(self) -> bytes | None:
+        for tier in (self._idle, self._spare):
+            if tier:
+                ident = next(iter(tier))
+                del tier[ident]
+                return ident
+        return None
+
+    def _assign(self, ident: bytes, key: ConnKey, sender: bytes, raw: bytes) -> Assignment:
+        thread = self.threads[ident]
+        thread.credits -= 1
+        thread.held[key] = Held(sender, self.clock())
+        self.holder[key] = ident
+        self._file(thread)
+        return Assignment(ident, key[0], raw)
+
+    def _file(self, thread: Thread) -> None:
+        """Put the thread in the tier its credits and load say, or in none."""
+        ident = thread.ident
+        self._idle.pop(ident, None)
+        self._spare.pop(ident, None)
+        if thread.credits <= 0 or thread.retiring:
+            return
+        (self._spare if thread.held else self._idle)[ident] = None
+
+    def _drain_backlog(self) -> list[Assignment]:
+        assignments: list[Assignment] = []
+        while self._backlog and (self._idle or self._spare):
+            index, sender, conn_id, raw = self._backlog.popleft()
+            assignment = self.request(index, sender, conn_id, raw)
+            if assignment is not None:
+                assignments.append(assignment)
+        return assignments
+
+
+class BacklogFull(Exception):
+    def __init__(self, orphan: Orphan) -> None:
+        super().__init__("dispatcher backlog full")
+        self.orphan = orphan
+
+
+def _route(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    sender, conn_id, path, _ = raw.split(b" ", 3)
+    return sender, conn_id, path

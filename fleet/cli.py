@@ -1,0 +1,90 @@
+"""The ``fleet`` command line. User mistakes end in one line saying what to fix."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fleet import __version__
+from fleet.config import DEFAULT_CONTENT_LENGTH, DEFAULT_UPLOAD_STORE, DISPATCH_MODES, ConfigError
+from fleet.exitcodes import USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"fleet: error: {message} (see 'fleet {self.prog.split()[-1]} --help')"
+              if " " in self.prog else f"fleet: error: {message}", file=sys.stderr)
+        raise SystemExit(USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def add_handler_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zeromq", action="append", default=[], metavar="SEND_SPEC,RECV_SPEC",
+                        help="a Mongrel2 handler's send_spec and recv_spec; repeat for several Mongrel2 servers")
+    parser.add_argument("--module", metavar="MODULE[:CALLABLE]",
+                        help="the WSGI application (the callable defaults to 'application')")
+    parser.add_argument("-p", "--processes", type=_positive_int, default=1, metavar="N",
+                        help="worker processes (default 1)")
+    parser.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+                        help="request threads per worker process (default 1)")
+    parser.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
+                        help="add DIR to the import path of the application (repeatable)")
+    parser.add_argument("--mongrel2-chroot", metavar="DIR",
+                        help="the directory Mongrel2 chroots into (or runs in): where upload paths are resolved")
+    parser.add_argument("--mongrel2-upload-store", default=DEFAULT_UPLOAD_STORE, metavar="PATH",
+                        help=f"Mongrel2's upload.temp_store, as in its config (default {DEFAULT_UPLOAD_STORE})")
+    parser.add_argument("--mongrel2-content-length", type=int, default=DEFAULT_CONTENT_LENGTH, metavar="BYTES",
+                        help=f"Mongrel2's limits.content_length (default {DEFAULT_CONTENT_LENGTH})")
+    parser.add_argument("--dispatch", choices=DISPATCH_MODES, default="broker",
+                        help="broker (default): a per-host dispatcher hands each request to a free thread and "
+                             "loses nothing on reloads; direct: threads pull from Mongrel2 themselves")
+    parser.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a graceful stop waits for in-flight requests (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fleet", description="Serve WSGI applications as Mongrel2 handlers.")
+    parser.add_argument("--version", action="version", version=f"fleet {__version__}")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    master = commands.add_parser("master", help="serve an application as a Mongrel2 handler")
+    add_handler_options(master)
+    master.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "master":
+            from fleet.master import run_master
+
+            return run_master(args)
+    except ConfigError as error:
+        print(f"fleet: error: {error}", file=sys.stderr)
+        return USAGE
+    return USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The handler configuration: what every worker of a host needs to serve.
+
+It is validated once, in the master, so that a user mistake is one clear line
+before any worker starts. The same object is what the cluster will announce.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DEFAULT_UPLOAD_STORE = "/tmp/mongrel2.upload.XXXXXX"
+DEFAULT_CONTENT_LENGTH = 20480  # Mongrel2's own default for limits.content_length
+DISPATCH_MODES = ("broker", "direct")
+
+# tcp://HOST:PORT with HOST a name, an IPv4 address, [IPv6] or *; ipc://PATH.
+_TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):(\d{1,5})$")
+_IPC_ENDPOINT = re.compile(r"^ipc://.+$")
+_APP_SPEC = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?$")
+
+
+class ConfigError(ValueError):
+    """A user mistake; str(error) is one line that says what to fix."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One Mongrel2 handler: it PUSHes requests on send_spec and SUBs replies on recv_spec."""
+
+    send_spec: str
+    recv_spec: str
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        parts = [part.strip() for part in text.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"--zeromq {text!r}: expected SEND_SPEC,RECV_SPEC such as "
+                "tcp://127.0.0.1:9999,tcp://127.0.0.1:9998"
+            )
+        for spec in parts:
+            check_endpoint(spec, "--zeromq")
+        if parts[0] == parts[1]:
+            raise ConfigError(f"--zeromq {text!r}: SEND_SPEC and RECV_SPEC must differ")
+        return cls(parts[0], parts[1])
+
+
+def check_endpoint(spec: str, option: str) -> None:
+    """Refuse anything ZeroMQ would reject later, far from the user's command line."""
+    match = _TCP_ENDPOINT.match(spec)
+    if match:
+        port = int(match.group(2))
+        if not 0 < port < 65536:
+            raise ConfigError(f"{option} {spec!r}: port {port} is out of range 1-65535")
+        return
+    if _IPC_ENDPOINT.match(spec):
+        return
+    raise ConfigError(
+        f"{option} {spec!r}: not a ZeroMQ endpoint; use tcp://HOST:PORT or ipc://PATH"
+    )
+
+
+def parse_app_spec(text: str) -> tuple[str, str]:
+    """'pkg.mod:callable' -> ('pkg.mod', 'callable'); the callable defaults to 'application'."""
+    if not _APP_SPEC.match(text):
+        raise ConfigError(f"--module {text!r}: expected MODULE or MODULE:CALLABLE such as app:application")
+    module, _, attr = text.partition(":")
+    return module, attr or "application"
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """Everything a host's supervisor and workers need; plain data, so it can travel."""
+
+    endpoints: tuple[Endpoint, ...]
+    app: str
+    processes: int = 1
+    threads: int = 1
+    pythonpath: tuple[str, ...] = ()
+    dispatch: str = "broker"
+    mongrel2_chroot: str | None = None
+    upload_store: str = DEFAULT_UPLOAD_STORE
+    content_length_limit: int = DEFAULT_CONTENT_LENGTH
+    graceful_timeout: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.endpoints:
+            raise ConfigError("no --zeromq endpoint: give at least one SEND_SPEC,RECV_SPEC")
+        if len(self.endpoints) > 255:
+            raise ConfigError("at most 255 --zeromq endpoints are supported")
+        parse_app_spec(self.app)
+        for name in ("processes", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be a whole number of at least 1, not {value!r}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
+        if self.content_length_limit < 0:
+            raise ConfigError("--mongrel2-content-length must not be negative")
+        if self.graceful_timeout < 0:
+            raise ConfigError("--graceful-timeout must not be negative")
+        if not self.upload_store.endswith("XXXXXX"):
+            raise ConfigError(
+                f"--mongrel2-upload-store {self.upload_store!r}: must end in XXXXXX like Mongrel2's upload.temp_store"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["endpoints"] = [[e.send_spec, e.recv_spec] for e in self.endpoints]
+        data["pythonpath"] = list(self.pythonpath)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HandlerConfig:
+        data = dict(data)
+        data["endpoints"] = tuple(Endpoint(*pair) for pair in data["endpoints"])
+        data["pythonpath"] = tuple(data.get("pythonpath", ()))
+        return cls(**data)

@@ -1,0 +1,6 @@
+"""Fixed exit codes, so a supervisor (or systemd, or a script) can tell why a process ended."""
+
+OK = 0
+USAGE = 2  # a user mistake on the command line
+BOOT_FAILED = 3  # a worker or master could not start (sockets, runtime dir)
+APP_LOAD_FAILED = 4  # the WSGI application could not be imported

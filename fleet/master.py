@@ -1,0 +1,60 @@
+"""``fleet master``: validate the configuration, check the app imports, then supervise."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from fleet.config import ConfigError, Endpoint, HandlerConfig
+from fleet.exitcodes import APP_LOAD_FAILED
+from fleet.logs import setup_logging
+from fleet.supervisor import Supervisor
+
+
+def config_from_args(args: argparse.Namespace) -> HandlerConfig:
+    if not args.zeromq:
+        raise ConfigError("--zeromq SEND_SPEC,RECV_SPEC is required (the Mongrel2 handler to serve)")
+    if not args.module:
+        raise ConfigError("--module MODULE[:CALLABLE] is required (the WSGI application)")
+    chroot = args.mongrel2_chroot
+    if chroot is not None:
+        if not os.path.isdir(chroot):
+            raise ConfigError(f"--mongrel2-chroot {chroot!r}: no such directory")
+        chroot = os.path.abspath(chroot)
+    return HandlerConfig(
+        endpoints=tuple(Endpoint.parse(text) for text in args.zeromq),
+        app=args.module,
+        processes=args.processes,
+        threads=args.threads,
+        pythonpath=tuple(os.path.abspath(p) for p in args.pythonpath),
+        dispatch=args.dispatch,
+        mongrel2_chroot=chroot,
+        upload_store=args.mongrel2_upload_store,
+        content_length_limit=args.mongrel2_content_length,
+        graceful_timeout=args.graceful_timeout,
+    )
+
+
+def preflight_app(config: HandlerConfig) -> str | None:
+    """Import the app in a throwaway process: a clear error before any worker starts,
+    without loading the app (and its side effects) into the supervisor."""
+    check = subprocess.run(
+        [sys.executable, "-m", "fleet.appload", config.app, *config.pythonpath],
+        capture_output=True, text=True,
+    )
+    if check.returncode == 0:
+        return None
+    lines = [line for line in check.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"fleet: error: importing {config.app!r} failed"
+
+
+def run_master(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    problem = preflight_app(config)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return APP_LOAD_FAILED
+    setup_logging(args.log_level)
+    return Supervisor(config, log_level=args.log_level).run()

@@ -1,0 +1,47 @@
+"""Frames between the per-host dispatcher (ROUTER) and worker threads (DEALER).
+
+Kept tiny and fixed-width because they cross the hop on every request.
+
+dispatcher -> thread
+    [REQUEST, index, raw]   a Mongrel2 request, from endpoint ``index``
+    [CONTROL, index, raw]   a Mongrel2 control message (disconnect, credits)
+                            for a connection this thread holds
+    [RETIRED]               retire acknowledged: nothing more will come
+thread -> dispatcher
+    [CREDIT, count]         send me up to ``count`` more requests
+    [DONE, index, conn_id]  finished that request; one more credit
+    [DONE_LAST, index, conn_id]  finished it; no credit (retiring)
+    [RETIRE]                give me nothing more
+    [READY]                 (a worker's control identity) the app is loaded,
+                            replies can reach Mongrel2
+"""
+
+from __future__ import annotations
+
+REQUEST = b"Q"
+CONTROL = b"C"
+RETIRED = b"!"
+
+CREDIT = b"+"
+DONE = b"="
+DONE_LAST = b"-"
+RETIRE = b"!"
+READY = b"R"
+
+CONTROL_THREAD = b"c"
+
+
+def thread_ident(pid: int, thread: int) -> bytes:
+    return b"%d/%d" % (pid, thread)
+
+
+def control_ident(pid: int) -> bytes:
+    return b"%d/%s" % (pid, CONTROL_THREAD)
+
+
+def ident_pid(ident: bytes) -> int:
+    return int(ident.split(b"/", 1)[0])
+
+
+def index_byte(index: int) -> bytes:
+    return bytes((index,))

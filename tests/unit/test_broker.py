@@ -1,0 +1,134 @@
+"""The dispatcher's decisions, driven without sockets and with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet import broker as broker_module
+from fleet.broker import Assignment, BacklogFull, Broker, Orphan
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def raw(conn: int, path: str = "/x", sender: bytes = b"m2") -> bytes:
+    return b"%s %d %s 2:{},0:," % (sender, conn, path.encode())
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def broker(clock: FakeClock) -> Broker:
+    return Broker(clock=clock)
+
+
+def test_request_goes_only_to_a_thread_that_asked(broker: Broker) -> None:
+    assert broker.request(0, b"m2", b"1", raw(1)) is None
+    assert broker.backlog == 1
+    assignments = broker.credit(b"10/0", 10, 2)
+    assert assignments == [Assignment(b"10/0", 0, raw(1))]
+    assert broker.holder_of(0, b"1") == b"10/0"
+
+
+def test_idle_threads_are_preferred_over_ones_already_serving(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.credit(b"11/0", 11, 2)
+    first = broker.request(0, b"m2", b"1", raw(1))
+    second = broker.request(0, b"m2", b"2", raw(2))
+    third = broker.request(0, b"m2", b"3", raw(3))
+    assert [a.ident for a in (first, second, third)] == [b"10/0", b"11/0", b"10/0"]
+    assert broker.request(0, b"m2", b"4", raw(4)).ident == b"11/0"
+    # Both threads now hold what their credits allow: the next one waits.
+    assert broker.request(0, b"m2", b"5", raw(5)) is None and broker.backlog == 1
+
+
+def test_done_returns_the_credit_and_serves_the_backlog(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 1)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))
+    assert broker.done(b"10/0", 0, b"1", credit=True) == [Assignment(b"10/0", 0, raw(2))]
+    assert broker.counters[10].served == 1
+
+
+def test_pipelined_requests_on_one_connection_are_served_in_order(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.credit(b"11/0", 11, 2)
+    assert broker.request(0, b"m2", b"7", raw(7, "/first")).ident == b"10/0"
+    # The second request of connection 7 must not overtake the first on another thread.
+    assert broker.request(0, b"m2", b"7", raw(7, "/second")) is None
+    assert broker.done(b"10/0", 0, b"7", credit=True) == [Assignment(b"11/0", 0, raw(7, "/second"))]
+
+
+def test_same_connection_id_on_two_endpoints_is_two_connections(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    assert broker.request(0, b"a", b"1", raw(1)) is not None
+    assert broker.request(1, b"b", b"1", raw(1, sender=b"b")) is not None
+
+
+def test_a_retiring_thread_gets_nothing_more(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.retire(b"10/0")
+    assert broker.request(0, b"m2", b"2", raw(2)) is None
+    assert broker.done(b"10/0", 0, b"1", credit=True) == []
+    assert broker.credit(b"10/0", 10, 1) == []
+    broker.credit(b"11/0", 11, 1)
+    assert broker.backlog == 0 and broker.holder_of(0, b"2") == b"11/0"
+
+
+def test_a_dead_worker_leaves_orphans_to_answer(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.credit(b"10/1", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))
+    broker.request(0, b"m2", b"2", raw(2, "/pipelined"))
+    orphans = broker.worker_gone(10)
+    assert sorted(orphans, key=lambda o: o.conn_id) == [Orphan(0, b"m2", b"1"), Orphan(0, b"m2", b"2")]
+    assert broker.holder_of(0, b"1") is None and broker.threads == {}
+    # Nothing of the dead worker's is handed out again.
+    assert broker.request(0, b"m2", b"3", raw(3)) is None
+
+
+def test_unreachable_thread_requeues_the_request_first(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    assignment = broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))  # goes to 10/0 as well (spare)
+    broker.unreachable(assignment)
+    assert broker.holder_of(0, b"1") is None
+    assignments = broker.credit(b"11/0", 11, 1)
+    assert assignments == [Assignment(b"11/0", 0, raw(1))]
+
+
+def test_backlog_is_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "MAX_BACKLOG", 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))
+    with pytest.raises(BacklogFull) as full:
+        broker.request(0, b"m2", b"3", raw(3))
+    assert full.value.orphan == Orphan(0, b"m2", b"3")
+
+
+def test_take_waiting_empties_backlog_and_parked(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 1)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"1", raw(1, "/parked"))
+    broker.request(0, b"m2", b"2", raw(2))
+    assert sorted(o.conn_id for o in broker.take_waiting()) == [b"1", b"2"]
+    assert broker.backlog == 0
+
+
+def test_request_age_uses_the_clock(broker: Broker, clock: FakeClock) -> None:
+    broker.credit(b"10/0", 10, 2)
+    assert broker.oldest_request_age(10) is None
+    broker.request(0, b"m2", b"1", raw(1))
+    clock.now += 3.5
+    assert broker.oldest_request_age(10) == pytest.approx(3.5)
+    assert broker.busy_threads(10) == 1 and broker.in_flight == 1
