@@ -2,15 +2,22 @@
 
 Kept tiny and fixed-width because they cross the hop on every request.
 
+The first frame is a kind byte, followed for requests by the index of the
+Mongrel2 endpoint the message came from (one byte).
+
 dispatcher -> thread
-    [REQUEST, index, raw]   a Mongrel2 request, from endpoint ``index``
-    [CONTROL, index, raw]   a Mongrel2 control message (disconnect, credits)
+    [REQUEST+index, raw]    a Mongrel2 request
+    [REQUEST+index, raw, credits]  the same on a flow-controlled connection,
+                            with the download credits it has left
+    [CONTROL+index, raw]    a Mongrel2 control message (disconnect, credits)
                             for a connection this thread holds
     [RETIRED]               retire acknowledged: nothing more will come
 thread -> dispatcher
     [CREDIT, count]         send me up to ``count`` more requests
-    [DONE, index, conn_id]  finished that request; one more credit
-    [DONE_LAST, index, conn_id]  finished it; no credit (retiring)
+    [DONE+index, conn_id]   finished that request; one more credit
+    [DONE+index, conn_id, sent]  the same for a flow-controlled connection:
+                            bytes sent, with a trailing "c" if it was closed
+    [DONE_LAST+index, conn_id]  finished it; no credit (retiring)
     [RETIRE]                give me nothing more
     [READY]                 (a worker's control identity) the app is loaded,
                             replies can reach Mongrel2
@@ -43,5 +50,9 @@ def ident_pid(ident: bytes) -> int:
     return int(ident.split(b"/", 1)[0])
 
 
-def index_byte(index: int) -> bytes:
-    return bytes((index,))
+_INDEX_BYTES = [bytes((i,)) for i in range(256)]
+
+
+def tagged(kind: bytes, index: int) -> bytes:
+    """A kind byte followed by the endpoint index: one frame instead of two."""
+    return kind + _INDEX_BYTES[index]

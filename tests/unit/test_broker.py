@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleet import broker as broker_module
-from fleet.broker import Assignment, BacklogFull, Broker, Orphan
+from fleet.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 
 
 class FakeClock:
@@ -34,7 +34,7 @@ def test_request_goes_only_to_a_thread_that_asked(broker: Broker) -> None:
     assert broker.request(0, b"m2", b"1", raw(1)) is None
     assert broker.backlog == 1
     assignments = broker.credit(b"10/0", 10, 2)
-    assert assignments == [Assignment(b"10/0", 0, raw(1))]
+    assert assignments == [Assignment(b"10/0", 0, b"1", raw(1))]
     assert broker.holder_of(0, b"1") == b"10/0"
 
 
@@ -54,7 +54,7 @@ def test_done_returns_the_credit_and_serves_the_backlog(broker: Broker) -> None:
     broker.credit(b"10/0", 10, 1)
     broker.request(0, b"m2", b"1", raw(1))
     broker.request(0, b"m2", b"2", raw(2))
-    assert broker.done(b"10/0", 0, b"1", credit=True) == [Assignment(b"10/0", 0, raw(2))]
+    assert broker.done(b"10/0", 0, b"1", credit=True) == [Assignment(b"10/0", 0, b"2", raw(2))]
     assert broker.counters[10].served == 1
 
 
@@ -64,7 +64,7 @@ def test_pipelined_requests_on_one_connection_are_served_in_order(broker: Broker
     assert broker.request(0, b"m2", b"7", raw(7, "/first")).ident == b"10/0"
     # The second request of connection 7 must not overtake the first on another thread.
     assert broker.request(0, b"m2", b"7", raw(7, "/second")) is None
-    assert broker.done(b"10/0", 0, b"7", credit=True) == [Assignment(b"11/0", 0, raw(7, "/second"))]
+    assert broker.done(b"10/0", 0, b"7", credit=True) == [Assignment(b"11/0", 0, b"7", raw(7, "/second"))]
 
 
 def test_same_connection_id_on_two_endpoints_is_two_connections(broker: Broker) -> None:
@@ -104,7 +104,7 @@ def test_unreachable_thread_requeues_the_request_first(broker: Broker) -> None:
     broker.unreachable(assignment)
     assert broker.holder_of(0, b"1") is None
     assignments = broker.credit(b"11/0", 11, 1)
-    assert assignments == [Assignment(b"11/0", 0, raw(1))]
+    assert assignments == [Assignment(b"11/0", 0, b"1", raw(1))]
 
 
 def test_backlog_is_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,3 +132,17 @@ def test_request_age_uses_the_clock(broker: Broker, clock: FakeClock) -> None:
     clock.now += 3.5
     assert broker.oldest_request_age(10) == pytest.approx(3.5)
     assert broker.busy_threads(10) == 1 and broker.in_flight == 1
+
+
+def test_credit_ledger_keeps_a_connection_balance_across_requests() -> None:
+    ledger = CreditLedger()
+    key = (0, b"5")
+    ledger.granted(key, 10)  # credits for a connection without flow control: ignored
+    assert ledger.get(key) is None
+    ledger.opened(key, 102400)
+    ledger.opened(key, 999)  # only the first request's grant counts
+    ledger.spent(key, 50042, closed=False)
+    ledger.granted(key, 50042)
+    assert ledger.get(key) == 102400
+    ledger.spent(key, 10, closed=True)
+    assert ledger.get(key) is None

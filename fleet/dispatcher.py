@@ -1,0 +1,217 @@
+"""The per-host dispatcher's sockets: Mongrel2 in, worker threads out.
+
+It alone PULLs from each Mongrel2 and hands each request to a worker thread
+that asked for one (see fleet.broker for why). Replies do not come back
+through it: workers publish them straight to Mongrel2. It keeps its own XPUB
+per Mongrel2 to answer, itself, the clients of a worker that crashed (502) or
+requests it has to shed (503).
+
+The loop is thin on purpose: drain each ready socket in a batch, let the
+broker decide, send.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from fleet import wire
+from fleet.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
+from fleet.config import Endpoint
+from fleet.http_response import error_response
+from fleet.mongrel2 import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
+from fleet.reply import Responder
+
+log = logging.getLogger("fleet.dispatcher")
+
+# Only the first request of a flow-controlled connection carries this header.
+_FLOW_CONTROL = b"DOWNLOAD_CREDITS"
+# Messages taken from one socket before looking at the others, so neither
+# Mongrel2 nor the workers can starve each other.
+BATCH = 256
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoints: tuple[Endpoint, ...],
+        bind: str,
+        *,
+        pull_from_mongrel2: bool,
+        on_ready: Callable[[int], None],
+        on_retired: Callable[[bytes], None] = lambda ident: None,
+    ) -> None:
+        self.broker = Broker()
+        self.credits = CreditLedger()
+        self.on_ready = on_ready
+        self.on_retired = on_retired
+        self.router = context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished thread raises, not drops
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router.bind(bind)
+        self.pulls: list[zmq.Socket] = []
+        if pull_from_mongrel2:
+            for endpoint in endpoints:
+                pull = context.socket(zmq.PULL)
+                pull.setsockopt(zmq.LINGER, 0)
+                pull.connect(endpoint.send_spec)
+                self.pulls.append(pull)
+        self.responders = [Responder(context, e.recv_spec) for e in endpoints]
+        self.accepting = True
+
+    def register(self, poller: zmq.Poller) -> None:
+        poller.register(self.router, zmq.POLLIN)
+        for pull in self.pulls:
+            poller.register(pull, zmq.POLLIN)
+
+    def handle(self, ready: dict) -> None:
+        if self.router in ready:
+            self._from_workers()
+        for index, pull in enumerate(self.pulls):
+            if pull in ready:
+                self._from_mongrel2(index, pull)
+
+    # -- Mongrel2 -> workers ----------------------------------------------
+
+    def _from_mongrel2(self, index: int, pull: zmq.Socket) -> None:
+        broker = self.broker
+        for _ in range(BATCH):
+            try:
+                raw = pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                sender, conn_id, is_control = peek_route(raw)
+            except ProtocolError as error:
+                log.warning("dropped a malformed message from Mongrel2 %d: %s", index, error)
+                continue
+            if is_control:
+                self._control(index, conn_id, raw)
+                continue
+            if _FLOW_CONTROL in raw:
+                self._open_credits(index, raw)
+            if not self.accepting:
+                self.answer([Orphan(index, sender, conn_id)], 503)
+                continue
+            try:
+                assignment = broker.request(index, sender, conn_id, raw)
+            except BacklogFull as full:
+                log.warning("all workers busy and %d requests waiting: answering 503", broker.backlog)
+                self.answer([full.orphan], 503)
+                continue
+            if assignment is not None:
+                self._send(assignment)
+
+    def _control(self, index: int, conn_id: bytes, raw: bytes) -> None:
+        """Account flow-control credits, then pass the message to the thread
+        serving that connection, if any (it may be streaming to it)."""
+        key = (index, conn_id)
+        if key in self.credits.balance:
+            try:
+                event = parse_message(raw)
+            except ProtocolError as error:
+                log.warning("dropped a malformed control message from Mongrel2 %d: %s", index, error)
+                return
+            if isinstance(event, Credits):
+                self.credits.granted(key, event.credits)
+            elif isinstance(event, Disconnect):
+                self.credits.forget(key)
+        holder = self.broker.holder_of(index, conn_id)
+        if holder is not None:
+            self._send(Assignment(holder, index, conn_id, raw), wire.CONTROL)
+
+    def _open_credits(self, index: int, raw: bytes) -> None:
+        try:
+            request = parse_message(raw)
+        except ProtocolError:
+            return  # the worker logs it
+        credits = getattr(request, "download_credits", None)
+        if credits is not None:
+            self.credits.opened((index, request.conn_id), credits)
+
+    def _send(self, assignment: Assignment, kind: bytes = wire.REQUEST) -> None:
+        frames = [assignment.ident, wire.tagged(kind, assignment.index), assignment.raw]
+        if kind == wire.REQUEST:
+            balance = self.credits.get((assignment.index, assignment.conn_id))
+            if balance is not None:
+                frames.append(b"%d" % balance)
+        try:
+            self.router.send_multipart(frames)
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EHOSTUNREACH:
+                raise
+            if kind == wire.REQUEST:
+                self.broker.unreachable(assignment)
+
+    # -- workers -> dispatcher ---------------------------------------------
+
+    def _from_workers(self) -> None:
+        broker = self.broker
+        for _ in range(BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident, head = frames[0], frames[1]
+            kind = head[:1]
+            if kind == wire.DONE or kind == wire.DONE_LAST:
+                if len(frames) > 3:  # a flow-controlled response: bytes sent, "c" if closed
+                    report = frames[3]
+                    self.credits.spent((head[1], frames[2]), int(report.rstrip(b"c")), report.endswith(b"c"))
+                assignments = broker.done(ident, head[1], frames[2], credit=kind == wire.DONE)
+            elif kind == wire.CREDIT:
+                assignments = broker.credit(ident, wire.ident_pid(ident), int(frames[2]))
+            elif kind == wire.RETIRE:
+                broker.retire(ident)
+                self.on_retired(ident)
+                self._reply(ident, wire.RETIRED)
+                continue
+            elif kind == wire.READY:
+                self.on_ready(wire.ident_pid(ident))
+                continue
+            else:
+                log.warning("unknown frame %r from worker thread %r", kind, ident)
+                continue
+            for assignment in assignments:
+                self._send(assignment)
+
+    def _reply(self, ident: bytes, kind: bytes) -> None:
+        try:
+            self.router.send_multipart([ident, kind])
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EHOSTUNREACH:
+                raise
+
+    # -- answering clients ourselves ----------------------------------------
+
+    def answer(self, orphans: list[Orphan], status: int) -> None:
+        """Send a complete error response and close, for requests no worker will answer."""
+        body = error_response(status)
+        for orphan in orphans:
+            responder = self.responders[orphan.index]
+            responder.send(encode_response(orphan.sender, [orphan.conn_id], body))
+            responder.send(encode_close(orphan.sender, [orphan.conn_id]))
+
+    def worker_gone(self, pid: int) -> int:
+        orphans = self.broker.worker_gone(pid)
+        if orphans:
+            self.answer(orphans, 502)
+        return len(orphans)
+
+    def stop_accepting(self) -> None:
+        """Shutting down: what waits and whatever arrives now gets a 503."""
+        self.accepting = False
+        waiting = self.broker.take_waiting()
+        if waiting:
+            self.answer(waiting, 503)
+
+    def close(self) -> None:
+        for pull in self.pulls:
+            pull.close()
+        self.router.close()
+        for responder in self.responders:
+            responder.close()

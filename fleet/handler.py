@@ -1,0 +1,126 @@
+"""Run one request through the WSGI application and send what it returns.
+
+PEP 3333 in one place: start_response (with exc_info), the write() callable,
+iterables closed whatever happens, and as few Mongrel2 messages as possible
+(the status line, headers and a one-piece body travel as one message).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import IO, Any
+
+from fleet.appload import WSGIApp
+from fleet.environ import build_environ
+from fleet.http_response import ResponseError, ResponseFramer, error_response
+from fleet.mongrel2 import Request
+from fleet.reply import ClientGone, Reply
+
+log = logging.getLogger("fleet.worker")
+
+
+class _Response:
+    """start_response's state for one request."""
+
+    def __init__(self, framer: ResponseFramer, reply: Reply) -> None:
+        self.framer = framer
+        self.reply = reply
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None):
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called a second time without exc_info")
+        self.status, self.headers = status, list(headers)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy write() callable: send now, in order with the iterable's chunks."""
+        self.send(data)
+
+    def send(self, data: bytes, body_length: int | None = None) -> None:
+        if self.status is None:
+            raise AssertionError("the application sent body data before calling start_response")
+        if not self.head_sent:
+            head = self.framer.start(self.status, self.headers, body_length)
+            self.head_sent = True
+            self.reply.send(head + self.framer.body(data))
+        elif data:
+            self.reply.send(self.framer.body(data))
+
+
+def serve(
+    app: WSGIApp,
+    request: Request,
+    reply: Reply,
+    *,
+    body: IO[bytes],
+    content_length: int | None,
+    multithread: bool,
+    multiprocess: bool,
+) -> bool:
+    """Serve one request; returns True if the connection was closed."""
+    method = request.headers.get("METHOD", "GET")
+    version = request.headers.get("VERSION", "HTTP/1.1")
+    framer = ResponseFramer(method=str(method), version=str(version), connection=request.header("connection"))
+    environ = build_environ(
+        request,
+        body=body,
+        content_length=content_length,
+        errors=sys.stderr,
+        multithread=multithread,
+        multiprocess=multiprocess,
+    )
+    response = _Response(framer, reply)
+    result: Iterable[bytes] | None = None
+    try:
+        result = app(environ, response.start_response)
+        if isinstance(result, (list, tuple)):
+            # The whole body is known: one message, with a Content-Length.
+            data = b"".join(result)
+            response.send(data, body_length=len(data))
+        else:
+            for chunk in result:
+                if chunk:
+                    response.send(chunk)
+            if not response.head_sent:
+                response.send(b"", body_length=0)
+        reply.finish(framer.end(), close=not framer.keep_alive)
+        return not framer.keep_alive
+    except ClientGone:
+        log.info("client %s went away; response stopped", request.conn_id.decode())
+        return True
+    except Exception as error:
+        return _fail(request, reply, response, error)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                log.exception("the application's iterable failed to close")
+
+
+def _fail(request: Request, reply: Reply, response: _Response, error: Exception) -> bool:
+    where = f"{request.headers.get('METHOD')} {request.path.decode('latin-1')}"
+    if isinstance(error, ResponseError):
+        log.error("application broke HTTP in %s: %s", where, error)
+    else:
+        log.error("application error in %s", where, exc_info=error)
+    try:
+        if response.head_sent:
+            reply.finish(close=True)  # too late for a 500: cut the response short
+        else:
+            reply.finish(error_response(500), close=True)
+    except ClientGone:
+        pass
+    return True

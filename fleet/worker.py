@@ -1,0 +1,364 @@
+"""A worker process: T threads running the WSGI app on requests from Mongrel2.
+
+Started by the supervisor as ``python -m fleet.worker SPEC_JSON``. Everything
+process-wide (signals, sockets, the app import) happens here, after the spawn.
+
+In broker mode (the default) each thread has a DEALER socket to the host's
+dispatcher and asks for requests with credits; in direct mode each thread
+PULLs straight from every Mongrel2 (uWSGI's way: faster to set up, but what
+Mongrel2 queued to a retiring worker is lost). Replies always go straight to
+Mongrel2 through one XPUB socket per endpoint, shared by the threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from fleet import wire
+from fleet.appload import AppLoadError, WSGIApp, load_app
+from fleet.broker import thread_credits
+from fleet.config import HandlerConfig
+from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
+from fleet.handler import serve
+from fleet.http_response import error_response
+from fleet.logs import setup_logging
+from fleet.mongrel2 import Credits, Disconnect, Event, ProtocolError, Request, encode_close, parse_message, peek_route
+from fleet.reply import ClientGone, Reply, Responder
+from fleet.uploads import UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+
+log = logging.getLogger("fleet.worker")
+
+# How often a thread blocked on its socket looks at the retire flag.
+POLL_INTERVAL_MS = 250
+# How long a new worker waits for Mongrel2's subscription before it declares
+# itself ready anyway (Mongrel2 may simply not be running yet).
+SUBSCRIBE_WAIT = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: HandlerConfig
+    dispatch_endpoint: str
+    parent_pid: int
+    log_level: str = "info"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "config": self.config.to_dict(),
+                "dispatch_endpoint": self.dispatch_endpoint,
+                "parent_pid": self.parent_pid,
+                "log_level": self.log_level,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        data = json.loads(text)
+        return cls(HandlerConfig.from_dict(data["config"]), data["dispatch_endpoint"], data["parent_pid"], data["log_level"])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the dispatcher is told when a request is finished."""
+
+    conn_id: bytes
+    sent: int | None = None  # bytes sent, for a flow-controlled connection
+    closed: bool = False
+
+
+# Direct mode: take a connection's download credits from its first request.
+_FROM_HEADER = object()
+
+
+class BrokerChannel:
+    """A thread's DEALER to the dispatcher; control messages can be read mid-response."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, ident: bytes) -> None:
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, ident)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.setsockopt(zmq.RCVTIMEO, POLL_INTERVAL_MS)
+        self.socket.connect(endpoint)
+        self.pending: deque[list[bytes]] = deque()
+        self.conn: tuple[int, bytes] | None = None  # the request being served
+
+    def ask(self, count: int) -> None:
+        self.socket.send_multipart([wire.CREDIT, b"%d" % count])
+
+    def retire(self) -> None:
+        self.socket.send(wire.RETIRE)
+
+    def done(self, index: int, outcome: Outcome, credit: bool) -> None:
+        frames = [wire.tagged(wire.DONE if credit else wire.DONE_LAST, index), outcome.conn_id]
+        if outcome.sent is not None:
+            frames.append(b"%d%s" % (outcome.sent, b"c" if outcome.closed else b""))
+        self.socket.send_multipart(frames)
+
+    def receive(self) -> list[bytes] | None:
+        """The next frames for this thread, or None after POLL_INTERVAL_MS of silence."""
+        if self.pending:
+            return self.pending.popleft()
+        try:
+            return self.socket.recv_multipart()
+        except zmq.Again:
+            return None
+
+    def poll_control(self, timeout: float) -> list[Event]:
+        """Read what has arrived; keep requests for later, return control events."""
+        events: list[Event] = []
+        if not self.socket.poll(int(timeout * 1000)):
+            return events
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return events
+            if frames[0][:1] == wire.CONTROL:
+                try:
+                    events.append(parse_message(frames[1]))
+                except ProtocolError as error:
+                    log.warning("dropped a malformed control message: %s", error)
+            else:
+                self.pending.append(frames)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, app: WSGIApp) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.app = app
+        self.context = zmq.Context()
+        self.retiring = threading.Event()
+        self.policy = UploadPolicy(
+            chroot=self.config.mongrel2_chroot,
+            temp_store=self.config.upload_store,
+            content_length_limit=self.config.content_length_limit,
+        )
+        self.responders: list[Responder] = []
+        self.threads: list[threading.Thread] = []
+        self.multithread = self.config.threads > 1
+        self.multiprocess = self.config.processes > 1
+
+    # -- start-up ----------------------------------------------------------
+
+    def connect_responders(self) -> None:
+        for endpoint in self.config.endpoints:
+            self.responders.append(Responder(self.context, endpoint.recv_spec))
+        for responder in self.responders:
+            if not responder.wait_subscribed(SUBSCRIBE_WAIT):
+                log.warning(
+                    "no subscription from Mongrel2 at %s yet; is it running? replies sent before it connects are lost",
+                    responder.spec,
+                )
+
+    def start_threads(self) -> None:
+        target = self.run_broker_thread if self.config.dispatch == "broker" else self.run_direct_thread
+        for number in range(self.config.threads):
+            thread = threading.Thread(target=self._guard, args=(target, number), name=f"request-{number}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _guard(self, target, number: int) -> None:
+        try:
+            target(number)
+        except Exception:
+            log.exception("request thread %d crashed; the worker exits so it is replaced", number)
+            os._exit(BOOT_FAILED)
+
+    # -- request threads ----------------------------------------------------
+
+    def run_broker_thread(self, number: int) -> None:
+        channel = BrokerChannel(self.context, self.spec.dispatch_endpoint, wire.thread_ident(os.getpid(), number))
+        channel.ask(thread_credits(self.config.threads))
+        retire_sent = False
+        try:
+            while True:
+                if self.retiring.is_set() and not retire_sent:
+                    channel.retire()
+                    retire_sent = True
+                frames = channel.receive()
+                if frames is None:
+                    continue
+                if frames[0] == wire.RETIRED:
+                    break
+                head = frames[0]
+                if head[:1] != wire.REQUEST:
+                    continue  # a control message for a request already finished
+                index = head[1]
+                credits = int(frames[2]) if len(frames) > 2 else None
+                outcome = self.handle(index, frames[1], channel.poll_control, credits)
+                if outcome is not None:
+                    channel.done(index, outcome, credit=not retire_sent)
+        finally:
+            channel.close()
+
+    def run_direct_thread(self, number: int) -> None:
+        poller = zmq.Poller()
+        pulls = []
+        for endpoint in self.config.endpoints:
+            pull = self.context.socket(zmq.PULL)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.connect(endpoint.send_spec)
+            poller.register(pull, zmq.POLLIN)
+            pulls.append(pull)
+        try:
+            while not self.retiring.is_set():
+                for index, pull in enumerate(pulls):
+                    try:
+                        raw = pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
+                    self.handle(index, raw, _no_control, _FROM_HEADER)
+                poller.poll(POLL_INTERVAL_MS)
+        finally:
+            for pull in pulls:
+                pull.close()
+
+    def handle(self, index: int, raw: bytes, poll_control, credits: int | None | object) -> Outcome | None:
+        """Serve one message. ``credits``: the connection's download credits from
+        the dispatcher, None without flow control, or _FROM_HEADER (direct mode)."""
+        try:
+            event = parse_message(raw)
+        except ProtocolError as error:
+            log.warning("dropped a malformed Mongrel2 message: %s", error)
+            try:
+                return Outcome(peek_route(raw)[1])
+            except ProtocolError:
+                return None
+        if not isinstance(event, Request):
+            return Outcome(event.conn_id)  # control for a finished request: nothing to do
+        if credits is _FROM_HEADER:
+            credits = event.download_credits
+        reply = Reply(self.responders[index], event.sender, event.conn_id, credits=credits, poll_control=poll_control)
+        try:
+            closed = self._serve(event, reply)
+        except Exception:
+            # A fault of fleet's own, not the app's (serve() contains those):
+            # this request fails, the worker goes on serving the others.
+            log.exception("internal error serving connection %s", event.conn_id.decode())
+            closed = self._fail(reply)
+        return Outcome(event.conn_id, reply.bytes_sent if credits is not None else None, closed)
+
+    def _fail(self, reply: Reply) -> bool:
+        try:
+            reply.finish(b"" if reply.messages_sent else error_response(500), close=True)
+        except Exception:
+            log.exception("could not even close connection %s", reply.conn_id.decode())
+        return True
+
+    def _serve(self, request: Request, reply: Reply) -> bool:
+        """Returns True if the connection was closed."""
+        try:
+            upload = check_upload(request, self.policy)
+        except UploadRejected as error:
+            return self._refuse(request, reply, error)
+        if isinstance(upload, UploadStarted):
+            return False  # Mongrel2 is writing the body; the done message follows
+        if upload is None:
+            return serve(self.app, request, reply, body=io.BytesIO(request.body), content_length=len(request.body),
+                         multithread=self.multithread, multiprocess=self.multiprocess)
+        try:
+            body = open_upload(upload)
+        except UploadRejected as error:
+            return self._refuse(request, reply, error)
+        try:
+            return serve(self.app, request, reply, body=body, content_length=upload.length,
+                         multithread=self.multithread, multiprocess=self.multiprocess)
+        finally:
+            body.close()
+            try:
+                os.unlink(upload.real_path)
+            except OSError as error:
+                log.warning("could not delete upload %s: %s", upload.real_path, error)
+
+    def _refuse(self, request: Request, reply: Reply, error: UploadRejected) -> bool:
+        log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
+        try:
+            reply.finish(error_response(400), close=True)
+        except ClientGone:
+            pass
+        return True
+
+    # -- life ---------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Run until every thread has drained after a retire, or the parent is gone."""
+        while any(t.is_alive() for t in self.threads):
+            for thread in self.threads:
+                thread.join(0.5)
+                if os.getppid() != self.spec.parent_pid:
+                    log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
+                    os._exit(BOOT_FAILED)
+
+    def close(self) -> None:
+        for responder in self.responders:
+            responder.close()
+        self.context.term()
+
+
+def _no_control(timeout: float) -> list[Event]:
+    if timeout:
+        threading.Event().wait(timeout)
+    return []
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us if the supervisor dies, so no worker is orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    spec = WorkerSpec.from_json(argv[0])
+    _die_with_parent()
+    if os.getppid() != spec.parent_pid:
+        return BOOT_FAILED
+    setup_logging(spec.log_level)
+    try:
+        app = load_app(spec.config.app, spec.config.pythonpath)
+    except AppLoadError as error:
+        log.error("%s", error)
+        return APP_LOAD_FAILED
+    worker = Worker(spec, app)
+    signal.signal(signal.SIGTERM, lambda *_: worker.retiring.set())
+    signal.signal(signal.SIGHUP, lambda *_: worker.retiring.set())
+    for quick in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(quick, lambda *_: os._exit(0))
+    worker.connect_responders()
+    worker.start_threads()
+    control = worker.context.socket(zmq.DEALER)
+    control.setsockopt(zmq.IDENTITY, wire.control_ident(os.getpid()))
+    control.setsockopt(zmq.LINGER, 1000)
+    control.connect(spec.dispatch_endpoint)
+    control.send(wire.READY)
+    log.info(
+        "worker ready: %d thread(s), %s dispatch, replying to %s",
+        spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders),
+    )
+    worker.wait()
+    control.close()
+    worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
