@@ -10,6 +10,7 @@ Modelled on werkzeug's ``serving.make_environ``; see ../shared/style.md.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import unquote_to_bytes
 
@@ -39,6 +40,47 @@ CONTENT_HEADERS = {"content-type": "CONTENT_TYPE", "content-length": "CONTENT_LE
 
 MAX_PORT = 65535
 
+# Header names and Host values come from clients, so the caches keyed by them
+# stay bounded; what arrives after a cache is full is handled, not remembered.
+MAX_CACHED_NAMES = 1024
+MAX_CACHED_HOSTS = 64
+
+
+# Every key build_environ sets, in its order; None marks a per-request value.
+# build_environ copies this dict and fills it in: copying clones the hash
+# table in one step, cheaper than a 21-key literal inserting key by key.
+_ENVIRON_TEMPLATE: dict[str, Any] = {
+    "wsgi.version": WSGI_VERSION,
+    "wsgi.url_scheme": None,
+    "wsgi.input": None,
+    "wsgi.errors": None,
+    "wsgi.multithread": None,
+    "wsgi.multiprocess": None,
+    "wsgi.run_once": False,
+    # Mongrel2 hands over a complete body, so reading to EOF is safe
+    # (the WSGI 1.0.1 extension honoured by werkzeug and Flask).
+    "wsgi.input_terminated": True,
+    "REQUEST_METHOD": None,
+    "SCRIPT_NAME": None,
+    "PATH_INFO": None,
+    "QUERY_STRING": None,
+    "SERVER_NAME": None,
+    "SERVER_PORT": None,
+    "SERVER_PROTOCOL": None,
+    # Set by Mongrel2 from the peer address; unforgeable (upper-case key).
+    "REMOTE_ADDR": None,
+    # Non-standard, raw request target as sent (mod_wsgi, uWSGI).
+    "REQUEST_URI": None,
+    # Non-standard, the same, under gunicorn's name.
+    "RAW_URI": None,
+    # Non-standard: the Mongrel2 route pattern that matched (e.g. "/t/").
+    "mongrel2.pattern": None,
+    # Non-standard: Mongrel2's id of the client TCP connection (decimal).
+    "mongrel2.conn_id": None,
+    # Non-standard: the URI header exactly as Mongrel2 sent it.
+    "mongrel2.uri": None,
+}
+
 
 def build_environ(
     request: Request,
@@ -59,48 +101,40 @@ def build_environ(
     has no METHOD (not an HTTP request, e.g. an upload-stream chunk).
     """
     headers = request.headers
-    method = _single(headers.get("METHOD"))
+    get = headers.get
+    method = _single(get("METHOD"))
     if not method:
         raise ValueError("not an HTTP request: Mongrel2 sent no METHOD")
-    scheme = _single(headers.get("URL_SCHEME")) or DEFAULT_URL_SCHEME
-    raw_path = _single(headers.get("PATH")) or request.path.decode("latin-1")
-    query = _single(headers.get("QUERY")) or ""
-    raw_uri = _single(headers.get("URI")) or (f"{raw_path}?{query}" if query else raw_path)
-    mounted_at, path_info = split_script_name(decode_path(raw_path), script_name)
-    server_name, server_port = parse_host(_single(headers.get("host")), scheme)
+    scheme = _single(get("URL_SCHEME")) or DEFAULT_URL_SCHEME
+    raw_path = _single(get("PATH")) or request.path.decode("latin-1")
+    query = _single(get("QUERY")) or ""
+    raw_uri = _single(get("URI")) or (f"{raw_path}?{query}" if query else raw_path)
+    path = decode_path(raw_path)
+    if script_name:
+        mounted_at, path_info = split_script_name(path, script_name)
+    else:  # mounted at the root, the common case: nothing to strip
+        mounted_at, path_info = "", path
+    server_name, server_port = _parse_host_cached(_single(get("host")), scheme)
 
-    environ: dict[str, Any] = {
-        "wsgi.version": WSGI_VERSION,
-        "wsgi.url_scheme": scheme,
-        "wsgi.input": body,
-        "wsgi.errors": errors,
-        "wsgi.multithread": multithread,
-        "wsgi.multiprocess": multiprocess,
-        "wsgi.run_once": False,
-        # Mongrel2 hands over a complete body, so reading to EOF is safe
-        # (the WSGI 1.0.1 extension honoured by werkzeug and Flask).
-        "wsgi.input_terminated": True,
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": mounted_at,
-        "PATH_INFO": path_info,
-        "QUERY_STRING": query,
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": server_port,
-        "SERVER_PROTOCOL": _single(headers.get("VERSION")) or DEFAULT_PROTOCOL,
-        # Set by Mongrel2 from the peer address; unforgeable (upper-case key).
-        "REMOTE_ADDR": _single(headers.get("REMOTE_ADDR")) or "",
-        # Non-standard, raw request target as sent (mod_wsgi, uWSGI).
-        "REQUEST_URI": raw_uri,
-        # Non-standard, the same, under gunicorn's name.
-        "RAW_URI": raw_uri,
-        # Non-standard: the Mongrel2 route pattern that matched (e.g. "/t/").
-        "mongrel2.pattern": _single(headers.get("PATTERN")) or "",
-        # Non-standard: Mongrel2's id of the client TCP connection (decimal).
-        "mongrel2.conn_id": request.conn_id.decode("ascii", "replace"),
-        # Non-standard: the URI header exactly as Mongrel2 sent it.
-        "mongrel2.uri": raw_uri,
-    }
-    environ.update(client_headers(headers))
+    environ = _ENVIRON_TEMPLATE.copy()  # see _ENVIRON_TEMPLATE for what each key is
+    environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = body
+    environ["wsgi.errors"] = errors
+    environ["wsgi.multithread"] = multithread
+    environ["wsgi.multiprocess"] = multiprocess
+    environ["REQUEST_METHOD"] = method
+    environ["SCRIPT_NAME"] = mounted_at
+    environ["PATH_INFO"] = path_info
+    environ["QUERY_STRING"] = query
+    environ["SERVER_NAME"] = server_name
+    environ["SERVER_PORT"] = server_port
+    environ["SERVER_PROTOCOL"] = _single(get("VERSION")) or DEFAULT_PROTOCOL
+    environ["REMOTE_ADDR"] = _single(get("REMOTE_ADDR")) or ""
+    environ["REQUEST_URI"] = environ["RAW_URI"] = environ["mongrel2.uri"] = raw_uri
+    environ["mongrel2.pattern"] = _single(get("PATTERN")) or ""
+    environ["mongrel2.conn_id"] = request.conn_id.decode("ascii", "replace")
+    # Written straight into the environ: no key above can collide with them.
+    _add_client_headers(headers, environ)
     if content_length is not None:
         environ["CONTENT_LENGTH"] = str(content_length)
     return environ
@@ -113,6 +147,8 @@ def decode_path(raw_path: str) -> str:
     ``unquote_to_bytes`` on a str would use UTF-8 and mangle raw 8-bit bytes.
     Like werkzeug, ``%2F`` becomes ``/``; REQUEST_URI keeps the raw form.
     """
+    if "%" not in raw_path and raw_path.isascii():  # most paths: nothing to decode
+        return raw_path
     return unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
 
 
@@ -159,6 +195,10 @@ def parse_host(host: str | None, scheme: str) -> tuple[str, str]:
     return name, port
 
 
+# Most requests repeat the same Host header: parse each value once.
+_parse_host_cached = lru_cache(maxsize=MAX_CACHED_HOSTS)(parse_host)
+
+
 def client_headers(headers: dict[str, HeaderValue]) -> dict[str, str]:
     """Map the client's headers to CONTENT_TYPE, CONTENT_LENGTH and HTTP_* keys.
 
@@ -169,19 +209,41 @@ def client_headers(headers: dict[str, HeaderValue]) -> dict[str, str]:
     not one non-negative integer is left out.
     """
     out: dict[str, str] = {}
+    _add_client_headers(headers, out)
+    return out
+
+
+# Client header name -> environ key, "" for a name the app must not see.
+_ENVIRON_KEYS: dict[str, str] = {}
+
+
+def _add_client_headers(headers: dict[str, HeaderValue], out: dict[str, Any]) -> None:
+    """client_headers(), written into ``out``: one cached dict lookup per name."""
+    keys = _ENVIRON_KEYS
     for name, value in headers.items():
-        if name != name.lower() or "_" in name or name in INTERNAL_HEADERS:
+        try:
+            key = keys[name]
+        except KeyError:  # a name not seen yet
+            key = _environ_key(name)
+            if len(keys) < MAX_CACHED_NAMES:
+                keys[name] = key
+        if not key:
             continue
-        if name == "content-length":
+        if key == "CONTENT_LENGTH":
             length = _valid_length(value)
             if length is not None:
                 out["CONTENT_LENGTH"] = length
             continue
         if isinstance(value, list):
             value = JOINERS.get(name, HEADER_JOINER).join(value)
-        key = CONTENT_HEADERS.get(name) or "HTTP_" + name.upper().replace("-", "_")
         out[key] = value
-    return out
+
+
+def _environ_key(name: str) -> str:
+    """The environ key for a client header name; "" when it is skipped (see client_headers)."""
+    if name != name.lower() or "_" in name or name in INTERNAL_HEADERS:
+        return ""
+    return CONTENT_HEADERS.get(name) or "HTTP_" + name.upper().replace("-", "_")
 
 
 def _valid_length(value: HeaderValue) -> str | None:

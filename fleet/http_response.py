@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from email.utils import formatdate
-from enum import Enum, auto
 from functools import lru_cache
 from http import HTTPStatus
 
@@ -39,9 +38,16 @@ MIN_STATUS, MAX_STATUS = 100, 599
 
 STATUS_RE = re.compile(r"([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
-FORBIDDEN_VALUE_CHARS = re.compile(r"[\r\n\0]")  # response splitting
-DIGITS_RE = re.compile(r"[0-9]+")
 VERSION_RE = re.compile(r"HTTP/([0-9]+)\.([0-9]+)")
+
+# The two versions nearly every request has, known without the regex.
+KNOWN_VERSIONS = {HTTP_11: (True, False), HTTP_10: (False, True)}
+# Apps repeat the same few statuses and header names; each is validated once.
+# Bounded because an app may build them from data; past the bound they are
+# validated every time.
+MAX_CACHED = 256
+_STATUSES: dict[str, tuple[int, str]] = {}  # valid status -> (code, reason)
+_HEADER_NAMES: dict[str, str] = {}  # valid header name -> its lower case
 
 
 class ResponseError(ValueError):
@@ -52,10 +58,8 @@ class ResponseError(ValueError):
     """
 
 
-class _State(Enum):
-    IDLE = auto()
-    SENDING = auto()
-    DONE = auto()
+# ResponseFramer states; plain strings, as an Enum member lookup costs ~0.1 µs.
+_IDLE, _SENDING, _DONE = "IDLE", "SENDING", "DONE"
 
 
 class ResponseFramer:
@@ -67,18 +71,25 @@ class ResponseFramer:
     header, as RFC 9110 6.6.1 asks of servers with a clock.
     """
 
+    __slots__ = ("_head", "_http11", "_http10", "_status_version", "_keep_alive", "_now",
+                 "_state", "_no_body", "_chunked", "_length", "_sent", "status_code")
+
     def __init__(self, *, method: str, version: str, connection: str | Sequence[str] | None,
                  now: float | None = None) -> None:
         self._head = method == "HEAD"
-        self._http11, self._http10 = _version_semantics(version)
-        self._status_version = HTTP_10 if self._http10 else HTTP_11
-        tokens = _tokens(connection)
-        if self._http11:
-            self._keep_alive = "close" not in tokens
+        http11, http10 = _version_semantics(version)
+        self._http11, self._http10 = http11, http10
+        self._status_version = HTTP_10 if http10 else HTTP_11
+        if connection is None:  # the common case; without tokens only 1.1 persists
+            self._keep_alive = http11
         else:
-            self._keep_alive = self._http10 and "keep-alive" in tokens and "close" not in tokens
+            tokens = _tokens(connection)
+            if http11:
+                self._keep_alive = "close" not in tokens
+            else:
+                self._keep_alive = http10 and "keep-alive" in tokens and "close" not in tokens
         self._now = now
-        self._state = _State.IDLE
+        self._state = _IDLE
         self._no_body = self._head
         self._chunked = False
         self._length: int | None = None
@@ -97,13 +108,11 @@ class ResponseFramer:
         ``body_length`` is the body size when the worker knows it (e.g. the app
         returned a one-item list); it becomes Content-Length if the app gave none.
         """
-        if self._state is not _State.IDLE:
+        if self._state is not _IDLE:
             raise RuntimeError("start() called twice")
         code, reason = _check_status(status)
-        out = _check_headers(code, headers)
+        lines, app_lengths, has_date = _check_headers(code, headers)
         no_body = self._head or code < 200 or code in NO_BODY_STATUSES
-        app_lengths = [v for n, v in out if n.lower() == "content-length"]
-        out = [(n, v) for n, v in out if n.lower() != "content-length"]
         length: int | None = None
         if app_lengths and code not in NO_LENGTH_STATUSES and code >= 200:
             length = _check_length(app_lengths)
@@ -114,21 +123,19 @@ class ResponseFramer:
             # Content-Length. An empty one means the app skipped the body.
             length = body_length
         # Everything is valid: commit.
-        self._state = _State.SENDING
+        self._state = _SENDING
         self.status_code = code
         self._no_body = no_body
         self._length = length
         if length is not None:
-            out.append(("Content-Length", str(length)))
-        self._frame(code, out)
-        if self._now is not None and code >= 200 and not _has(out, "date"):
-            out.append(("Date", http_date(self._now)))
-        lines = [f"{self._status_version} {code} {reason}\r\n"]
-        lines += [f"{name}: {value}\r\n" for name, value in out]
+            lines.append(f"Content-Length: {length}\r\n")
+        self._frame(code, lines)
+        if self._now is not None and code >= 200 and not has_date:
+            lines.append(f"Date: {http_date(self._now)}\r\n")
         lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        return f"{self._status_version} {code} {reason}\r\n{''.join(lines)}".encode("latin-1")
 
-    def _frame(self, code: int, out: list[tuple[str, str]]) -> None:
+    def _frame(self, code: int, lines: list[str]) -> None:
         """Choose the body framing and persistence; add Transfer-Encoding/Connection."""
         if code == SWITCHING_PROTOCOLS:
             self._keep_alive = True  # the connection now speaks the new protocol
@@ -136,24 +143,25 @@ class ResponseFramer:
         if not self._no_body and self._length is None:
             if self._http11:
                 self._chunked = True
-                out.append(("Transfer-Encoding", "chunked"))
+                lines.append("Transfer-Encoding: chunked\r\n")
             else:
                 self._keep_alive = False  # the body ends when the connection does
         if not self._keep_alive:
-            out.append(("Connection", "close"))
+            lines.append("Connection: close\r\n")
         elif self._http10:
-            out.append(("Connection", "keep-alive"))
+            lines.append("Connection: keep-alive\r\n")
 
     def body(self, data: bytes) -> bytes:
         """Return ``data`` framed for the wire; b"" when this response has no body."""
-        if self._state is not _State.SENDING:
-            raise RuntimeError(f"body() called in state {self._state.name}")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            self._keep_alive = False
-            raise ResponseError(f"app yielded {type(data).__name__}, not bytes")
+        if self._state is not _SENDING:
+            raise RuntimeError(f"body() called in state {self._state}")
+        if data.__class__ is not bytes:  # bytes, the usual chunk, needs no check or copy
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                self._keep_alive = False
+                raise ResponseError(f"app yielded {type(data).__name__}, not bytes")
+            data = bytes(data)  # a memoryview's len() counts items, not bytes
         if self._no_body:
             return b""
-        data = bytes(data)  # a memoryview's len() counts items, not bytes
         if not data:  # a 0-size chunk mid-stream would end a chunked body
             return b""
         size = len(data)
@@ -167,9 +175,9 @@ class ResponseFramer:
 
     def end(self) -> bytes:
         """Return the end of the body framing; a short body forbids keep-alive."""
-        if self._state is not _State.SENDING:
-            raise RuntimeError(f"end() called in state {self._state.name}")
-        self._state = _State.DONE
+        if self._state is not _SENDING:
+            raise RuntimeError(f"end() called in state {self._state}")
+        self._state = _DONE
         if self._chunked:
             return LAST_CHUNK
         if not self._no_body and self._length is not None and self._sent < self._length:
@@ -185,11 +193,7 @@ def error_response(status: int, version: str = HTTP_11, *, now: float | None = N
     """
     if not 400 <= status <= MAX_STATUS:
         raise ValueError(f"not an error status: {status}")
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    body = f"{status} {phrase}\n".encode("ascii")
+    phrase, body = _error_text(status)
     head = [
         f"{HTTP_10 if _version_semantics(version)[1] else HTTP_11} {status} {phrase}",
         "Content-Type: text/plain; charset=utf-8",
@@ -199,6 +203,18 @@ def error_response(status: int, version: str = HTTP_11, *, now: float | None = N
     if now is not None:
         head.append(f"Date: {http_date(now)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
+# At most the 200 statuses 400-599: HTTPStatus(status) costs ~1 µs.
+# typed: 500 and 500.0 are equal keys, but format differently.
+@lru_cache(maxsize=None, typed=True)
+def _error_text(status: int) -> tuple[str, bytes]:
+    """(reason phrase, body) of error_response(status)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    return phrase, f"{status} {phrase}\n".encode("ascii")
 
 
 @lru_cache(maxsize=1)
@@ -213,6 +229,12 @@ def http_date(now: float) -> str:
 
 def _version_semantics(version: str) -> tuple[bool, bool]:
     """(speaks HTTP/1.1, speaks HTTP/1.0) for a request's VERSION; a later 1.x counts as 1.1."""
+    try:
+        known = KNOWN_VERSIONS.get(version)
+    except TypeError:  # unhashable, so not a str: the checks below decide
+        known = None
+    if known is not None:
+        return known
     match = VERSION_RE.fullmatch(version or "")
     if not match or match.group(1) != "1":
         return False, False
@@ -235,49 +257,71 @@ def _check_status(status: str) -> tuple[int, str]:
     Interim 1xx statuses other than 101 are refused: WSGI has one response
     per request, and a client given only "100 Continue" would wait forever.
     """
+    if isinstance(status, str):
+        known = _STATUSES.get(status)
+        if known is not None:
+            return known
     match = STATUS_RE.fullmatch(status) if isinstance(status, str) else None
     if not match or not MIN_STATUS <= int(match.group(1)) <= MAX_STATUS:
         raise ResponseError(f"invalid status {status!r}")
     code = int(match.group(1))
     if code < 200 and code != SWITCHING_PROTOCOLS:
         raise ResponseError(f"interim status {status!r} cannot be the response")
-    return code, match.group(2) or ""
+    parsed = code, match.group(2) or ""
+    if len(_STATUSES) < MAX_CACHED:
+        _STATUSES[status] = parsed
+    return parsed
 
 
-def _check_headers(code: int, headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Validate the app's headers; reject hop-by-hop ones and response splitting."""
-    out: list[tuple[str, str]] = []
+def _check_headers(code: int, headers: Iterable[tuple[str, str]],
+                   ) -> tuple[list[str], list[str], bool]:
+    """Validate the app's headers; reject hop-by-hop ones and response splitting.
+
+    Returns the "Name: value\\r\\n" lines without Content-Length, the values of
+    Content-Length, and whether there is a Date header.
+    """
+    lines: list[str] = []
+    lengths: list[str] = []
+    has_date = False
     for item in headers:
         if not (isinstance(item, tuple) and len(item) == 2
                 and isinstance(item[0], str) and isinstance(item[1], str)):
             raise ResponseError(f"header is not a (str, str) tuple: {item!r}")
         name, value = item
-        if not TOKEN_RE.fullmatch(name):
-            raise ResponseError(f"invalid header name {name!r}")
-        if FORBIDDEN_VALUE_CHARS.search(value):
+        lower = _HEADER_NAMES.get(name)
+        if lower is None:  # a name not validated yet
+            if not TOKEN_RE.fullmatch(name):
+                raise ResponseError(f"invalid header name {name!r}")
+            lower = name.lower()
+            if len(_HEADER_NAMES) < MAX_CACHED:
+                _HEADER_NAMES[name] = lower
+        # Three substring tests are ~4x cheaper than the regex search.
+        if "\r" in value or "\n" in value or "\0" in value:
             raise ResponseError(f"CR, LF or NUL in header {name}: {value!r}")
-        if not _is_latin1(value):
+        if not value.isascii() and not _is_latin1(value):  # isascii() is O(1)
             raise ResponseError(f"header {name} is not latin-1: {value!r}")
-        lower = name.lower()
-        if lower in HOP_BY_HOP and not (code == SWITCHING_PROTOCOLS and lower in UPGRADE_HEADERS):
-            raise ResponseError(f"hop-by-hop header {name!r} set by the app")
-        upgrading = code == SWITCHING_PROTOCOLS
-        if upgrading and lower == "connection" and "upgrade" not in _tokens(value):
-            raise ResponseError(f"101 with Connection: {value!r}, expected Upgrade")
-        out.append((name, value))
-    return out
+        if lower in HOP_BY_HOP:
+            if not (code == SWITCHING_PROTOCOLS and lower in UPGRADE_HEADERS):
+                raise ResponseError(f"hop-by-hop header {name!r} set by the app")
+            if lower == "connection" and "upgrade" not in _tokens(value):
+                raise ResponseError(f"101 with Connection: {value!r}, expected Upgrade")
+        if lower == "content-length":  # the framer decides; see start()
+            lengths.append(value)
+            continue
+        if lower == "date":
+            has_date = True
+        lines.append(f"{name}: {value}\r\n")
+    return lines, lengths, has_date
 
 
 def _check_length(values: list[str]) -> int:
     """The app's Content-Length: one non-negative integer (repeats must agree)."""
     lengths = {v.strip() for v in values}
-    if len(lengths) != 1 or not DIGITS_RE.fullmatch(next(iter(lengths))):
-        raise ResponseError(f"invalid Content-Length {values!r}")
-    return int(next(iter(lengths)))
-
-
-def _has(headers: list[tuple[str, str]], lower_name: str) -> bool:
-    return any(name.lower() == lower_name for name, _ in headers)
+    if len(lengths) == 1:
+        (length,) = lengths
+        if length.isascii() and length.isdigit():  # [0-9]+ without a regex
+            return int(length)
+    raise ResponseError(f"invalid Content-Length {values!r}")
 
 
 def _is_latin1(text: str) -> bool:

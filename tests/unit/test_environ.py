@@ -11,6 +11,7 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import EnvironBuilder
 
+from fleet import environ as environ_module
 from fleet.environ import build_environ, decode_path, parse_host, split_script_name
 from fleet.mongrel2 import HeaderValue, Request
 
@@ -253,3 +254,60 @@ def test_all_cgi_values_are_str() -> None:
 def test_decode_path_roundtrip_of_every_byte() -> None:
     raw = "".join(f"%{b:02x}" for b in range(256))
     assert decode_path(raw) == bytes(range(256)).decode("latin-1")
+
+
+# --- the fast paths and caches give the same answers as the general code ------
+
+
+def test_every_template_value_is_filled() -> None:
+    for request in (make_request(), make_request(drop=("VERSION", "URL_SCHEME", "URI", "PATH"))):
+        env = environ_for(request)
+        assert None not in env.values()
+
+
+def test_plain_and_encoded_paths_decode_alike() -> None:
+    assert decode_path("/t/hello") == "/t/hello"  # no "%": returned as is
+    assert decode_path("/t/caf\xe9") == "/t/caf\xe9"  # raw 8-bit byte, no escape
+    assert decode_path("/t/%68ello") == "/t/hello"
+    with pytest.raises(UnicodeEncodeError):
+        decode_path("/t/\u20ac")  # not a latin-1 str: never came from the wire
+
+
+@pytest.mark.parametrize("script_name", ["", "/"])
+def test_root_mount_strips_nothing(script_name: str) -> None:
+    env = environ_for(make_request("/t/a%20b"), script_name=script_name)
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/t/a b")
+
+
+def test_host_cache_follows_the_host_header() -> None:
+    for host, expected in [("a.example:81", ("a.example", "81")),
+                           ("b.example", ("b.example", "80")),
+                           ("a.example:81", ("a.example", "81")),
+                           ("[::1]:82", ("[::1]", "82"))]:
+        env = environ_for(make_request(extra={"host": host}))
+        assert (env["SERVER_NAME"], env["SERVER_PORT"], env["HTTP_HOST"]) == (*expected, host)
+    env = environ_for(make_request(extra={"host": "b.example", "URL_SCHEME": "https"}))
+    assert env["SERVER_PORT"] == "443"  # the scheme is part of what is cached
+
+
+def test_client_headers_function() -> None:
+    headers: dict[str, HeaderValue] = {
+        "METHOD": "GET", "host": "h", "x-dup": ["1", "2"], "cookie": ["a=1", "b=2"],
+        "content-type": "text/plain", "content-length": " 7 ", "x_foo": "no",
+        "x-mongrel2-upload-done": "/tmp/x"}
+    expected = {"HTTP_HOST": "h", "HTTP_X_DUP": "1, 2", "HTTP_COOKIE": "a=1; b=2",
+                "CONTENT_TYPE": "text/plain", "CONTENT_LENGTH": "7"}
+    assert environ_module.client_headers(headers) == expected
+    assert environ_module.client_headers(headers) == expected  # names now cached
+
+
+def test_header_name_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(environ_module, "MAX_CACHED_NAMES", 5)
+    monkeypatch.setattr(environ_module, "_ENVIRON_KEYS", {})
+    extra: dict[str, HeaderValue] = {f"x-h{i}": str(i) for i in range(20)}
+    extra.update({"X-Upper": "skipped", "x_under": "skipped"})
+    for _ in range(2):  # the second time, most names are past the full cache
+        env = environ_for(make_request(extra=extra))
+        assert all(env[f"HTTP_X_H{i}"] == str(i) for i in range(20))
+        assert "HTTP_X_UPPER" not in env and "HTTP_X_UNDER" not in env
+    assert len(environ_module._ENVIRON_KEYS) == 5

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import http.client
 import io
+from array import array
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleet import http_response
 from fleet.http_response import ResponseError, ResponseFramer, error_response, http_date
 
 GET, HEAD = "GET", "HEAD"
@@ -342,3 +344,104 @@ def test_error_response_parses(status: int, version: str, line: str) -> None:
 def test_error_response_only_for_errors(status: int) -> None:
     with pytest.raises(ValueError):
         error_response(status)
+
+
+# --- the fast paths and caches give the same answers as the general code ------
+
+
+def test_call_order_errors_name_the_state() -> None:
+    f = framer()
+    with pytest.raises(RuntimeError, match="body\\(\\) called in state IDLE"):
+        f.body(b"x")
+    f.start("200 OK", [], body_length=0)
+    f.end()
+    with pytest.raises(RuntimeError, match="end\\(\\) called in state DONE"):
+        f.end()
+
+
+def test_valid_status_cached_invalid_never() -> None:
+    for _ in range(2):
+        head = framer().start("200 OK", [], body_length=0)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        with pytest.raises(ResponseError):
+            framer().start("200 OK\r\n", [])
+        with pytest.raises(ResponseError):
+            framer().start("100 Continue", [])
+
+
+def test_status_and_name_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_response, "MAX_CACHED", 3)
+    monkeypatch.setattr(http_response, "_STATUSES", {})
+    monkeypatch.setattr(http_response, "_HEADER_NAMES", {})
+    for _ in range(2):  # the second time, most are past the full caches
+        for i in range(10):
+            head = framer().start(f"{200 + i} R{i}", [(f"X-H{i}", "v")], body_length=0)
+            status_line, first_header = head.decode().split("\r\n")[:2]
+            assert (status_line, first_header) == (f"HTTP/1.1 {200 + i} R{i}", f"X-H{i}: v")
+        with pytest.raises(ResponseError, match="invalid header name"):
+            framer().start("200 OK", [("Bad Name", "v")])
+    assert len(http_response._STATUSES) == len(http_response._HEADER_NAMES) == 3
+
+
+def test_header_values_beyond_ascii() -> None:
+    head = framer().start("200 OK", [("X-Latin", "caf\xe9"), ("X-Tab", "a\tb\x7f")], body_length=0)
+    assert header_lines(head)[:2] == ["X-Latin: caf\xe9", "X-Tab: a\tb\x7f"]
+    assert b"caf\xe9" in head  # one latin-1 byte, not UTF-8
+
+
+def test_date_header_found_in_any_case() -> None:
+    head = framer(now=0).start("200 OK", [("date", "app's")], body_length=0)
+    dates = [line for line in header_lines(head) if line.lower().startswith("date")]
+    assert dates == ["date: app's"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(" 5 ", 5), ("007", 7), ("0", 0)])
+def test_content_length_accepted(value: str, expected: int) -> None:
+    head = framer().start("200 OK", [("Content-Length", value)])
+    assert header_lines(head) == [f"Content-Length: {expected}"]
+
+
+@pytest.mark.parametrize("value", ["+5", "", " ", "5.0", "\u0665", "\xb2", "1_000"])
+def test_content_length_rejected(value: str) -> None:
+    """Only ASCII digits: int() and str.isdigit() alone accept more."""
+    with pytest.raises(ResponseError, match="Content-Length"):
+        framer().start("200 OK", [("Content-Length", value)])
+
+
+def test_body_accepts_bytes_like_and_subclasses() -> None:
+    class Chunk(bytes):
+        pass
+
+    f = framer()
+    f.start("200 OK", [])
+    assert f.body(bytearray(b"ab")) == b"2\r\nab\r\n"
+    assert f.body(Chunk(b"cd")) == b"2\r\ncd\r\n"
+    assert type(f.body(Chunk(b"cd"))) is bytes
+    shorts = array("H", [1, 2])  # 2 items, 4 bytes
+    assert f.body(memoryview(shorts)) == b"4\r\n" + shorts.tobytes() + b"\r\n"
+    f = framer(HEAD)
+    f.start("200 OK", [])
+    assert f.body(bytearray(b"ab")) == b""
+    with pytest.raises(ResponseError, match="int"):
+        f.body(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("version", "keep_alive", "status_line"), [
+    (None, False, "HTTP/1.1 200 OK"),
+    ("HTTP/1.01", True, "HTTP/1.1 200 OK"),  # minor 1 written with a leading zero
+    ("HTTP/01.0", False, "HTTP/1.1 200 OK"),  # major "01" is not "1": unknown, closes
+    ("HTTP/2.0", False, "HTTP/1.1 200 OK"),
+])
+def test_unusual_versions(version: str, keep_alive: bool, status_line: str) -> None:
+    f = framer(version=version, connection="keep-alive")
+    head = f.start("200 OK", [], body_length=0)
+    assert head.decode().split("\r\n")[0] == status_line
+    assert f.keep_alive is keep_alive
+
+
+def test_error_response_repeats_with_and_without_date() -> None:
+    assert error_response(500) == error_response(500)
+    dated = error_response(500, now=0)
+    assert dated == error_response(500).replace(
+        b"Connection: close\r\n", b"Connection: close\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n")
+    assert error_response(500, "HTTP/1.0").startswith(b"HTTP/1.0 500 Internal Server Error\r\n")

@@ -1,0 +1,92 @@
+"""Micro-benchmark of the per-request hot path: build_environ and ResponseFramer.
+
+    .venv/bin/python bench/micro_environ.py [-n NUMBER] [-r REPEAT] [--profile]
+
+Prints the best-of-REPEAT time per call in µs for a typical hello-world
+request (12 headers, GET, "200 OK", one response header, one body chunk).
+``--profile`` runs each case under cProfile instead and prints the top entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import timeit
+from collections.abc import Callable
+
+from fleet.environ import build_environ
+from fleet.http_response import ResponseFramer, error_response
+from fleet.mongrel2 import Request
+
+REQUEST = Request(
+    sender=b"34f9ceee-cd52",
+    conn_id=b"4",
+    path=b"/t/hello",
+    headers={
+        "REMOTE_ADDR": "127.0.0.1", "METHOD": "GET", "URL_SCHEME": "http", "PATTERN": "/t/",
+        "QUERY": "a=1&b=two", "URI": "/t/hello?a=1&b=two", "VERSION": "HTTP/1.1",
+        "PATH": "/t/hello", "host": "127.0.0.1:6780", "user-agent": "curl/7.88.1",
+        "accept": "*/*", "x-forwarded-for": "127.0.0.1",
+    },
+)
+BODY = io.BytesIO(b"")
+HEADERS = [("Content-Type", "text/plain")]
+
+
+def environ() -> object:
+    return build_environ(REQUEST, body=BODY, content_length=0, errors=sys.stderr,
+                         multithread=False, multiprocess=True)
+
+
+def framer() -> object:
+    f = ResponseFramer(method="GET", version="HTTP/1.1", connection=None)
+    f.start("200 OK", HEADERS, 12)
+    f.body(b"Hello world!")
+    f.end()
+    return f.keep_alive
+
+
+def framer_chunked() -> object:
+    """Unknown length (a generator app): Transfer-Encoding: chunked."""
+    f = ResponseFramer(method="GET", version="HTTP/1.1", connection=None)
+    f.start("200 OK", HEADERS)
+    f.body(b"Hello world!")
+    f.end()
+    return f.keep_alive
+
+
+def error() -> object:
+    return error_response(500)
+
+
+CASES: dict[str, Callable[[], object]] = {
+    "build_environ": environ,
+    "ResponseFramer (length)": framer,
+    "ResponseFramer (chunked)": framer_chunked,
+    "error_response(500)": error,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--number", type=int, default=20_000)
+    parser.add_argument("-r", "--repeat", type=int, default=25)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    for name, func in CASES.items():
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [func() for _ in range(args.number)])
+            print(f"--- {name}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+            continue
+        best = min(timeit.repeat(func, number=args.number, repeat=args.repeat))
+        print(f"{name:28} {best / args.number * 1e6:6.2f} µs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
