@@ -79,7 +79,7 @@ class Outcome:
     closed: bool = False
 
 
-# Direct mode: take a connection's download credits from its first request.
+# Direct mode: the dispatcher's credit balance is not available.
 _FROM_HEADER = object()
 
 
@@ -152,6 +152,7 @@ class Worker:
         )
         self.responders: list[Responder] = []
         self.threads: list[threading.Thread] = []
+        self.warned_flow_control = False
         self.multithread = self.config.threads > 1
         self.multiprocess = self.config.processes > 1
 
@@ -244,7 +245,12 @@ class Worker:
         if not isinstance(event, Request):
             return Outcome(event.conn_id)  # control for a finished request: nothing to do
         if credits is _FROM_HEADER:
-            credits = event.download_credits
+            credits = None
+            if event.download_credits is not None and not self.warned_flow_control:
+                self.warned_flow_control = True
+                log.error("Mongrel2 has download.flow_control on, which --dispatch direct cannot honour "
+                          "(it sends credit grants to any handler): large responses will be cut; "
+                          "use --dispatch broker")
         reply = Reply(self.responders[index], event.sender, event.conn_id, credits=credits, poll_control=poll_control)
         try:
             closed = self._serve(event, reply)
