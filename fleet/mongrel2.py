@@ -53,6 +53,9 @@ _SENDER_RE = re.compile(rb"[A-Za-z0-9-]+")
 # Reused: json.loads(..., strict=False) would build a new decoder per call.
 # strict=False because Mongrel2 writes raw control characters (tabs) in strings.
 _JSON = json.JSONDecoder(strict=False)
+#: Its scanner, ``(obj, end) = _JSON_SCAN(text, idx)``: what _JSON.decode
+#: calls once text is known to start with a value (see _headers_from_json).
+_JSON_SCAN = _JSON.scan_once
 
 _COMMA = 0x2C  # ','
 _BRACE = 0x7D  # '}'
@@ -167,8 +170,45 @@ class Control:
 
 Event = Request | Disconnect | Credits | Control
 
+# Request(...) for parse_message without the frozen dataclass __init__, which
+# sets each field through object.__setattr__: the slot descriptors' own
+# setters build the same object in half the time. Request has no
+# __post_init__; tests check this list is its fields, in order.
+_REQUEST_FIELDS = ("sender", "conn_id", "path", "headers", "body")
+_set_sender, _set_conn_id, _set_path, _set_headers, _set_body = (
+    Request.__dict__[name].__set__ for name in _REQUEST_FIELDS
+)
+
+
+def _new_request(
+    sender: bytes, conn_id: bytes, path: bytes, headers: dict[str, HeaderValue], body: bytes
+) -> Request:
+    request = object.__new__(Request)
+    _set_sender(request, sender)
+    _set_conn_id(request, conn_id)
+    _set_path(request, path)
+    _set_headers(request, headers)
+    _set_body(request, body)
+    return request
+
 
 # --- decoding -----------------------------------------------------------------
+
+# Fast-path framing. _HEAD_RE makes the checks of _check_route (sender
+# [A-Za-z0-9-]{1,256}, canonical conn id of at most 10 digits), of the
+# non-empty path, and _netstring's on the HEADERS length prefix (canonical,
+# at most 10 digits); _BODY_RE makes the same prefix check on BODY and those
+# of _parse_body (',' terminator, nothing after it) except the length, which
+# parse_message compares. A message they do not accept goes to
+# _split_checked, which finds the exact error.
+_LENGTH = rb"(0|[1-9][0-9]{0,%d})" % (MAX_LENGTH_DIGITS - 1)
+_ROUTE = rb"([A-Za-z0-9-]{1,%d}) (0|[1-9][0-9]{0,%d}) " % (
+    MAX_SENDER_BYTES,
+    MAX_CONN_ID_DIGITS - 1,
+)
+_HEAD_RE = re.compile(_ROUTE + rb"([^ ]+) " + _LENGTH + rb":")
+_BODY_RE = re.compile(_LENGTH + rb":(.*),\Z", re.S)
+_PEEK_RE = re.compile(_ROUTE + rb"([^ ]*) ")
 
 
 def parse_message(raw: bytes) -> Event:
@@ -177,20 +217,31 @@ def parse_message(raw: bytes) -> Event:
     Raises ProtocolError, and only that, for anything that is not a message
     Mongrel2 could have sent and fleet can answer.
     """
-    if not isinstance(raw, bytes):
+    if type(raw) is not bytes:  # a bytes subclass too: the parts are plain bytes anyway
         raw = bytes(memoryview(raw))
-    parts = raw.split(b" ", 3)
-    if len(parts) != 4:
-        raise ProtocolError(
-            f"expected 'SENDER CONN_ID PATH HEADERS BODY', found {len(parts) - 1} of 3 spaces"
-        )
-    sender, conn_id, path, rest = parts
-    _check_route(sender, conn_id)
-    if not path:
-        raise ProtocolError("empty path")
-
-    headers_end, headers = _parse_headers(rest)
-    body = _parse_body(rest, headers_end + 1)
+    # Fast path: two matches check all the framing (route, both netstrings,
+    # nothing after BODY) and give the parts.
+    head = _HEAD_RE.match(raw)
+    tail = None
+    if head is not None:
+        sender, conn_id, path, length = head.groups()
+        start = head.end()  # of the HEADERS payload
+        end = start + int(length)  # its terminator
+        if end - start <= MAX_HEADERS_BYTES:
+            tail = _BODY_RE.match(raw, end + 1)  # None if end + 1 >= len(raw)
+    if tail is not None:
+        body_length, body = tail.groups()
+        terminator = raw[end]
+        if len(body) != int(body_length):
+            tail = None  # a BODY length that lies: let _split_checked say how
+        elif terminator == _BRACE:  # tnetstring, decoded with its LEN: prefix
+            headers = _headers_from_tnetstring(raw[start - len(length) - 1 : end + 1])
+        elif terminator == _COMMA:
+            headers = _headers_from_json(raw[start:end])
+        else:
+            tail = None  # HEADERS ends in neither '}' nor ','
+    if tail is None:
+        sender, conn_id, path, headers, body = _split_checked(raw)
 
     if path == CONTROL_PATH:
         return _control_event(sender, conn_id, headers, body)
@@ -201,7 +252,7 @@ def parse_message(raw: bytes) -> Event:
     credits = headers.get("DOWNLOAD_CREDITS")
     if credits is not None:
         parse_credits(credits)
-    return Request(sender, conn_id, path, headers, body)
+    return _new_request(sender, conn_id, path, headers, body)
 
 
 def peek_route(raw: bytes) -> tuple[bytes, bytes, bool]:
@@ -210,6 +261,10 @@ def peek_route(raw: bytes) -> tuple[bytes, bytes, bool]:
     For a broker that only routes: is_control means the path is ``@*``.
     Sender and conn_id are validated exactly as parse_message does.
     """
+    if type(raw) is bytes:  # fast path: one match for what _check_route checks
+        route = _PEEK_RE.match(raw)
+        if route is not None:
+            return route[1], route[2], route[3] == CONTROL_PATH
     parts = raw.split(b" ", 3)
     if len(parts) != 4:
         raise ProtocolError(
@@ -249,6 +304,26 @@ def _check_route(sender: bytes, conn_id: bytes) -> None:
         raise ProtocolError(f"conn id {conn_id[:32]!r} is not a decimal number")
 
 
+def _split_checked(
+    raw: bytes,
+) -> tuple[bytes, bytes, bytes, dict[str, HeaderValue], bytes]:
+    """(sender, conn_id, path, headers, body), checking step by step: for
+    messages the fast path of parse_message does not take, so that each
+    malformed one gets its exact error (headers are decoded before BODY is)."""
+    parts = raw.split(b" ", 3)
+    if len(parts) != 4:
+        raise ProtocolError(
+            f"expected 'SENDER CONN_ID PATH HEADERS BODY', found {len(parts) - 1} of 3 spaces"
+        )
+    sender, conn_id, path, rest = parts
+    _check_route(sender, conn_id)
+    if not path:
+        raise ProtocolError("empty path")
+    headers_end, headers = _parse_headers(rest)
+    body = _parse_body(rest, headers_end + 1)
+    return sender, conn_id, path, headers, body
+
+
 def _netstring(data: bytes, start: int, what: str) -> tuple[int, int]:
     """Offsets (payload_start, payload_end) of the netstring at ``start``;
     ``data[payload_end]`` exists and is its terminator (checked by the caller)."""
@@ -275,11 +350,7 @@ def _parse_headers(rest: bytes) -> tuple[int, dict[str, HeaderValue]]:
         raise ProtocolError(f"headers: {end - start} bytes, limit {MAX_HEADERS_BYTES}")
     terminator = rest[end]
     if terminator == _BRACE:
-        try:
-            decoded = tnetstring.loads(rest[: end + 1])
-        except Exception as e:  # the C decoder raises ValueError, RecursionError, ...
-            raise ProtocolError(f"headers: invalid tnetstring: {e}") from None
-        return end, _headers_from_tnetstring(decoded)
+        return end, _headers_from_tnetstring(rest[: end + 1])
     if terminator == _COMMA:
         return end, _headers_from_json(rest[start:end])
     raise ProtocolError(
@@ -287,14 +358,28 @@ def _parse_headers(rest: bytes) -> tuple[int, dict[str, HeaderValue]]:
     )
 
 
-def _headers_from_tnetstring(decoded: object) -> dict[str, HeaderValue]:
-    """bytes keys/values (tnetstring3 returns bytes) -> latin-1 str."""
+def _headers_from_tnetstring(data: bytes) -> dict[str, HeaderValue]:
+    """The whole HEADERS tnetstring ``LEN:...}`` -> headers; tnetstring3
+    returns bytes keys/values, made latin-1 str here."""
+    try:
+        decoded = tnetstring.loads(data)
+    except Exception as e:  # the C decoder raises ValueError, RecursionError, ...
+        raise ProtocolError(f"headers: invalid tnetstring: {e}") from None
     if type(decoded) is not dict:
         raise ProtocolError("headers: not a dict")
-    try:  # fast path: every key and value is bytes (no repeated header)
-        return {k.decode("latin-1"): v.decode("latin-1") for k, v in decoded.items()}
-    except AttributeError:  # a list or number value, or a non-bytes key
-        pass
+    if data.isascii():
+        # Fast path (nearly all requests): on ASCII bytes, decode() without an
+        # argument (UTF-8, no codec name to look up) is the same as latin-1.
+        # AttributeError: a key or value that is not bytes -> the loop below.
+        try:
+            if b"]" not in data:  # no list (repeated header) anywhere
+                return {k.decode(): v.decode() for k, v in decoded.items()}
+            return {
+                k.decode(): v.decode() if type(v) is bytes else _odd_value(k.decode(), v)
+                for k, v in decoded.items()
+            }
+        except AttributeError:
+            pass
     headers: dict[str, HeaderValue] = {}
     for key, value in decoded.items():
         if type(key) is not bytes:
@@ -310,23 +395,32 @@ def _headers_from_tnetstring(decoded: object) -> dict[str, HeaderValue]:
 def _headers_from_json(payload: bytes) -> dict[str, HeaderValue]:
     """Mongrel2's JSON escapes only '"' and '\\': latin-1 maps each raw byte to
     one char, strict=False accepts raw control characters."""
+    text = payload.decode("latin-1")
+    # Fast path: _JSON.decode(text) is raw_decode after skipping whitespace,
+    # then a check that only whitespace follows; for Mongrel2's '{...}' with
+    # no whitespace around it the scanner alone gives the same result. Any
+    # other outcome goes to _JSON.decode, which makes the same checks and
+    # raises the same error.
     try:
-        decoded = _JSON.decode(payload.decode("latin-1"))
-    except Exception as e:  # JSONDecodeError, RecursionError, int digit limit
-        raise ProtocolError(f"headers: invalid JSON: {e}") from None
+        decoded, stop = _JSON_SCAN(text, 0)
+    except Exception:  # StopIteration, JSONDecodeError, RecursionError, ...
+        stop = -1
+    if stop != len(text):
+        try:
+            decoded = _JSON.decode(text)
+        except Exception as e:  # JSONDecodeError, RecursionError, int digit limit
+            raise ProtocolError(f"headers: invalid JSON: {e}") from None
     if type(decoded) is not dict:
         raise ProtocolError("headers: JSON is not an object")
-    headers: dict[str, HeaderValue] = {}
-    for name, value in decoded.items():
-        if type(value) is str:
-            headers[name] = value
-        else:
-            headers[name] = _odd_value(name, value)
+    # JSON keys are always str; fix up the values that are not (repeated
+    # headers, numbers) in place, in order, so the first bad one is reported.
+    for name in [name for name, value in decoded.items() if type(value) is not str]:
+        decoded[name] = _odd_value(name, decoded[name])
     if b"\\u" in payload:
         # Only a \uXXXX escape can produce chars above U+00FF, which no raw
         # byte can; Mongrel2 never writes one (it would write "\\u").
-        _check_latin1(headers)
-    return headers
+        _check_latin1(decoded)
+    return decoded
 
 
 def _odd_value(name: str, value: object) -> HeaderValue:
@@ -400,6 +494,18 @@ def encode_response(sender: bytes, conn_ids: Sequence[bytes], body: bytes) -> by
 
     Raises ValueError for anything Mongrel2's strict parser would drop whole.
     """
+    # Fast path, one id (every reply but broadcasts): the checks of _id_list
+    # and _check_sender_out, with a sender validated once and remembered.
+    if type(conn_ids) is list or type(conn_ids) is tuple:
+        if len(conn_ids) == 1 and type(body) is bytes and type(sender) is bytes:
+            conn_id = conn_ids[0]
+            if (
+                type(conn_id) is bytes
+                and len(conn_id) < len(_ID_PREFIX)
+                and conn_id.isdigit()  # False if empty
+                and sender in _SENDERS_OK
+            ):
+                return b"".join((sender, _ID_PREFIX[len(conn_id)], conn_id, b", ", body))
     ids = _id_list(conn_ids)
     _check_sender_out(sender)
     return b"%s %d:%s, %s" % (sender, len(ids), ids, body)
@@ -423,9 +529,18 @@ def encode_ctl(sender: bytes, conn_id: bytes, key: str, args: dict) -> bytes:
     return b"%s %d:%s, %s" % (sender, len(ids), ids, payload)
 
 
+#: ``b" LEN:"`` before one conn id of LEN (< 21) digits, indexed by LEN.
+_ID_PREFIX = tuple(b" %d:" % n for n in range(21))
+#: Senders that passed _check_sender_out: a handler replies to a few UUIDs.
+_SENDERS_OK: set[bytes] = set()
+_SENDERS_OK_MAX = 64
+
+
 def _check_sender_out(sender: bytes) -> None:
     if type(sender) is not bytes or _SENDER_RE.fullmatch(sender) is None:
         raise ValueError(f"sender {sender!r} is not [A-Za-z0-9-]+: Mongrel2 would drop the reply")
+    if len(_SENDERS_OK) < _SENDERS_OK_MAX:
+        _SENDERS_OK.add(sender)
 
 
 def _id_list(conn_ids: Sequence[bytes]) -> bytes:

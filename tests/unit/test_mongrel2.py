@@ -8,6 +8,7 @@ captured ones, so the reconstruction is byte-exact up to header order.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -15,6 +16,7 @@ import tnetstring
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fleet.mongrel2 as mongrel2
 from fleet.mongrel2 import (
     MAX_HEADERS_BYTES,
     MAX_TARGETS,
@@ -562,6 +564,254 @@ def test_encode_ctl_rejects_bad_ids() -> None:
         encode_ctl(b"3_f9", b"5", "ctl", {"cancel": 1})
 
 
+# --- fast paths: same results and errors as the step-by-step code ---------------------
+
+
+def _reference_tnetstring_headers(data: bytes) -> dict:
+    """fleet.mongrel2's tnetstring HEADERS decoding before it had fast paths."""
+    try:
+        decoded = tnetstring.loads(data)
+    except Exception as e:
+        raise ProtocolError(f"headers: invalid tnetstring: {e}") from None
+    if type(decoded) is not dict:
+        raise ProtocolError("headers: not a dict")
+    headers = {}
+    for key, value in decoded.items():
+        if type(key) is not bytes:
+            raise ProtocolError(f"headers: key {key!r} is not a string")
+        name = key.decode("latin-1")
+        if type(value) is bytes:
+            headers[name] = value.decode("latin-1")
+        else:
+            headers[name] = mongrel2._odd_value(name, value)
+    return headers
+
+
+def _reference_json_headers(payload: bytes) -> dict:
+    """fleet.mongrel2's json HEADERS decoding before it had fast paths."""
+    try:
+        decoded = mongrel2._JSON.decode(payload.decode("latin-1"))
+    except Exception as e:
+        raise ProtocolError(f"headers: invalid JSON: {e}") from None
+    if type(decoded) is not dict:
+        raise ProtocolError("headers: JSON is not an object")
+    headers = {}
+    for name, value in decoded.items():
+        headers[name] = value if type(value) is str else mongrel2._odd_value(name, value)
+    if b"\\u" in payload:
+        mongrel2._check_latin1(headers)
+    return headers
+
+
+def _disable_fast_paths(mp: pytest.MonkeyPatch) -> None:
+    """Make the codec take only its step-by-step paths (the reference)."""
+    never = re.compile(rb"(?!)")
+    mp.setattr(mongrel2, "_HEAD_RE", never)
+    mp.setattr(mongrel2, "_PEEK_RE", never)
+    mp.setattr(mongrel2, "_headers_from_tnetstring", _reference_tnetstring_headers)
+    mp.setattr(mongrel2, "_headers_from_json", _reference_json_headers)
+    mp.setattr(mongrel2, "_new_request", Request)
+    mp.setattr(mongrel2, "_SENDERS_OK", set())
+    mp.setattr(mongrel2, "_SENDERS_OK_MAX", 0)
+
+
+def _outcome(func, *args) -> object:
+    """What func returns, or the type and message of the exception it raises."""
+    try:
+        result = func(*args)
+    except Exception as e:
+        return (type(e), str(e))
+    return (type(result), result, *(type(x) for x in (result if isinstance(result, tuple) else ())))
+
+
+def _assert_fast_equals_reference(func, *args) -> None:
+    fast = _outcome(func, *args)
+    with pytest.MonkeyPatch.context() as mp:
+        _disable_fast_paths(mp)
+        reference = _outcome(func, *args)
+    assert fast == reference
+
+
+@pytest.mark.parametrize("raw", [p.values[0] for p in CAPTURED] + [raw for raw, _ in MALFORMED])
+def test_fast_paths_match_reference(raw: bytes) -> None:
+    _assert_fast_equals_reference(parse_message, raw)
+    _assert_fast_equals_reference(peek_route, raw)
+
+
+def test_reference_switch_really_disables_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    _disable_fast_paths(monkeypatch)
+    monkeypatch.setattr(mongrel2, "_split_checked", lambda raw: calls.append(raw) or (b"s", b"1", b"/", {"METHOD": "GET"}, b""))
+    parse_message(TNET_GET)
+    assert calls == [TNET_GET]
+
+
+# Each tnetstring content error, on each decoding path: the plain ASCII
+# comprehension, the ASCII one for headers with lists (any ']' in HEADERS),
+# and the checking loop (non-ASCII HEADERS). Each reason is the reference's.
+TNET_CONTENT_ERRORS = [
+    (b"1:1#1:a,", "headers: key 1 is not a string"),
+    (b"3:1.5^1:a,", "headers: key 1.5 is not a string"),
+    (b"1:a,3:1.5^", "headers: 'a' has a value of type float"),
+    (b"1:a,4:true!", "headers: 'a' has a value of type bool"),
+    (b"1:a,0:~", "headers: 'a' has a value of type NoneType"),
+    (b"1:a,8:1:b,1:c,}", "headers: 'a' has a value of type dict"),
+    (b"1:a,0:]", "headers: 'a' has a value of type list"),
+    (b"1:a,7:4:true!]", "headers: 'a' has an item of type bool"),
+    (b"1:a,7:1:b,0:]]", "headers: 'a' has an item of type list"),
+    (b"1:a,8:1:b,1:c,]1:1#1:a,", "headers: key 1 is not a string"),  # after a good list
+    (b"1:a,3:1.5^1:b,8:1:c,1:d,]", "headers: 'a' has a value of type float"),  # before one
+]
+TNET_PATHS = [
+    pytest.param(b"", id="ascii"),
+    pytest.param(b"1:],1:],", id="ascii-with-bracket"),
+    pytest.param(b"1:\xe9,1:\xe9,", id="latin1"),
+]
+
+
+@pytest.mark.parametrize("extra", TNET_PATHS)
+@pytest.mark.parametrize(("inner", "reason"), TNET_CONTENT_ERRORS)
+def test_tnetstring_header_errors_on_every_path(extra: bytes, inner: bytes, reason: str) -> None:
+    raw = tnet(GET + extra + inner)
+    with pytest.raises(ProtocolError) as info:
+        parse_message(raw)
+    assert reason in str(info.value)
+    _assert_fast_equals_reference(parse_message, raw)
+
+
+@pytest.mark.parametrize("extra", TNET_PATHS)
+def test_tnetstring_odd_values_on_every_path(extra: bytes) -> None:
+    raw = tnet(GET + extra + b"1:a,8:1:b,1:c,]1:n,2:42#1:m,8:1:x,1:7#]")
+    headers = parse_message(raw).headers
+    assert headers["a"] == ["b", "c"]
+    assert headers["n"] == "42"
+    assert headers["m"] == ["x", "7"]
+    assert list(headers)[-3:] == ["a", "n", "m"]
+    _assert_fast_equals_reference(parse_message, raw)
+
+
+def test_parse_fast_path_values_are_exact_str_and_bytes() -> None:
+    request = parse_message(TNET_POST)
+    assert all(type(k) is str for k in request.headers)
+    assert all(type(v) is str for v in request.headers.values() if not isinstance(v, list))
+    assert all(type(x) is str for x in request.headers["x-dup"])
+    assert (type(request.sender), type(request.conn_id), type(request.path), type(request.body)) == (bytes,) * 4
+
+
+def test_parse_accepts_bytes_subclass() -> None:
+    class Frame(bytes):
+        pass
+
+    event = parse_message(Frame(TNET_GET))
+    assert event == parse_message(TNET_GET)
+    assert type(event.sender) is bytes and type(event.body) is bytes
+
+
+def test_peek_route_keeps_bytearray_parts() -> None:
+    sender, conn_id, is_control = peek_route(bytearray(TNET_DISCONNECT))
+    assert (sender, conn_id, is_control) == (TNET_UUID, b"4", True)
+    assert type(sender) is bytearray and type(conn_id) is bytearray
+
+
+def test_peek_route_path_may_be_empty_but_spaces_are_required() -> None:
+    assert peek_route(b"s 1  ") == (b"s", b"1", False)
+    with pytest.raises(ProtocolError, match="found 2 of 3 spaces"):
+        peek_route(b"s 1 @*")
+    _assert_fast_equals_reference(peek_route, b"s 1  ")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b' {"METHOD":"GET"}', b'{"METHOD":"GET"}\n', b'\t{"METHOD":"GET"} ', b'  "GET" '],
+)
+def test_json_headers_whitespace_around_the_object(payload: bytes) -> None:
+    raw = jsn(payload)
+    _assert_fast_equals_reference(parse_message, raw)
+    if payload.strip().startswith(b"{"):
+        assert parse_message(raw).headers == {"METHOD": "GET"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b' {"METHOD":"GET"} x', "headers: invalid JSON: Extra data"),
+        (b'{"METHOD":"GET"}{}', "headers: invalid JSON: Extra data"),
+        (b" ", "headers: invalid JSON: Expecting value"),
+        (b'{"METHOD":"GET",}', "headers: invalid JSON"),
+    ],
+)
+def test_json_headers_errors_match_reference(payload: bytes, reason: str) -> None:
+    raw = jsn(payload)
+    with pytest.raises(ProtocolError) as info:
+        parse_message(raw)
+    assert reason in str(info.value)
+    _assert_fast_equals_reference(parse_message, raw)
+
+
+def test_json_repeated_key_keeps_first_position_last_value() -> None:
+    raw = jsn(b'{"a":"1","METHOD":"GET","a":["2","3"]}')
+    assert list(parse_message(raw).headers.items()) == [("a", ["2", "3"]), ("METHOD", "GET")]
+    _assert_fast_equals_reference(parse_message, raw)
+
+
+def test_fast_request_constructor_is_the_dataclass() -> None:
+    assert mongrel2._REQUEST_FIELDS == tuple(f.name for f in dataclasses.fields(Request))
+    assert not hasattr(Request, "__post_init__")
+    args = (TNET_UUID, b"4", b"/t/hello", dict(TNET_GET_HEADERS), b"x")
+    fast = mongrel2._new_request(*args)
+    assert type(fast) is Request
+    assert fast == Request(*args)
+    assert repr(fast) == repr(Request(*args))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.body = b""  # type: ignore[misc]
+
+
+def test_encode_response_single_id_checks_after_sender_is_known() -> None:
+    assert encode_response(b"34f9", [b"1"], b"") == b"34f9 1:1, "  # sender now remembered
+    assert b"34f9" in mongrel2._SENDERS_OK
+    for ids in ([b"x"], [b""], [b"1 2"], [b"-1"], [1], [b"\xd9\xa1"], [bytearray(b"1")], ["1"]):
+        with pytest.raises(ValueError):
+            encode_response(b"34f9", ids, b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode_response(b"34f9", b"1", b"x")
+    assert encode_response(b"34f9", (b"1",), bytearray(b"ab")) == b"34f9 1:1, ab"
+    assert encode_response(b"34f9", [b"1"], memoryview(b"ab")) == b"34f9 1:1, ab"
+    assert encode_response(b"34f9", [b"1" * 25], b"ab") == b"34f9 25:" + b"1" * 25 + b", ab"
+    for sender in (b"s_x", bytearray(b"34f9"), "34f9"):
+        with pytest.raises(ValueError):
+            encode_response(sender, [b"1"], b"x")  # type: ignore[arg-type]
+    assert b"s_x" not in mongrel2._SENDERS_OK
+    assert all(type(sender) is bytes for sender in mongrel2._SENDERS_OK)
+
+
+def test_encode_response_sender_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mongrel2, "_SENDERS_OK", set())
+    for i in range(3 * mongrel2._SENDERS_OK_MAX):
+        sender = b"s-%d" % i
+        assert encode_response(sender, [b"7"], b"x") == sender + b" 1:7, x"
+        assert encode_response(sender, [b"7"], b"x") == sender + b" 1:7, x"
+    assert len(mongrel2._SENDERS_OK) == mongrel2._SENDERS_OK_MAX
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (TNET_UUID, [b"18", b"19", b"20"], b"hello-all\n"),
+        (b"34f9", [b"53"], b"hi"),
+        (b"34f9", (b"1",), b"\x00\xff bin"),
+        (b"34f9", [b"0"], b""),
+        (b"34f9", [b"01"], b""),
+        (b"s_x", [b"1"], b"x"),
+        (b"s", [b"1", b"x"], b"x"),
+        (b"s", [], b"x"),
+        (b"s", b"12", b"x"),
+    ],
+)
+def test_encode_response_fast_path_matches_reference(args: tuple) -> None:
+    _assert_fast_equals_reference(encode_response, *args)
+    _assert_fast_equals_reference(encode_response, *args)  # once the sender is known
+
+
 # --- property tests ----------------------------------------------------------------
 
 latin1 = st.binary(max_size=24).map(lambda b: b.decode("latin-1"))
@@ -707,3 +957,61 @@ def test_fuzz_mutated_valid_messages(seed: bytes, mutations: list) -> None:
 )
 def test_fuzz_mutated_generated_messages(encoder, headers, body, op) -> None:
     _parse_or_protocol_error(_mutate(encoder(b"s", b"1", b"/p", headers, body), *op))
+
+
+# --- fast paths against the reference, on generated and mutated input ----------------
+
+ascii_text = st.text(st.characters(max_codepoint=127), max_size=24)
+ascii_headers_st = st.builds(
+    lambda method, rest: {"METHOD": method, **rest},
+    ascii_text,
+    st.dictionaries(
+        ascii_text.filter(lambda k: k not in ("METHOD", "DOWNLOAD_CREDITS")),
+        st.one_of(ascii_text, st.lists(ascii_text, min_size=2, max_size=5)),
+        max_size=12,
+    ),
+)
+
+
+@FAST
+@given(
+    encoder=st.sampled_from(ENCODERS),
+    conn_id=conn_ids,
+    path=paths,
+    headers=st.one_of(ascii_headers_st, headers_st),
+    body=bodies,
+    op=st.one_of(st.none(), mutation),
+)
+def test_fuzz_fast_paths_match_reference(encoder, conn_id, path, headers, body, op) -> None:
+    raw = encoder(TNET_UUID, conn_id, path, headers, body)
+    if op is None:
+        assert parse_message(raw) == Request(TNET_UUID, conn_id, path, headers, body)
+    else:
+        raw = _mutate(raw, *op)
+    _assert_fast_equals_reference(parse_message, raw)
+    _assert_fast_equals_reference(peek_route, raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.sampled_from(SEEDS), mutations=st.lists(mutation, min_size=1, max_size=4))
+def test_fuzz_mutated_seeds_match_reference(seed: bytes, mutations: list) -> None:
+    raw = seed
+    for op, i, j, data in mutations:
+        raw = _mutate(raw, op, i, j, data)
+    _assert_fast_equals_reference(parse_message, raw)
+    _assert_fast_equals_reference(peek_route, raw)
+
+
+@FAST
+@given(
+    sender=st.one_of(senders, st.binary(max_size=8)),
+    ids=st.one_of(
+        st.lists(conn_ids, min_size=1, max_size=1),
+        st.lists(st.binary(max_size=4), min_size=1, max_size=1),
+        st.lists(conn_ids, max_size=3).map(tuple),
+    ),
+    body=st.binary(max_size=50),
+)
+def test_fuzz_encode_response_matches_reference(sender, ids, body) -> None:
+    _assert_fast_equals_reference(encode_response, sender, ids, body)
+    _assert_fast_equals_reference(encode_response, sender, ids, body)
