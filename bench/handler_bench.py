@@ -188,16 +188,20 @@ def contenders(route: HandlerRoute, processes: int, logdir: Path) -> dict[str, C
         "fleet-broker": Contender("fleet-broker", fleet, "master ready", logdir),
         "fleet-direct": Contender("fleet-direct", [*fleet, "--dispatch", "direct"],
                                   "master ready", logdir),
+        # The same with 4 threads per process: more requests in flight per worker.
+        "fleet-broker-t4": Contender("fleet-broker-t4", [*fleet, "--threads", "4"], "master ready", logdir),
+        "fleet-direct-t4": Contender("fleet-direct-t4", [*fleet, "--threads", "4", "--dispatch", "direct"],
+                                     "master ready", logdir),
     }
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'handler':<14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+    print(f"{'handler':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'checked':>9} {'bad':>5} {'errors':>7} {'vs floor':>9}")
     for r in results:
         ratio = f"{r.ratio_to_floor:.2f}x" if r.ratio_to_floor is not None else "-"
         errors = sum(r.errors.values())
-        print(f"{r.name:<14} {r.requests_per_s:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+        print(f"{r.name:<16} {r.requests_per_s:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
               f"{r.max_ms:>8.1f} {r.checked:>9} {r.mismatches:>5} {errors:>7} {ratio:>9}")
 
 
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("-p", "--processes", type=int, default=2, help="handler processes")
-    parser.add_argument("--only", default="floor,fleet-broker,fleet-direct",
+    parser.add_argument("--only", default="floor,fleet-broker,fleet-direct,fleet-broker-t4,fleet-direct-t4",
                         help="comma-separated contenders to run")
     parser.add_argument("--json-out", type=Path, default=BENCH / "results" / "handler_bench.json")
     parser.add_argument("--keep", action="store_true",

@@ -68,22 +68,25 @@ class Dispatcher:
         for pull in self.pulls:
             poller.register(pull, zmq.POLLIN)
 
-    def handle(self, ready: dict) -> None:
-        if self.router in ready:
-            self._from_workers()
+    def pump(self) -> int:
+        """Take what is waiting on every socket, a batch each; returns how many.
+
+        Called without polling first while traffic flows: a poll per message
+        cost a quarter of the dispatcher's time."""
+        handled = self._from_workers()
         for index, pull in enumerate(self.pulls):
-            if pull in ready:
-                self._from_mongrel2(index, pull)
+            handled += self._from_mongrel2(index, pull)
+        return handled
 
     # -- Mongrel2 -> workers ----------------------------------------------
 
-    def _from_mongrel2(self, index: int, pull: zmq.Socket) -> None:
+    def _from_mongrel2(self, index: int, pull: zmq.Socket) -> int:
         broker = self.broker
-        for _ in range(BATCH):
+        for count in range(BATCH):
             try:
                 raw = pull.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return count
             try:
                 sender, conn_id, is_control = peek_route(raw)
             except ProtocolError as error:
@@ -105,6 +108,7 @@ class Dispatcher:
                 continue
             if assignment is not None:
                 self._send(assignment)
+        return BATCH
 
     def _control(self, index: int, conn_id: bytes, raw: bytes) -> None:
         """Account flow-control credits, then pass the message to the thread
@@ -149,13 +153,13 @@ class Dispatcher:
 
     # -- workers -> dispatcher ---------------------------------------------
 
-    def _from_workers(self) -> None:
+    def _from_workers(self) -> int:
         broker = self.broker
-        for _ in range(BATCH):
+        for count in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return count
             ident, head = frames[0], frames[1]
             kind = head[:1]
             if kind == wire.DONE or kind == wire.DONE_LAST:
@@ -178,6 +182,7 @@ class Dispatcher:
                 continue
             for assignment in assignments:
                 self._send(assignment)
+        return BATCH
 
     def _reply(self, ident: bytes, kind: bytes) -> None:
         try:

@@ -10,7 +10,6 @@ so we send exactly what the credits allow and wait for more.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -34,7 +33,7 @@ class ClientGone(Exception):
 
 
 class Responder:
-    """One XPUB socket to a Mongrel2 recv_spec, shared by a worker's threads.
+    """One XPUB socket to a Mongrel2 recv_spec, used by one thread.
 
     XPUB rather than PUB so we can see Mongrel2's subscription arrive: a reply
     sent before it is silently dropped (the slow joiner problem).
@@ -46,14 +45,12 @@ class Responder:
         self.socket.setsockopt(zmq.LINGER, 2000)
         self.socket.setsockopt(zmq.SNDHWM, 0)  # never drop a reply because of a burst
         self.socket.connect(recv_spec)
-        self._lock = threading.Lock()
 
     def wait_subscribed(self, timeout: float) -> bool:
         return bool(self.socket.poll(int(timeout * 1000), zmq.POLLIN)) and bool(self.socket.recv())
 
     def send(self, message: bytes) -> None:
-        with self._lock:
-            self.socket.send(message, copy=len(message) < 65536)
+        self.socket.send(message, copy=len(message) < 65536)
 
     def close(self) -> None:
         self.socket.close()

@@ -96,24 +96,24 @@ class Supervisor:
             os.getpid(), self.config.processes, self.config.threads, self.config.dispatch,
             self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints),
         )
-        wake_fd = wake_read.fileno()
         next_tick = 0.0
         try:
             self.manage_workers()
+            busy = False
             while True:
-                ready = dict(poller.poll(TICK * 1000))
-                self.dispatcher.handle(ready)
+                if not busy:  # nothing came last pass: sleep until something does
+                    poller.poll(TICK * 1000)
+                busy = self.dispatcher.pump() > 0
                 # Process management runs on a signal or once a tick, not on
                 # every message: this loop is also the dispatcher's hot path.
                 now = time.monotonic()
-                if wake_fd not in ready and now < next_tick:
+                if not self.signals and now < next_tick:
                     continue
                 next_tick = now + TICK
-                if wake_fd in ready:
-                    try:
-                        wake_read.recv(4096)
-                    except BlockingIOError:
-                        pass
+                try:
+                    wake_read.recv(4096)
+                except BlockingIOError:
+                    pass
                 self.handle_signals()
                 self.reap_workers()
                 if self.stopping_since is not None:
