@@ -195,6 +195,12 @@ def contenders(route: HandlerRoute, processes: int, logdir: Path) -> dict[str, C
     }
 
 
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median requests/s (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.requests_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def print_table(results: list[Result]) -> None:
     print(f"{'handler':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'checked':>9} {'bad':>5} {'errors':>7} {'vs floor':>9}")
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--processes", type=int, default=2, help="handler processes")
     parser.add_argument("--only", default="floor,fleet-broker,fleet-direct,fleet-broker-t4,fleet-direct-t4",
                         help="comma-separated contenders to run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times, interleaved; report the median run")
     parser.add_argument("--json-out", type=Path, default=BENCH / "results" / "handler_bench.json")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (Mongrel2 and handler logs); kept anyway on failure")
@@ -235,25 +243,33 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
 
-    results: list[Result] = []
+    runs: list[Result] = []
     failures: dict[str, str] = {}
     try:
         server.start()
-        for name in wanted:
-            print(f"-- {name}: {args.warmup}s warm-up, {args.duration}s measured", file=sys.stderr)
-            try:
-                results.append(measure(name, pool[name], server, script, args))
-            except Exception as error:  # one broken contender must not hide the others
-                failures[name] = str(error)[-2000:]
-                print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
+        # Rounds interleave the contenders, so a slow spell of the machine
+        # hits all of them rather than one; each ratio is taken within a round.
+        for round_number in range(args.rounds):
+            floor = None
+            for name in wanted:
+                print(f"-- round {round_number + 1}: {name}: {args.warmup}s warm-up, {args.duration}s measured",
+                      file=sys.stderr)
+                try:
+                    result = measure(name, pool[name], server, script, args)
+                except Exception as error:  # one broken contender must not hide the others
+                    failures[name] = str(error)[-2000:]
+                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
+                    continue
+                floor = result if name == "floor" else floor
+                result.ratio_to_floor = result.requests_per_s / floor.requests_per_s if floor else None
+                runs.append(result)
     finally:
         for contender in pool.values():
             contender.stop()
         server.stop()
 
-    floor = next((r for r in results if r.name == "floor"), None)
-    for r in results:
-        r.ratio_to_floor = r.requests_per_s / floor.requests_per_s if floor else None
+    results = [median_run([r for r in runs if r.name == name]) for name in wanted
+               if any(r.name == name for r in runs)]
     print_table(results)
     for name, error in failures.items():
         print(f"{name}: FAILED ({error.splitlines()[0] if error else ''})")
@@ -265,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "wrk": {"threads": args.threads, "connections": args.connections,
                 "duration_s": args.duration, "warmup_s": args.warmup},
         "handler_processes": args.processes,
+        "rounds": args.rounds,
         "results": [asdict(r) for r in results],
+        "runs": [asdict(r) for r in runs],
         "failures": failures,
     }, indent=2) + "\n")
     print(f"wrote {args.json_out}", file=sys.stderr)
