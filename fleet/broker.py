@@ -67,11 +67,12 @@ class Assignment:
 
 @dataclass(frozen=True, slots=True)
 class Orphan:
-    """A request whose client must be answered by the broker itself (502 or 503)."""
+    """A request whose client must be answered by the broker itself (502, 503 or 504)."""
 
     index: int
     sender: bytes
     conn_id: bytes
+    age: float = 0.0  # seconds since a thread was given it
 
 
 @dataclass(slots=True)
@@ -156,8 +157,9 @@ class Broker:
             thread = self.threads.pop(ident)
             self._idle.pop(ident, None)
             self._spare.pop(ident, None)
+            now = self.clock()
             for key, held in thread.held.items():
-                orphans.append(Orphan(key[0], held.sender, key[1]))
+                orphans.append(Orphan(key[0], held.sender, key[1], now - held.since))
                 if self.holder.get(key) == ident:
                     del self.holder[key]
                 # Pipelined requests behind it die with the connection we close.

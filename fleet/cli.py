@@ -27,6 +27,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -58,7 +68,24 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
                         help="broker (default): a per-host dispatcher hands each request to a free thread and "
                              "loses nothing on reloads; direct: threads pull from Mongrel2 themselves")
     parser.add_argument("--graceful-timeout", type=_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a graceful stop waits for in-flight requests (default 30)")
+                        help="how long a graceful stop or retirement waits for in-flight requests (default 30)")
+    parser.add_argument("--reload-batch", type=_count, default=0, metavar="K",
+                        help="on a reload, replace at most K workers at a time (default: all at once)")
+    parser.add_argument("--harakiri", type=_seconds, default=0.0, metavar="SECONDS",
+                        help="kill and replace a worker stuck on one request this long; its client gets 504")
+    parser.add_argument("--max-requests", type=_count, default=0, metavar="N",
+                        help="recycle a worker gracefully after N requests (default: never)")
+    parser.add_argument("--max-requests-jitter", type=_count, default=0, metavar="J",
+                        help="add up to J to --max-requests per worker, so they do not all recycle at once")
+    parser.add_argument("--reload-on-rss", type=_count, default=0, metavar="MB",
+                        help="recycle a worker gracefully when its RSS passes MB megabytes")
+
+
+def add_supervisor_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stats", metavar="ENDPOINT",
+                        help="answer `fleet stats` on this ZeroMQ endpoint, e.g. ipc:///run/fleet/stats")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="append log lines here instead of stderr; SIGUSR1 reopens it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     master = commands.add_parser("master", help="serve an application as a Mongrel2 handler")
     add_handler_options(master)
+    add_supervisor_options(master)
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
+    stats = commands.add_parser("stats", help="show the workers of a running master")
+    stats.add_argument("--stats", required=True, metavar="ENDPOINT", help="the master's --stats endpoint")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.add_argument("--timeout", type=_seconds, default=3.0, metavar="SECONDS")
     return parser
 
 
@@ -80,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleet.master import run_master
 
             return run_master(args)
+        if args.command == "stats":
+            from fleet.stats import run_stats
+
+            return run_stats(args)
     except ConfigError as error:
         print(f"fleet: error: {error}", file=sys.stderr)
         return USAGE

@@ -83,6 +83,11 @@ class HandlerConfig:
     upload_store: str = DEFAULT_UPLOAD_STORE
     content_length_limit: int = DEFAULT_CONTENT_LENGTH
     graceful_timeout: float = 30.0
+    reload_batch: int = 0  # workers replaced at a time on a reload; 0: all at once
+    harakiri: float = 0.0  # seconds one request may take before its worker is killed; 0: off
+    max_requests: int = 0  # recycle a worker after this many requests; 0: off
+    max_requests_jitter: int = 0
+    reload_on_rss: int = 0  # recycle a worker whose RSS passes this many MB; 0: off
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,8 +104,10 @@ class HandlerConfig:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
         if self.content_length_limit < 0:
             raise ConfigError("--mongrel2-content-length must not be negative")
-        if self.graceful_timeout < 0:
-            raise ConfigError("--graceful-timeout must not be negative")
+        for name in ("graceful_timeout", "reload_batch", "harakiri", "max_requests",
+                     "max_requests_jitter", "reload_on_rss"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         if not self.upload_store.endswith("XXXXXX"):
             raise ConfigError(
                 f"--mongrel2-upload-store {self.upload_store!r}: must end in XXXXXX like Mongrel2's upload.temp_store"

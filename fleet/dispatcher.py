@@ -201,11 +201,15 @@ class Dispatcher:
             responder.send(encode_response(orphan.sender, [orphan.conn_id], body))
             responder.send(encode_close(orphan.sender, [orphan.conn_id]))
 
-    def worker_gone(self, pid: int) -> int:
+    def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
+        """Answer what a dead worker held: 504 for requests that ran longer than
+        ``timed_out_after`` (harakiri), 502 for the rest. Returns (502s, 504s)."""
         orphans = self.broker.worker_gone(pid)
-        if orphans:
-            self.answer(orphans, 502)
-        return len(orphans)
+        late = [o for o in orphans if timed_out_after and o.age >= timed_out_after]
+        rest = [o for o in orphans if o not in late]
+        self.answer(late, 504)
+        self.answer(rest, 502)
+        return len(rest), len(late)
 
     def stop_accepting(self) -> None:
         """Shutting down: what waits and whatever arrives now gets a 503."""

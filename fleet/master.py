@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from fleet.config import ConfigError, Endpoint, HandlerConfig
+from fleet.config import ConfigError, Endpoint, HandlerConfig, check_endpoint
 from fleet.exitcodes import APP_LOAD_FAILED
 from fleet.logs import setup_logging
 from fleet.supervisor import Supervisor
@@ -34,6 +34,11 @@ def config_from_args(args: argparse.Namespace) -> HandlerConfig:
         upload_store=args.mongrel2_upload_store,
         content_length_limit=args.mongrel2_content_length,
         graceful_timeout=args.graceful_timeout,
+        reload_batch=args.reload_batch,
+        harakiri=args.harakiri,
+        max_requests=args.max_requests,
+        max_requests_jitter=args.max_requests_jitter,
+        reload_on_rss=args.reload_on_rss,
     )
 
 
@@ -56,5 +61,7 @@ def run_master(args: argparse.Namespace) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return APP_LOAD_FAILED
-    setup_logging(args.log_level)
-    return Supervisor(config, log_level=args.log_level).run()
+    if args.stats:
+        check_endpoint(args.stats, "--stats")
+    setup_logging(args.log_level, args.log_file)
+    return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file).run()

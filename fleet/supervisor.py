@@ -15,14 +15,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import json
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
+import psutil
 import zmq
 
 from fleet.config import HandlerConfig
 from fleet.dispatcher import Dispatcher
 from fleet.exitcodes import APP_LOAD_FAILED, OK
+from fleet.logs import reopen_log_file
 from fleet.worker import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -36,28 +40,61 @@ BACKOFF_CAP = 30.0
 TICK = 0.2
 # Quick stop (INT/QUIT): how long workers get before SIGKILL.
 QUICK_STOP_TIMEOUT = 2.0
+# Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
+SAMPLE_INTERVAL = 1.0
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU)
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+)
 
 
 @dataclass
 class WorkerProcess:
     process: subprocess.Popen
+    generation: int
     started_at: float
+    max_requests: int = 0  # this worker's recycle point, jitter included; 0: never
     ready: bool = False
     retiring: bool = False
-    retired_threads: set[bytes] = field(default_factory=set)
+    retire_deadline: float | None = None
+    replace_reason: str | None = None  # set: start a successor, then retire this one
+    harakiri: bool = False
+    psutil: psutil.Process | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
 
+@dataclass
+class Counters:
+    """What the master has done since it started, for `fleet stats`."""
+
+    reloads: int = 0
+    failed_reloads: int = 0
+    respawns: int = 0
+    harakiri_kills: int = 0
+    recycled_max_requests: int = 0
+    recycled_rss: int = 0
+    answered_502: int = 0
+    answered_504: int = 0
+
+
 class Supervisor:
-    def __init__(self, config: HandlerConfig, *, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        config: HandlerConfig,
+        *,
+        log_level: str = "info",
+        stats_endpoint: str | None = None,
+        log_file: str | None = None,
+    ) -> None:
         self.config = config
         self.log_level = log_level
         self.target = config.processes
+        self.generation = 1
+        self.reloading: int | None = None  # the generation a reload is moving to
         self.workers: dict[int, WorkerProcess] = {}
         self.signals: list[int] = []
         self.stopping_since: float | None = None
@@ -66,6 +103,7 @@ class Supervisor:
         self.respawn_at = 0.0
         self.announced_ready = False
         self.exit_code = OK
+        self.counters = Counters()
         self.runtime_dir = tempfile.mkdtemp(prefix="fleet-")
         self.context = zmq.Context()
         self.dispatcher = Dispatcher(
@@ -75,7 +113,14 @@ class Supervisor:
             pull_from_mongrel2=config.dispatch == "broker",
             on_ready=self._worker_ready,
         )
-        self.spec_json = WorkerSpec(config, f"ipc://{self.runtime_dir}/dispatch", os.getpid(), log_level).to_json()
+        self.stats_socket: zmq.Socket | None = None
+        if stats_endpoint:
+            self.stats_socket = self.context.socket(zmq.REP)
+            self.stats_socket.setsockopt(zmq.LINGER, 0)
+            self.stats_socket.bind(stats_endpoint)
+        self.spec_json = WorkerSpec(
+            config, f"ipc://{self.runtime_dir}/dispatch", os.getpid(), log_level, log_file
+        ).to_json()
 
     # -- the loop ------------------------------------------------------------
 
@@ -89,6 +134,8 @@ class Supervisor:
         poller = zmq.Poller()
         poller.register(wake_read, zmq.POLLIN)
         self.dispatcher.register(poller)
+        if self.stats_socket is not None:
+            poller.register(self.stats_socket, zmq.POLLIN)
         for responder in self.dispatcher.responders:
             responder.wait_subscribed(1.0)
         log.info(
@@ -96,7 +143,7 @@ class Supervisor:
             os.getpid(), self.config.processes, self.config.threads, self.config.dispatch,
             self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints),
         )
-        next_tick = 0.0
+        next_tick = next_sample = 0.0
         try:
             self.manage_workers()
             busy = False
@@ -116,14 +163,21 @@ class Supervisor:
                     pass
                 self.handle_signals()
                 self.reap_workers()
+                self.answer_stats()
                 if self.stopping_since is not None:
                     if not self.workers:
                         break
                     self.kill_late_workers()
-                else:
-                    self.manage_workers()
+                    continue
+                if now >= next_sample:
+                    next_sample = now + SAMPLE_INTERVAL
+                    self.check_limits()
+                self.murder_workers()
+                self.manage_workers()
         finally:
             self.kill_all()
+            if self.stats_socket is not None:
+                self.stats_socket.close()
             self.dispatcher.close()
             self.context.term()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
@@ -154,6 +208,9 @@ class Supervisor:
 
     handle_quit = handle_int
 
+    def handle_hup(self) -> None:
+        self.reload()
+
     def handle_ttin(self) -> None:
         self.target += 1
         log.info("TTIN: now %d worker(s)", self.target)
@@ -163,31 +220,86 @@ class Supervisor:
             self.target -= 1
         log.info("TTOU: now %d worker(s)", self.target)
 
+    def handle_usr1(self) -> None:
+        reopen_log_file()
+        for worker in self.workers.values():
+            _signal(worker.process, signal.SIGUSR1)
+        log.info("USR1: log files reopened")
+
+    # -- reloads -------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Start a new generation; its workers replace the old ones as they get ready."""
+        if self.stopping_since is not None:
+            return
+        self.generation += 1
+        self.reloading = self.generation
+        self.counters.reloads += 1
+        self.flaps = 0
+        self.respawn_at = 0.0
+        batch = self.config.reload_batch or self.target
+        log.info("reload: starting generation %d (%d worker(s), %d at a time)", self.generation, self.target, batch)
+
+    def reload_failed(self, why: str) -> None:
+        """The new generation cannot start: keep the old workers serving."""
+        failed = self.generation
+        self.generation -= 1
+        self.reloading = None
+        self.counters.failed_reloads += 1
+        for worker in self.workers.values():
+            if worker.generation == failed and not worker.retiring:
+                self.retire_worker(worker)
+        log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
+
     # -- workers -------------------------------------------------------------
 
     def manage_workers(self) -> None:
-        """Spawn or retire workers until the live count is the target."""
+        """Converge on `target` ready workers of the current generation.
+
+        Successors start first; an old worker (older generation, or marked for
+        replacement) retires only once a successor is ready, so capacity never
+        drops during a reload or a recycle.
+        """
         live = [w for w in self.workers.values() if not w.retiring]
-        if len(live) > self.target:
-            oldest = sorted(live, key=lambda w: w.started_at)[: len(live) - self.target]
-            for worker in oldest:
+        current = [w for w in live if w.generation == self.generation and w.replace_reason is None]
+        outgoing = sorted((w for w in live if w not in current), key=lambda w: w.started_at)
+        ready = [w for w in current if w.ready]
+        excess = len(ready) + len(outgoing) - self.target
+        for worker in outgoing[: max(0, excess)]:
+            self.retire_worker(worker)
+        if len(current) > self.target:  # TTOU: retire the oldest beyond the target
+            for worker in sorted(current, key=lambda w: w.started_at)[: len(current) - self.target]:
                 self.retire_worker(worker)
-        missing = self.target - len(live)
-        if missing > 0 and time.monotonic() >= self.respawn_at:
-            for _ in range(missing):
+        starting = len(current) - len(ready)
+        batch = (self.config.reload_batch or self.target) if outgoing else self.target
+        wanted = min(self.target - len(current), batch - starting)
+        if wanted > 0 and time.monotonic() >= self.respawn_at:
+            for _ in range(wanted):
                 self.spawn_worker()
+        if self.reloading is not None and not outgoing and len(ready) >= self.target:
+            log.info("reload complete: generation %d, %d worker(s) ready", self.generation, len(ready))
+            self.reloading = None
 
     def spawn_worker(self) -> None:
         process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json])
-        self.workers[process.pid] = WorkerProcess(process, time.monotonic())
-        log.info("spawned worker %d", process.pid)
+        limit = 0
+        if self.config.max_requests:
+            limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+        worker = WorkerProcess(process, self.generation, time.monotonic(), limit)
+        try:
+            worker.psutil = psutil.Process(process.pid)
+        except psutil.Error:
+            pass
+        self.workers[process.pid] = worker
+        log.info("spawned worker %d (generation %d)", process.pid, self.generation)
 
     def retire_worker(self, worker: WorkerProcess) -> None:
+        """Graceful: it asks for nothing more, finishes what it holds, exits."""
+        if worker.retiring:
+            return
         worker.retiring = True
-        try:
-            worker.process.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        worker.retire_deadline = time.monotonic() + self.config.graceful_timeout
+        _signal(worker.process, signal.SIGTERM)
 
     def _worker_ready(self, pid: int) -> None:
         worker = self.workers.get(pid)
@@ -206,15 +318,24 @@ class Supervisor:
             if code is None:
                 continue
             del self.workers[pid]
-            orphans = self.dispatcher.worker_gone(pid)
+            answered_502, answered_504 = self.dispatcher.worker_gone(
+                pid, self.config.harakiri if worker.harakiri else 0.0)
+            self.counters.answered_502 += answered_502
+            self.counters.answered_504 += answered_504
             lifetime = time.monotonic() - worker.started_at
-            if worker.retiring or self.stopping_since is not None:
+            if (worker.retiring and not worker.harakiri) or self.stopping_since is not None:
                 log.info("worker %d exited (%s)", pid, _describe(code))
                 continue
-            log.error(
-                "worker %d died (%s) after %.1f s%s", pid, _describe(code), lifetime,
-                f"; answered {orphans} request(s) it held with 502" if orphans else "",
-            )
+            answered = f"; answered {answered_502} request(s) with 502" if answered_502 else ""
+            if answered_504:
+                answered += f" and {answered_504} with 504"
+            log.error("worker %d died (%s) after %.1f s%s", pid, _describe(code), lifetime, answered)
+            if worker.harakiri:
+                continue
+            self.counters.respawns += 1
+            if not worker.ready and self.reloading == worker.generation:
+                self.reload_failed(f"new worker {pid} {_describe(code)} before it was ready")
+                continue
             if code == APP_LOAD_FAILED and not self.announced_ready:
                 log.error("the application cannot be loaded; stopping")
                 self.exit_code = APP_LOAD_FAILED
@@ -225,6 +346,85 @@ class Supervisor:
                 delay = min(BACKOFF_FIRST * 2 ** (self.flaps - 1), BACKOFF_CAP)
                 self.respawn_at = time.monotonic() + delay
                 log.warning("worker flapping (%d quick deaths in a row): next spawn in %.1f s", self.flaps, delay)
+
+    # -- limits ----------------------------------------------------------------
+
+    def murder_workers(self) -> None:
+        """Harakiri for stuck workers, SIGKILL for retirements that overran."""
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.retire_deadline is not None and now >= worker.retire_deadline and not worker.harakiri:
+                log.warning("worker %d still busy %.0f s after it was asked to retire: SIGKILL",
+                            worker.pid, self.config.graceful_timeout)
+                worker.harakiri = True  # its clients get 504: they waited past the grace period
+                _signal(worker.process, signal.SIGKILL)
+            if not self.config.harakiri or worker.harakiri:
+                continue
+            age = self.dispatcher.broker.oldest_request_age(worker.pid)
+            if age is not None and age >= self.config.harakiri:
+                log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): SIGKILL",
+                          worker.pid, age, self.config.harakiri)
+                worker.harakiri = True
+                self.counters.harakiri_kills += 1
+                _signal(worker.process, signal.SIGKILL)
+
+    def check_limits(self) -> None:
+        """Recycle workers past --max-requests or --reload-on-rss, gracefully."""
+        for worker in self.workers.values():
+            if worker.retiring or worker.replace_reason is not None or not worker.ready:
+                continue
+            served = self.dispatcher.broker.counters.get(worker.pid)
+            if worker.max_requests and served is not None and served.served >= worker.max_requests:
+                worker.replace_reason = f"served {served.served} requests (--max-requests)"
+                self.counters.recycled_max_requests += 1
+            elif self.config.reload_on_rss and worker.psutil is not None:
+                try:
+                    rss = worker.psutil.memory_info().rss
+                except psutil.Error:
+                    continue
+                if rss > self.config.reload_on_rss * 1024 * 1024:
+                    worker.replace_reason = f"RSS {rss / 1048576:.0f} MB over --reload-on-rss"
+                    self.counters.recycled_rss += 1
+            if worker.replace_reason is not None:
+                log.info("recycling worker %d: %s", worker.pid, worker.replace_reason)
+
+    # -- stats -------------------------------------------------------------------
+
+    def answer_stats(self) -> None:
+        if self.stats_socket is None:
+            return
+        while True:
+            try:
+                self.stats_socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.stats_socket.send(json.dumps(self.stats()).encode())
+
+    def stats(self) -> dict:
+        from fleet.stats import worker_row
+
+        rows = [worker_row(w, self.dispatcher.broker, self.config.threads) for w in self.workers.values()]
+        counters = asdict(self.counters)
+        return {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "workers": sorted(rows, key=lambda row: row["pid"]),
+            "totals": {
+                "workers": len(rows),
+                "ready": sum(row["state"] in ("ready", "busy") for row in rows),
+                "busy": sum(row["state"] == "busy" for row in rows),
+                "requests": sum(row["requests"] for row in rows),
+                "rss": sum(row["rss"] or 0 for row in rows),
+                "backlog": self.dispatcher.broker.backlog,
+            },
+            "reloads": counters.pop("reloads"),
+            "failed_reloads": counters.pop("failed_reloads"),
+            "respawns": counters.pop("respawns"),
+            "harakiri_kills": counters.pop("harakiri_kills"),
+            "recycles": {"max_requests": counters.pop("recycled_max_requests"),
+                         "rss": counters.pop("recycled_rss")},
+            **counters,
+        }
 
     # -- stopping ----------------------------------------------------------------
 

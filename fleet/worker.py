@@ -33,7 +33,7 @@ from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
 from fleet.handler import serve
 from fleet.http_response import error_response
-from fleet.logs import setup_logging
+from fleet.logs import reopen_log_file, setup_logging
 from fleet.mongrel2 import Credits, Disconnect, Event, ProtocolError, Request, encode_close, parse_message, peek_route
 from fleet.reply import ClientGone, Reply, Responder
 from fleet.uploads import UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
@@ -54,6 +54,7 @@ class WorkerSpec:
     dispatch_endpoint: str
     parent_pid: int
     log_level: str = "info"
+    log_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -62,13 +63,15 @@ class WorkerSpec:
                 "dispatch_endpoint": self.dispatch_endpoint,
                 "parent_pid": self.parent_pid,
                 "log_level": self.log_level,
+                "log_file": self.log_file,
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> WorkerSpec:
         data = json.loads(text)
-        return cls(HandlerConfig.from_dict(data["config"]), data["dispatch_endpoint"], data["parent_pid"], data["log_level"])
+        return cls(HandlerConfig.from_dict(data["config"]), data["dispatch_endpoint"], data["parent_pid"],
+                   data["log_level"], data.get("log_file"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +354,7 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != spec.parent_pid:
         return BOOT_FAILED
-    setup_logging(spec.log_level)
+    setup_logging(spec.log_level, spec.log_file)
     try:
         app = load_app(spec.config.app, spec.config.pythonpath)
     except AppLoadError as error:
@@ -360,6 +363,7 @@ def main(argv: list[str]) -> int:
     worker = Worker(spec, app)
     signal.signal(signal.SIGTERM, lambda *_: worker.retiring.set())
     signal.signal(signal.SIGHUP, lambda *_: worker.retiring.set())
+    signal.signal(signal.SIGUSR1, lambda *_: reopen_log_file())
     for quick in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(quick, lambda *_: os._exit(0))
     worker.connect_responders()

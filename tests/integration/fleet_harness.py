@@ -318,3 +318,84 @@ def dechunk(body: bytes) -> bytes:
 def upload_files(server: Mongrel2) -> list[Path]:
     """Mongrel2 upload temp files currently in the chroot's tmp/."""
     return sorted((server.chroot / "tmp").glob("mongrel2.upload.*"))
+
+
+# -- supervisor tests: workers, log lines, `fleet stats` ---------------------------
+
+
+def worker_processes(master: FleetMaster) -> list[psutil.Process]:
+    """The master's live worker processes (not a throwaway app-import check)."""
+    out = []
+    for proc in master.descendants():
+        try:
+            if "fleet.appload" not in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            continue
+    return out
+
+
+def worker_pids(master: FleetMaster) -> set[int]:
+    return {p.pid for p in worker_processes(master)}
+
+
+def log_text(master: FleetMaster, log_file: Path | None = None) -> str:
+    """What the master (and its workers) logged: its stderr, plus `log_file` if given."""
+    text = master.stderr_text()
+    if log_file is not None and log_file.exists():
+        text += log_file.read_text(errors="replace")
+    return text
+
+
+def wait_log(master: FleetMaster, text: str, count: int = 1, timeout: float = 30.0,
+             log_file: Path | None = None) -> str:
+    """Wait until `text` occurs at least `count` times in the master's log; returns the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = log_text(master, log_file)
+        if log.count(text) >= count:
+            return log
+        if master.proc.poll() is not None:
+            raise AssertionError(f"fleet master exited with {master.proc.returncode} while waiting for "
+                                 f"{text!r}:\n{log[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged {count} time(s) within {timeout}s:\n{log[-3000:]}")
+        time.sleep(0.05)
+
+
+def ready_pids(log: str) -> set[int]:
+    """Worker pids the master has logged as ready (`worker PID ready`)."""
+    import re
+
+    return {int(pid) for pid in re.findall(r"\bworker (\d+) ready\b", log)}
+
+
+def wait_workers(master: FleetMaster, count: int, timeout: float = 30.0, without: set[int] = frozenset(),
+                 log_file: Path | None = None) -> set[int]:
+    """Wait until exactly `count` workers are alive, all logged ready and none of them in `without`."""
+    state: dict[str, object] = {}
+
+    def settled() -> bool:
+        pids = worker_pids(master)
+        state["pids"] = pids
+        return len(pids) == count and not pids & set(without) and pids <= ready_pids(log_text(master, log_file))
+
+    try:
+        wait_for(settled, timeout, what=f"{count} ready worker(s)")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; workers now {state.get('pids')}, excluded {set(without)}:\n"
+                             f"{log_text(master, log_file)[-3000:]}") from None
+    return state["pids"]  # type: ignore[return-value]
+
+
+def fleet_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """`python -m fleet ARGS...`, captured."""
+    return subprocess.run([sys.executable, "-m", "fleet", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def fleet_stats(endpoint: str, timeout: float = 5.0) -> dict:
+    """`fleet stats --stats ENDPOINT --json`, parsed."""
+    out = fleet_cli("stats", "--stats", endpoint, "--json", "--timeout", str(timeout), timeout=timeout + 30)
+    assert out.returncode == 0, f"fleet stats exited with {out.returncode}: {out.stdout}{out.stderr}"
+    return json.loads(out.stdout)
