@@ -27,6 +27,7 @@ from fleet.config import HandlerConfig
 from fleet.dispatcher import Dispatcher
 from fleet.exitcodes import APP_LOAD_FAILED, OK
 from fleet.logs import reopen_log_file
+from fleet.stats import worker_row
 from fleet.worker import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -401,8 +402,6 @@ class Supervisor:
             self.stats_socket.send(json.dumps(self.stats()).encode())
 
     def stats(self) -> dict:
-        from fleet.stats import worker_row
-
         rows = [worker_row(w, self.dispatcher.broker, self.config.threads) for w in self.workers.values()]
         counters = asdict(self.counters)
         return {
