@@ -71,11 +71,11 @@ class Supervisor:
         self.dispatcher = Dispatcher(
             self.context,
             config.endpoints,
-            f"ipc://{self.runtime_dir}/dispatch",
+            f"{self.runtime_dir}/dispatch",
             pull_from_mongrel2=config.dispatch == "broker",
             on_ready=self._worker_ready,
         )
-        self.spec_json = WorkerSpec(config, f"ipc://{self.runtime_dir}/dispatch", os.getpid(), log_level).to_json()
+        self.spec_json = WorkerSpec(config, f"{self.runtime_dir}/dispatch", os.getpid(), log_level).to_json()
 
     # -- the loop ------------------------------------------------------------
 
