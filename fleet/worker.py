@@ -3,7 +3,7 @@
 Started by the supervisor as ``python -m fleet.worker SPEC_JSON``. Everything
 process-wide (signals, sockets, the app import) happens here, after the spawn.
 
-In broker mode (the default) each thread has a DEALER socket to the host's
+In broker mode (the default) each thread has a Unix socket link (fleet.link) to the host's
 dispatcher and asks for requests with credits; in direct mode each thread
 PULLs straight from every Mongrel2 (uWSGI's way: faster to set up, but what
 Mongrel2 queued to a retiring worker is lost). Replies always go straight to
