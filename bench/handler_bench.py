@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
 
 from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
 
@@ -89,6 +92,10 @@ class Result:
     mismatches: int
     errors: dict
     ratio_to_floor: float | None = None
+    # CPU (user+system) spent per request during the measured run, in µs:
+    # "mongrel2", "master" (the contender's first process), "workers" (its
+    # children, summed), "wrk".
+    cpu_us: dict | None = None
 
 
 class Contender:
@@ -158,23 +165,49 @@ def run_wrk(url: str, script: Path, args: argparse.Namespace, duration: int) -> 
     return json.loads(match.group(1))
 
 
+def _cpu(proc: "psutil.Process") -> float:
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+def cpu_snapshot(server: Mongrel2, contender: Contender) -> dict[str, float]:
+    """Seconds of CPU so far: Mongrel2, the contender's top process, its children."""
+    master = psutil.Process(contender.proc.pid)
+    return {
+        "mongrel2": _cpu(psutil.Process(server.pid)),
+        "master": _cpu(master),
+        "workers": sum(_cpu(c) for c in master.children(recursive=True)),
+    }
+
+
 def measure(name: str, contender: Contender, server: Mongrel2, script: Path,
             args: argparse.Namespace) -> Result:
     contender.start()
     try:
         check_once(server, "/bench")
         run_wrk(server.url("/bench"), script, args, args.warmup)
+        before = cpu_snapshot(server, contender)
+        rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         raw = run_wrk(server.url("/bench"), script, args, args.duration)
+        rusage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = cpu_snapshot(server, contender)
         check_once(server, "/bench")
     finally:
         contender.stop()
+    requests = max(raw["requests"], 1)
+    cpu_us = {k: round((after[k] - before[k]) * 1e6 / requests, 1) for k in after}
+    cpu_us["wrk"] = round((rusage_after.ru_utime + rusage_after.ru_stime
+                           - rusage_before.ru_utime - rusage_before.ru_stime) * 1e6 / requests, 1)
     seconds = raw["duration_us"] / 1e6
     return Result(
         name=name, command=" ".join(contender.cmd[1:]),
         requests_per_s=raw["requests"] / seconds, requests=raw["requests"], duration_s=seconds,
         p50_ms=raw["p50_us"] / 1000, p90_ms=raw["p90_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
         max_ms=raw["max_us"] / 1000, checked=raw["checked"], mismatches=raw["mismatches"],
-        errors=raw["errors"])
+        errors=raw["errors"], cpu_us=cpu_us)
 
 
 def contenders(route: HandlerRoute, processes: int, logdir: Path) -> dict[str, Contender]:
@@ -203,12 +236,13 @@ def median_run(runs: list[Result]) -> Result:
 
 def print_table(results: list[Result]) -> None:
     print(f"{'handler':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'checked':>9} {'bad':>5} {'errors':>7} {'vs floor':>9}")
+          f"{'checked':>9} {'bad':>5} {'errors':>7} {'vs floor':>9}  cpu us/req m2/master/workers/wrk")
     for r in results:
         ratio = f"{r.ratio_to_floor:.2f}x" if r.ratio_to_floor is not None else "-"
         errors = sum(r.errors.values())
+        cpu = "/".join(f"{r.cpu_us[k]:.0f}" for k in ("mongrel2", "master", "workers", "wrk")) if r.cpu_us else "-"
         print(f"{r.name:<16} {r.requests_per_s:>9.0f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-              f"{r.max_ms:>8.1f} {r.checked:>9} {r.mismatches:>5} {errors:>7} {ratio:>9}")
+              f"{r.max_ms:>8.1f} {r.checked:>9} {r.mismatches:>5} {errors:>7} {ratio:>9}  {cpu}")
 
 
 def main(argv: list[str] | None = None) -> int:

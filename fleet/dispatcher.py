@@ -18,6 +18,7 @@ from collections.abc import Callable
 import zmq
 
 from fleet import wire
+from fleet.link import LinkServer
 from fleet.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.config import Endpoint
 from fleet.http_response import error_response
@@ -48,11 +49,8 @@ class Dispatcher:
         self.credits = CreditLedger()
         self.on_ready = on_ready
         self.on_retired = on_retired
-        self.router = context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished thread raises, not drops
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.bind(bind)
+        self.links = LinkServer(bind)  # a Unix socket path
+        self._inbox: list[tuple[bytes, list[bytes] | None]] = []
         self.pulls: list[zmq.Socket] = []
         if pull_from_mongrel2:
             for endpoint in endpoints:
@@ -64,7 +62,7 @@ class Dispatcher:
         self.accepting = True
 
     def register(self, poller: zmq.Poller) -> None:
-        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.links.fileno(), zmq.POLLIN)
         for pull in self.pulls:
             poller.register(pull, zmq.POLLIN)
 
@@ -76,6 +74,7 @@ class Dispatcher:
         handled = self._from_workers()
         for index, pull in enumerate(self.pulls):
             handled += self._from_mongrel2(index, pull)
+        self.links.flush()
         return handled
 
     # -- Mongrel2 -> workers ----------------------------------------------
@@ -138,37 +137,36 @@ class Dispatcher:
             self.credits.opened((index, request.conn_id), credits)
 
     def _send(self, assignment: Assignment, kind: bytes = wire.REQUEST) -> None:
-        frames = [assignment.ident, wire.tagged(kind, assignment.index), assignment.raw]
+        frames = [wire.tagged(kind, assignment.index), assignment.raw]
         if kind == wire.REQUEST:
             balance = self.credits.get((assignment.index, assignment.conn_id))
             if balance is not None:
                 frames.append(b"%d" % balance)
-        try:
-            self.router.send_multipart(frames)
-        except zmq.ZMQError as error:
-            if error.errno != zmq.EHOSTUNREACH:
-                raise
-            if kind == wire.REQUEST:
-                self.broker.unreachable(assignment)
+        if not self.links.send(assignment.ident, frames) and kind == wire.REQUEST:
+            self.broker.unreachable(assignment)
 
     # -- workers -> dispatcher ---------------------------------------------
 
     def _from_workers(self) -> int:
         broker = self.broker
-        for count in range(BATCH):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return count
-            ident, head = frames[0], frames[1]
+        inbox = self._inbox
+        self.links.receive(inbox)
+        count = len(inbox)
+        for ident, frames in inbox:
+            if frames is None:
+                # The thread's link closed: it exited, or its process died (whose
+                # requests get their 502 when the supervisor reaps it).
+                broker.retire(ident)
+                continue
+            head = frames[0]
             kind = head[:1]
             if kind == wire.DONE or kind == wire.DONE_LAST:
-                if len(frames) > 3:  # a flow-controlled response: bytes sent, "c" if closed
-                    report = frames[3]
-                    self.credits.spent((head[1], frames[2]), int(report.rstrip(b"c")), report.endswith(b"c"))
-                assignments = broker.done(ident, head[1], frames[2], credit=kind == wire.DONE)
+                if len(frames) > 2:  # a flow-controlled response: bytes sent, "c" if closed
+                    report = frames[2]
+                    self.credits.spent((head[1], frames[1]), int(report.rstrip(b"c")), report.endswith(b"c"))
+                assignments = broker.done(ident, head[1], frames[1], credit=kind == wire.DONE)
             elif kind == wire.CREDIT:
-                assignments = broker.credit(ident, wire.ident_pid(ident), int(frames[2]))
+                assignments = broker.credit(ident, wire.ident_pid(ident), int(frames[1]))
             elif kind == wire.RETIRE:
                 broker.retire(ident)
                 self.on_retired(ident)
@@ -182,14 +180,11 @@ class Dispatcher:
                 continue
             for assignment in assignments:
                 self._send(assignment)
-        return BATCH
+        inbox.clear()
+        return count
 
     def _reply(self, ident: bytes, kind: bytes) -> None:
-        try:
-            self.router.send_multipart([ident, kind])
-        except zmq.ZMQError as error:
-            if error.errno != zmq.EHOSTUNREACH:
-                raise
+        self.links.send(ident, [kind])
 
     # -- answering clients ourselves ----------------------------------------
 
@@ -221,6 +216,6 @@ class Dispatcher:
     def close(self) -> None:
         for pull in self.pulls:
             pull.close()
-        self.router.close()
+        self.links.close()
         for responder in self.responders:
             responder.close()

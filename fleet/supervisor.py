@@ -110,7 +110,7 @@ class Supervisor:
         self.dispatcher = Dispatcher(
             self.context,
             config.endpoints,
-            f"ipc://{self.runtime_dir}/dispatch",
+            f"{self.runtime_dir}/dispatch",
             pull_from_mongrel2=config.dispatch == "broker",
             on_ready=self._worker_ready,
         )
@@ -120,7 +120,7 @@ class Supervisor:
             self.stats_socket.setsockopt(zmq.LINGER, 0)
             self.stats_socket.bind(stats_endpoint)
         self.spec_json = WorkerSpec(
-            config, f"ipc://{self.runtime_dir}/dispatch", os.getpid(), log_level, log_file
+            config, f"{self.runtime_dir}/dispatch", os.getpid(), log_level, log_file
         ).to_json()
 
     # -- the loop ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Frames between the per-host dispatcher (ROUTER) and worker threads (DEALER).
+"""Frames between the per-host dispatcher and worker threads (see fleet.link).
 
 Kept tiny and fixed-width because they cross the hop on every request.
 
@@ -13,6 +13,7 @@ dispatcher -> thread
                             for a connection this thread holds
     [RETIRED]               retire acknowledged: nothing more will come
 thread -> dispatcher
+    [HELLO, ident]          first message on a link: who this thread is
     [CREDIT, count]         send me up to ``count`` more requests
     [DONE+index, conn_id]   finished that request; one more credit
     [DONE+index, conn_id, sent]  the same for a flow-controlled connection:
@@ -34,6 +35,7 @@ DONE = b"="
 DONE_LAST = b"-"
 RETIRE = b"!"
 READY = b"R"
+HELLO = b"H"
 
 CONTROL_THREAD = b"c"
 

@@ -3,7 +3,7 @@
 Started by the supervisor as ``python -m fleet.worker SPEC_JSON``. Everything
 process-wide (signals, sockets, the app import) happens here, after the spawn.
 
-In broker mode (the default) each thread has a DEALER socket to the host's
+In broker mode (the default) each thread has a Unix socket link (fleet.link) to the host's
 dispatcher and asks for requests with credits; in direct mode each thread
 PULLs straight from every Mongrel2 (uWSGI's way: faster to set up, but what
 Mongrel2 queued to a retiring worker is lost). Replies always go straight to
@@ -33,6 +33,7 @@ from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
 from fleet.handler import serve
 from fleet.http_response import error_response
+from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
 from fleet.mongrel2 import Credits, Disconnect, Event, ProtocolError, Request, encode_close, parse_message, peek_route
 from fleet.reply import ClientGone, Reply, Responder
@@ -88,48 +89,36 @@ _FROM_HEADER = object()
 
 
 class BrokerChannel:
-    """A thread's DEALER to the dispatcher; control messages can be read mid-response."""
+    """A thread's link to the dispatcher; control messages can be read mid-response."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, ident: bytes) -> None:
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, ident)
-        self.socket.setsockopt(zmq.LINGER, 2000)
-        self.socket.setsockopt(zmq.RCVTIMEO, POLL_INTERVAL_MS)
-        self.socket.connect(endpoint)
+    def __init__(self, path: str, ident: bytes) -> None:
+        self.link = ThreadLink(path, ident, POLL_INTERVAL_MS / 1000)
         self.pending: deque[list[bytes]] = deque()
-        self.conn: tuple[int, bytes] | None = None  # the request being served
 
     def ask(self, count: int) -> None:
-        self.socket.send_multipart([wire.CREDIT, b"%d" % count])
+        self.link.send([wire.CREDIT, b"%d" % count])
 
     def retire(self) -> None:
-        self.socket.send(wire.RETIRE)
+        self.link.send([wire.RETIRE])
 
     def done(self, index: int, outcome: Outcome, credit: bool) -> None:
         frames = [wire.tagged(wire.DONE if credit else wire.DONE_LAST, index), outcome.conn_id]
         if outcome.sent is not None:
             frames.append(b"%d%s" % (outcome.sent, b"c" if outcome.closed else b""))
-        self.socket.send_multipart(frames)
+        self.link.send(frames)
 
     def receive(self) -> list[bytes] | None:
         """The next frames for this thread, or None after POLL_INTERVAL_MS of silence."""
         if self.pending:
             return self.pending.popleft()
-        try:
-            return self.socket.recv_multipart()
-        except zmq.Again:
-            return None
+        return self.link.receive()
 
     def poll_control(self, timeout: float) -> list[Event]:
         """Read what has arrived; keep requests for later, return control events."""
         events: list[Event] = []
-        if not self.socket.poll(int(timeout * 1000)):
+        if not self.link.poll(timeout):
             return events
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return events
+        while (frames := self.link.take()) is not None:
             if frames[0][:1] == wire.CONTROL:
                 try:
                     events.append(parse_message(frames[1]))
@@ -137,9 +126,10 @@ class BrokerChannel:
                     log.warning("dropped a malformed control message: %s", error)
             else:
                 self.pending.append(frames)
+        return events
 
     def close(self) -> None:
-        self.socket.close()
+        self.link.close()
 
 
 class Worker:
@@ -195,7 +185,7 @@ class Worker:
 
     def run_broker_thread(self, number: int) -> None:
         responders = self.responders[number]
-        channel = BrokerChannel(self.context, self.spec.dispatch_endpoint, wire.thread_ident(os.getpid(), number))
+        channel = BrokerChannel(self.spec.dispatch_endpoint, wire.thread_ident(os.getpid(), number))
         channel.ask(thread_credits(self.config.threads))
         retire_sent = False
         try:
@@ -203,7 +193,11 @@ class Worker:
                 if self.retiring.is_set() and not retire_sent:
                     channel.retire()
                     retire_sent = True
-                frames = channel.receive()
+                try:
+                    frames = channel.receive()
+                except LinkClosed:
+                    log.warning("the dispatcher closed the link; thread %d stops", number)
+                    return
                 if frames is None:
                     continue
                 if frames[0] == wire.RETIRED:
@@ -368,11 +362,8 @@ def main(argv: list[str]) -> int:
         signal.signal(quick, lambda *_: os._exit(0))
     worker.connect_responders()
     worker.start_threads()
-    control = worker.context.socket(zmq.DEALER)
-    control.setsockopt(zmq.IDENTITY, wire.control_ident(os.getpid()))
-    control.setsockopt(zmq.LINGER, 1000)
-    control.connect(spec.dispatch_endpoint)
-    control.send(wire.READY)
+    control = ThreadLink(spec.dispatch_endpoint, wire.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
+    control.send([wire.READY])
     log.info(
         "worker ready: %d thread(s), %s dispatch, replying to %s",
         spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders[0]),
