@@ -132,6 +132,8 @@ class ThreadLink:
             data = self.socket.recv(RECV_SIZE, flags)
         except (BlockingIOError, InterruptedError):
             return False
+        except ConnectionResetError:
+            data = b""  # the dispatcher closed with our message unread
         if not data:
             raise LinkClosed()
         self.inbox.feed(data, self.messages)
