@@ -197,10 +197,11 @@ class Dispatcher:
             responder.send(encode_close(orphan.sender, [orphan.conn_id]))
 
     def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
-        """Answer what a dead worker held: 504 for requests that ran longer than
-        ``timed_out_after`` (harakiri), 502 for the rest. Returns (502s, 504s)."""
+        """Answer what a dead worker held: 504 for a request it was running for
+        longer than ``timed_out_after`` (harakiri), 502 for the rest (those that
+        waited behind it did not time out). Returns (502s, 504s)."""
         orphans = self.broker.worker_gone(pid)
-        late = [o for o in orphans if timed_out_after and o.age >= timed_out_after]
+        late = [o for o in orphans if timed_out_after and o.running and o.age >= timed_out_after]
         rest = [o for o in orphans if o not in late]
         self.answer(late, 504)
         self.answer(rest, 502)

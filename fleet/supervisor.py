@@ -286,6 +286,7 @@ class Supervisor:
         limit = 0
         if self.config.max_requests:
             limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+        self.dispatcher.broker.worker_started(process.pid)
         worker = WorkerProcess(process, self.generation, time.monotonic(), limit)
         try:
             worker.psutil = psutil.Process(process.pid)

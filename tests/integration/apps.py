@@ -201,3 +201,24 @@ def router(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
 
 
 application = router
+
+
+# -- apps for the supervisor tests (test_e2e_supervisor.py) -------------------------
+
+HOG_CHUNK = 25 * 1024 * 1024
+_hogged: list[bytes] = []
+
+
+def hog(environ: Environ, start_response: StartResponse) -> list[bytes]:
+    """Keep 25 MB more (touched, so it counts in the RSS) for the life of the worker."""
+    _hogged.append(b"h" * HOG_CHUNK)
+    try:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+    except Exception:  # the test falls back on its own measurement
+        rss = None
+    return _json(start_response, {"pid": os.getpid(), "hogged": len(_hogged) * HOG_CHUNK, "rss": rss})
+
+
+APPS["hog"] = hog

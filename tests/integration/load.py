@@ -160,7 +160,6 @@ class _Client:
         self.failures: Counter = Counter()
         self.samples: list[Sample] = []
         self.errors: list[str] = []
-        self.busy_since: float | None = None
 
 
 class Load:
@@ -204,6 +203,10 @@ class Load:
             self._threads.append(thread)
             thread.start()
         return self
+
+    def halt(self) -> None:
+        """Send no new request from now on (the ones in flight go on); stop() then reports."""
+        self._stop.set()
 
     def stop(self) -> Report:
         """Stop sending, wait for the requests in flight (bounded), and report."""
@@ -287,7 +290,6 @@ class Load:
         """One request; returns the connection to reuse, or None when it must be replaced."""
         start = time.monotonic()
         state.sent += 1
-        state.busy_since = start
         outcome, detail = FAILED, None
         keep = True
         try:
@@ -312,7 +314,6 @@ class Load:
             detail, keep = type(error).__name__, False
             state.errors.append(f"{type(error).__name__}: {error}")
         latency = time.monotonic() - start
-        state.busy_since = None
         state.samples.append(Sample(start, latency, outcome, detail))
         if outcome == OK:
             state.succeeded += 1

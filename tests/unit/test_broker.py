@@ -91,7 +91,8 @@ def test_a_dead_worker_leaves_orphans_to_answer(broker: Broker) -> None:
     broker.request(0, b"m2", b"2", raw(2))
     broker.request(0, b"m2", b"2", raw(2, "/pipelined"))
     orphans = broker.worker_gone(10)
-    assert sorted(orphans, key=lambda o: o.conn_id) == [Orphan(0, b"m2", b"1"), Orphan(0, b"m2", b"2")]
+    assert sorted(orphans, key=lambda o: o.conn_id) == [
+        Orphan(0, b"m2", b"1", running=True), Orphan(0, b"m2", b"2", running=True)]
     assert broker.holder_of(0, b"1") is None and broker.threads == {}
     # Nothing of the dead worker's is handed out again.
     assert broker.request(0, b"m2", b"3", raw(3)) is None
@@ -146,3 +147,23 @@ def test_credit_ledger_keeps_a_connection_balance_across_requests() -> None:
     assert ledger.get(key) == 102400
     ledger.spent(key, 10, closed=True)
     assert ledger.get(key) is None
+
+
+def test_a_late_credit_from_a_reaped_worker_is_ignored(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.worker_gone(10)
+    # Its last CREDIT was still in the socket when it was reaped.
+    assert broker.credit(b"10/1", 10, 2) == []
+    assert broker.request(0, b"m2", b"1", raw(1)) is None and broker.backlog == 1
+    broker.worker_started(10)  # the pid is reused by a new worker
+    assert broker.credit(b"10/0", 10, 1) == [Assignment(b"10/0", 0, b"1", raw(1))]
+
+
+def test_only_the_request_a_thread_was_running_counts_as_running(broker: Broker, clock: FakeClock) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))
+    clock.now += 60
+    orphans = {o.conn_id: o for o in broker.worker_gone(10)}
+    assert orphans[b"1"].running and not orphans[b"2"].running
+    assert orphans[b"2"].age == pytest.approx(60)
