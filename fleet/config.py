@@ -102,6 +102,8 @@ class HandlerConfig:
                 raise ConfigError(f"--{name} must be a whole number of at least 1, not {value!r}")
         if self.dispatch not in DISPATCH_MODES:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
+        if self.harakiri and self.dispatch == "direct":
+            raise ConfigError("--harakiri needs --dispatch broker: only the dispatcher knows how long a request has run")
         if self.content_length_limit < 0:
             raise ConfigError("--mongrel2-content-length must not be negative")
         for name in ("graceful_timeout", "reload_batch", "harakiri", "max_requests",

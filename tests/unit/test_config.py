@@ -40,6 +40,7 @@ def test_app_spec_defaults_to_application() -> None:
 def test_handler_config_round_trips_and_validates() -> None:
     config = HandlerConfig(endpoints=(Endpoint("tcp://a:1", "tcp://a:2"),), app="app", processes=3, threads=2)
     assert HandlerConfig.from_dict(config.to_dict()) == config
-    for bad in ({"processes": 0}, {"threads": -1}, {"dispatch": "fast"}, {"upload_store": "/tmp/x"}):
+    for bad in ({"processes": 0}, {"threads": -1}, {"dispatch": "fast"}, {"upload_store": "/tmp/x"},
+                {"harakiri": 5.0, "dispatch": "direct"}, {"max_requests": -1}):
         with pytest.raises(ConfigError):
             HandlerConfig(endpoints=config.endpoints, app="app", **bad)
