@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fleet import __version__
+from fleet.cluster_cli import add_cluster_options
 from fleet.config import DEFAULT_CONTENT_LENGTH, DEFAULT_UPLOAD_STORE, DISPATCH_MODES, ConfigError
 from fleet.exitcodes import USAGE
 
@@ -97,7 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
     master = commands.add_parser("master", help="serve an application as a Mongrel2 handler")
     add_handler_options(master)
     add_supervisor_options(master)
+    add_cluster_options(master, required=False)
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
+    node = commands.add_parser("node", help="serve what the cluster's master announces")
+    add_cluster_options(node, required=True)
+    node.add_argument("-p", "--processes", type=_positive_int, metavar="N",
+                      help="override the master's process count on this host (a bigger box)")
+    node.add_argument("--threads", type=_positive_int, metavar="T", help="override the master's thread count")
+    node.add_argument("--mongrel2-chroot", metavar="DIR",
+                      help="where Mongrel2's uploads are on this host, if it differs from the master's")
+    add_supervisor_options(node)
+    node.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
+    status = commands.add_parser("status", help="show every host of the cluster")
+    add_cluster_options(status, required=True)
+    status.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
+    reload = commands.add_parser("reload", help="rolling graceful reload of every host; waits and reports")
+    add_cluster_options(reload, required=True)
+    reload.add_argument("--batch", type=_positive_int, metavar="K", help="workers replaced at a time on each host")
+    reload.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS")
+    log = commands.add_parser("log", help="put a line in every host's log")
+    add_cluster_options(log, required=True)
+    log.add_argument("--level", choices=("debug", "info", "warning", "error", "critical"), default="info")
+    log.add_argument("message")
+    commands.add_parser("keygen", help="print a new random cluster key (for --cluster-key-file)")
     stats = commands.add_parser("stats", help="show the workers of a running master")
     stats.add_argument("--stats", required=True, metavar="ENDPOINT", help="the master's --stats endpoint")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -116,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             from fleet.stats import run_stats
 
             return run_stats(args)
+        from fleet import cluster_cli
+
+        return getattr(cluster_cli, f"run_{args.command}")(args)
     except ConfigError as error:
         print(f"fleet: error: {error}", file=sys.stderr)
         return USAGE

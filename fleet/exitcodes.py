@@ -4,3 +4,4 @@ OK = 0
 USAGE = 2  # a user mistake on the command line
 BOOT_FAILED = 3  # a worker or master could not start (sockets, runtime dir)
 APP_LOAD_FAILED = 4  # the WSGI application could not be imported
+RESTART = 5  # a node's supervisor stopped to start again with a new configuration

@@ -64,4 +64,14 @@ def run_master(args: argparse.Namespace) -> int:
     if args.stats:
         check_endpoint(args.stats, "--stats")
     setup_logging(args.log_level, args.log_file)
-    return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file).run()
+    agent = None
+    if args.cluster:
+        from fleet.cluster_cli import make_agent
+
+        agent = make_agent(args, "master", config=config.to_dict())
+    try:
+        return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file,
+                          cluster=agent).run()
+    finally:
+        if agent is not None:
+            agent.close()

@@ -80,6 +80,7 @@ class HostView:
         data = asdict(self)
         data["address"] = list(self.address)
         data["source"] = list(self.source)
+        data["workers"] = {"ready": self.workers_ready, "total": self.workers_total}
         return data
 
 

@@ -18,14 +18,16 @@ import tempfile
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import psutil
 import zmq
 
-from fleet.config import HandlerConfig
+from fleet.cluster import ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatcher import Dispatcher
-from fleet.exitcodes import APP_LOAD_FAILED, OK
+from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
 from fleet.logs import reopen_log_file
 from fleet.stats import worker_row
 from fleet.worker import WorkerSpec
@@ -90,8 +92,20 @@ class Supervisor:
         log_level: str = "info",
         stats_endpoint: str | None = None,
         log_file: str | None = None,
+        cluster: ClusterAgent | None = None,
+        cluster_generation: int = 1,
+        adapt_config: Callable[[HandlerConfig], HandlerConfig] = lambda config: config,
     ) -> None:
+        self.adapt_config = adapt_config
         self.config = config
+        self.log_file = log_file
+        self.cluster = cluster
+        # The cluster generation this host's workers run, and the one a reload
+        # is moving them to: heartbeats report the first, so `fleet reload`
+        # sees a host on the new generation only once it really is.
+        self.cluster_generation = cluster_generation
+        self.pending_cluster_generation: int | None = None
+        self.last_error: str | None = None
         self.log_level = log_level
         self.target = config.processes
         self.generation = 1
@@ -137,6 +151,8 @@ class Supervisor:
         self.dispatcher.register(poller)
         if self.stats_socket is not None:
             poller.register(self.stats_socket, zmq.POLLIN)
+        if self.cluster is not None:
+            poller.register(self.cluster.fileno(), zmq.POLLIN)
         for responder in self.dispatcher.responders:
             responder.wait_subscribed(1.0)
         log.info(
@@ -165,6 +181,11 @@ class Supervisor:
                 self.handle_signals()
                 self.reap_workers()
                 self.answer_stats()
+                if self.cluster is not None:
+                    try:
+                        self.talk_to_cluster()
+                    except Exception:  # the cluster must never take serving down with it
+                        log.exception("cluster: internal error; serving goes on")
                 if self.stopping_since is not None:
                     if not self.workers:
                         break
@@ -177,6 +198,8 @@ class Supervisor:
                 self.manage_workers()
         finally:
             self.kill_all()
+            if self.cluster is not None and self.cluster.role == "master":
+                self.cluster.leave()
             if self.stats_socket is not None:
                 self.stats_socket.close()
             self.dispatcher.close()
@@ -251,6 +274,81 @@ class Supervisor:
             if worker.generation == failed and not worker.retiring:
                 self.retire_worker(worker)
         log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
+        self.last_error = f"reload failed: {why}"[:500]
+        self.pending_cluster_generation = None
+
+    def apply_config(self, config: HandlerConfig, cluster_generation: int) -> bool:
+        """A new configuration from the cluster. Returns False if it cannot be
+        applied in place (other Mongrel2 endpoints or dispatch mode): the
+        caller then stops this supervisor and starts one with the new config."""
+        if config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch:
+            return False
+        self.config = config
+        self.target = config.processes
+        self.spec_json = WorkerSpec(
+            config, f"{self.runtime_dir}/dispatch", os.getpid(), self.log_level, self.log_file
+        ).to_json()
+        self.reload()
+        self.pending_cluster_generation = cluster_generation
+        return True
+
+    # -- the cluster -----------------------------------------------------------
+
+    def talk_to_cluster(self) -> None:
+        now = time.time()
+        for event in self.cluster.receive(now):
+            if isinstance(event, ReloadRequested) and self.stopping_since is None:
+                log.info("cluster: reload to generation %d requested", event.generation)
+                self.reload()
+                self.pending_cluster_generation = event.generation
+                self.cluster.set_generation(event.generation)
+            elif isinstance(event, ApplyConfig) and self.stopping_since is None:
+                self.on_cluster_config(event)
+        if (self.cluster.role == "master" and self.pending_cluster_generation is None
+                and self.cluster.generation > self.cluster_generation):
+            # Restarted with the configuration the fleet already runs: take its generation.
+            self.cluster_generation = self.cluster.generation
+        self.cluster.tick(now, self.host_status())
+
+    def on_cluster_config(self, event) -> None:
+        try:
+            config = self.adapt_config(HandlerConfig.from_dict(event.config))
+        except (ConfigError, TypeError, KeyError) as error:
+            log.error("cluster: refused a configuration: %s", error)
+            self.last_error = f"bad configuration: {error}"[:500]
+            return
+        if config == self.config and event.generation != self.cluster_generation:
+            log.info("cluster: generation %d: reloading", event.generation)
+            self.reload()
+            self.pending_cluster_generation = event.generation
+        elif config != self.config:
+            log.info("cluster: new configuration (generation %d)", event.generation)
+            if not self.apply_config(config, event.generation):
+                log.info("cluster: the Mongrel2 endpoints or dispatch mode changed: restarting the supervisor")
+                self.exit_code = RESTART
+                self.stop(graceful=True)
+
+    def host_status(self) -> HostStatus:
+        live = [w for w in self.workers.values() if not w.retiring]
+        ready = sum(w.ready for w in live)
+        if self.stopping_since is not None:
+            state = "degraded"
+        elif not self.announced_ready:
+            state = "starting"
+        else:
+            state = "ready" if ready >= self.target and self.last_error is None else "degraded"
+        rss = 0
+        for worker in self.workers.values():
+            if worker.psutil is not None:
+                try:
+                    rss += worker.psutil.memory_info().rss
+                except psutil.Error:
+                    pass
+        served = sum(c.served for c in self.dispatcher.broker.counters.values())
+        # During a reload old and new workers are both ready for a moment.
+        ready = min(ready, self.target)
+        return HostStatus(state=state, generation=self.cluster_generation, workers_ready=ready,
+                          workers_total=self.target, requests_served=served, rss=rss, error=self.last_error)
 
     # -- workers -------------------------------------------------------------
 
@@ -280,6 +378,10 @@ class Supervisor:
         if self.reloading is not None and not outgoing and len(ready) >= self.target:
             log.info("reload complete: generation %d, %d worker(s) ready", self.generation, len(ready))
             self.reloading = None
+            if self.pending_cluster_generation is not None:
+                self.cluster_generation = self.pending_cluster_generation
+                self.pending_cluster_generation = None
+                self.last_error = None
 
     def spawn_worker(self) -> None:
         process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json])
@@ -312,7 +414,8 @@ class Supervisor:
         log.info("worker %d ready", pid)
         if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:
             self.announced_ready = True
-            log.info("master ready: %d worker(s) x %d thread(s)", self.target, self.config.threads)
+            role = "node" if self.cluster is not None and self.cluster.role == "node" else "master"
+            log.info("%s ready: %d worker(s) x %d thread(s)", role, self.target, self.config.threads)
 
     def reap_workers(self) -> None:
         for pid, worker in list(self.workers.items()):

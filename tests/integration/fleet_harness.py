@@ -73,8 +73,9 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 class FleetMaster:
     """One `python -m fleet master ...` process in its own process group."""
 
-    def __init__(self, args: list[str], logdir: Path, name: str = "master") -> None:
-        self.args = [sys.executable, "-m", "fleet", "master", *args]
+    def __init__(self, args: list[str], logdir: Path, name: str = "master", command: str = "master") -> None:
+        self.args = [sys.executable, "-m", "fleet", command, *args]
+        self.ready_marker = f"{command} ready"
         self.stderr_path = logdir / f"{name}.stderr"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
@@ -88,7 +89,7 @@ class FleetMaster:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> FleetMaster:
         deadline = time.monotonic() + timeout
-        while "master ready" not in self.stderr_text():
+        while self.ready_marker not in self.stderr_text():
             if self.proc.poll() is not None:
                 raise AssertionError(
                     f"fleet master exited with {self.proc.returncode} before ready:\n{self.stderr_text()}")
@@ -210,6 +211,14 @@ class Harness:
         if ready:
             master.wait_ready()
         return master
+
+    def node(self, args: list[str], ready: bool = True) -> FleetMaster:
+        """A `fleet node` (same life cycle and checks as a master)."""
+        node = FleetMaster(args, self.basedir, name=f"node-{len(self.masters)}", command="node")
+        self.masters.append(node)
+        if ready:
+            node.wait_ready()
+        return node
 
     def popen(self, cmd: list[str]) -> subprocess.Popen:
         with open(self.basedir / f"proc-{len(self.popens)}.stderr", "wb") as err:

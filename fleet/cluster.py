@@ -1,0 +1,254 @@
+"""A host's part in the cluster: what it sends on the channel, and what it makes of what it hears.
+
+The supervisor's loop drives it: ``receive(now)`` when the channel is
+readable, ``tick(now, status)`` every pass. It returns events for the
+supervisor to act on (apply a configuration, reload, log a line); it never
+touches workers itself.
+
+- A master announces its configuration every ANNOUNCE_INTERVAL and at once
+  when asked (a config request) or when it changes; keeps the node table.
+- A node asks for the configuration until it has one, follows announces of a
+  new configuration or generation, and reports "lost" when the master has
+  been silent for MASTER_LOST_AFTER intervals (it keeps serving).
+- Both send heartbeats, log the lines of `fleet log`, and drop (and count)
+  every datagram that is not authentic, logging at most once a minute per
+  source.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet import cluster_protocol as proto
+from fleet.membership import ConfigConflicts, Membership
+from fleet.multicast import Channel, Group
+
+log = logging.getLogger("fleet.cluster")
+
+HEARTBEAT_INTERVAL = 1.0
+ANNOUNCE_INTERVAL = 1.0
+CONFIG_REQUEST_INTERVAL = 1.0
+MASTER_LOST_AFTER = 3  # announce intervals
+# Rejected datagrams are logged at most this often per source address.
+REJECT_LOG_INTERVAL = 60.0
+DEFAULT_CLUSTER_NAME = "fleet"
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    group: Group
+    interface: str
+    keyring: proto.Keyring
+    ttl: int = 1
+    name: str = DEFAULT_CLUSTER_NAME
+    node_name: str = field(default_factory=socket.gethostname)
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    """What the supervisor reports in each heartbeat."""
+
+    state: str  # starting | ready | degraded | lost
+    generation: int
+    workers_ready: int
+    workers_total: int
+    requests_served: int
+    rss: int
+    error: str | None = None
+    app_version: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    config: dict[str, Any]
+    generation: int
+
+
+@dataclass(frozen=True)
+class ReloadRequested:
+    generation: int
+    batch: int | None
+
+
+def node_id_for(name: str) -> bytes:
+    """Stable per host and node name: machine id (or hostname) plus the name."""
+    try:
+        with open("/etc/machine-id") as file:
+            machine = file.read().strip()
+    except OSError:
+        machine = socket.gethostname()
+    return proto.derive_node_id(f"{machine}\0{name}")
+
+
+class ClusterAgent:
+    def __init__(self, options: ClusterOptions, role: str, *, config: dict[str, Any] | None = None,
+                 generation: int = 1, clock=time.time) -> None:
+        self.options = options
+        self.role = role
+        self.clock = clock
+        self.origin = proto.Origin(options.name, node_id_for(options.node_name), proto.new_boot_id())
+        self.address = (options.interface, options.group.port)
+        if config is not None:
+            # Refuse at start a configuration that cannot travel in one datagram.
+            self._encode(self.origin.make(proto.Announce, clock(), generation=generation,
+                                          config=config, address=self.address))
+        self.channel = Channel(options.group, options.interface, ttl=options.ttl)
+        self.guard = proto.ReplayGuard()
+        self.members = Membership(options.heartbeat_interval)
+        self.conflicts = ConfigConflicts(ANNOUNCE_INTERVAL)
+        self.config = config
+        self.generation = generation
+        self.rejected = 0
+        self._reject_logged: dict[str, float] = {}
+        self._next_heartbeat = self._next_announce = self._next_request = 0.0
+        self._last_served: tuple[float, int] | None = None
+        self._master_seen: float | None = None
+        self._seen_commands: set[bytes] = set()
+        if not len(options.keyring):
+            log.warning("cluster %s on %s has no key: anyone on that network can read its configuration "
+                        "and control it; give --cluster-key-file (fleet keygen makes one)",
+                        options.name, options.group)
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    @property
+    def master_lost(self) -> bool:
+        if self.role == "master" or self._master_seen is None:
+            return False
+        return self.clock() - self._master_seen > MASTER_LOST_AFTER * ANNOUNCE_INTERVAL
+
+    # -- sending -------------------------------------------------------------
+
+    def tick(self, now: float, status: HostStatus | None) -> None:
+        if status is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.options.heartbeat_interval
+            self._send(proto.Heartbeat, now, **self._heartbeat_body(now, status))
+        if self.role == "master" and now >= self._next_announce:
+            self.announce(now)
+        if self.role == "node" and self.config is None and now >= self._next_request:
+            self._next_request = now + CONFIG_REQUEST_INTERVAL
+            self._send(proto.ConfigRequest, now)
+        for change in self.members.tick(now):
+            log.info("cluster: %s", change)
+
+    def announce(self, now: float) -> None:
+        self._next_announce = now + ANNOUNCE_INTERVAL
+        self._send(proto.Announce, now, generation=self.generation, config=self.config, address=self.address)
+
+    def set_generation(self, generation: int) -> None:
+        self.generation = generation
+        self.announce(self.clock())
+
+    def leave(self) -> None:
+        self._send(proto.Leave, self.clock())
+
+    def send_log(self, level: str, text: str) -> None:
+        self._send(proto.Log, self.clock(), level=level, text=text)
+
+    def send_reload(self, generation: int, batch: int | None = None) -> bytes:
+        command_id = proto.new_command_id()
+        self._send(proto.Reload, self.clock(), command_id=command_id, generation=generation, batch=batch)
+        return command_id
+
+    def _heartbeat_body(self, now: float, status: HostStatus) -> dict[str, Any]:
+        rate = 0.0
+        if self._last_served is not None and now > self._last_served[0]:
+            rate = max(0.0, (status.requests_served - self._last_served[1]) / (now - self._last_served[0]))
+        self._last_served = (now, status.requests_served)
+        state = "lost" if self.master_lost and status.state == "ready" else status.state
+        return dict(role=self.role, state=state, generation=status.generation,
+                    workers_ready=status.workers_ready, workers_total=status.workers_total,
+                    requests_served=status.requests_served, requests_per_second=rate, rss=status.rss,
+                    hostname=self.options.node_name, address=self.address,
+                    app_version=status.app_version, error=status.error)
+
+    def _send(self, kind: type[proto.Message], now: float, **body: Any) -> None:
+        self.channel.send(self._encode(self.origin.make(kind, now, **body)))
+
+    def _encode(self, message: proto.Message) -> bytes:
+        return proto.encode(message, self.options.keyring)
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive(self, now: float) -> list[ApplyConfig | ReloadRequested]:
+        events: list[ApplyConfig | ReloadRequested] = []
+        while True:
+            received = self.channel.receive()
+            if received is None:
+                return events
+            datagram, source = received
+            message = self._authentic(datagram, source, now)
+            if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
+                continue  # rejected, or our own datagram looped back
+            event = self._handle(message, source, now)
+            if event is not None:
+                events.append(event)
+
+    def _authentic(self, datagram: bytes, source: str, now: float) -> proto.Message | None:
+        try:
+            message = proto.decode(datagram, self.options.keyring, now, cluster=self.options.name)
+            if message.node_id != self.origin.node_id or message.boot_id != self.origin.boot_id:
+                self.guard.admit(message, now)
+        except proto.WrongCluster:
+            return None  # another cluster sharing the group: not an attack, not our business
+        except proto.ClusterProtocolError as error:
+            self.rejected += 1
+            last = self._reject_logged.get(source)
+            if last is None or now - last >= REJECT_LOG_INTERVAL:
+                self._reject_logged[source] = now
+                log.warning("cluster: dropped a datagram from %s: %s: %s (%d dropped so far; "
+                            "logged once a minute per source)", source, type(error).__name__, error, self.rejected)
+            return None
+        return message
+
+    def _handle(self, message: proto.Message, source: str, now: float) -> ApplyConfig | ReloadRequested | None:
+        if isinstance(message, proto.Heartbeat):
+            self.members.observe(message, source, now)
+            if self.role == "master" and message.generation > self.generation and self.config is not None:
+                # A master restarted with the same configuration: adopt the fleet's
+                # generation instead of making every node reload.
+                self.generation = message.generation
+            return None
+        if isinstance(message, proto.Leave):
+            self.members.leave(message, now)
+            return None
+        if isinstance(message, proto.Log):
+            logging.getLogger("fleet.cluster.log").log(
+                logging.getLevelName(message.level.upper()), "%s (from %s)", message.text, source)
+            return None
+        if isinstance(message, proto.Reload):
+            if self.role != "master" or message.command_id in self._seen_commands:
+                return None
+            self._seen_commands.add(message.command_id)
+            return ReloadRequested(max(message.generation, self.generation + 1), message.batch)
+        if isinstance(message, proto.ConfigRequest):
+            if self.role == "master":
+                self.announce(now)
+            return None
+        if isinstance(message, proto.Announce):
+            return self._announced(message, now)
+        return None
+
+    def _announced(self, message: proto.Announce, now: float) -> ApplyConfig | None:
+        for conflict in self.conflicts.observe(message, now):
+            log.error("cluster: CONFLICT: %s", conflict.describe())
+        if self.role == "master":
+            return None
+        if self.master_lost:
+            log.info("cluster: master is back")
+        self._master_seen = now
+        if self.config == message.config and message.generation <= self.generation:
+            return None
+        self.config = message.config
+        self.generation = message.generation
+        return ApplyConfig(message.config, message.generation)
+
+    def close(self) -> None:
+        self.channel.close()
+

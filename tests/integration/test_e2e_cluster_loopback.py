@@ -1,0 +1,105 @@
+"""A master and two bare nodes on one machine, clustered over loopback multicast.
+
+Every process joins and sends on 127.0.0.1 (--cluster-iface), TTL 1: nothing
+leaves the machine. Each test has its own group port, cluster name and key,
+so tests cannot hear each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from fleet_harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
+
+from fleet.cluster_protocol import keygen
+from fleet.mongrel2_runner import free_port
+
+
+@pytest.fixture
+def cluster_args(tmp_path: Path) -> list[str]:
+    key = tmp_path / "cluster.key"
+    key.write_text(keygen())
+    key.chmod(0o600)
+    return ["--cluster", f"239.255.90.{free_port() % 250 + 1}:{free_port()}", "--cluster-iface", "127.0.0.1",
+            "--cluster-key-file", str(key), "--cluster-name", f"t{free_port()}"]
+
+
+def status(cluster_args: list[str]) -> dict:
+    out = fleet_cli("status", *cluster_args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def answering_pids(server, count: int) -> Counter:
+    return Counter(request(server, "GET", "/t/echo").json()["pid"] for _ in range(count))
+
+
+def family(*processes: FleetMaster) -> dict[int, str]:
+    """worker pid -> which host process it belongs to."""
+    return {child.pid: name for name, proc in zip("abcdefg", processes) for child in proc.descendants()}
+
+
+@pytest.mark.slow
+def test_bare_nodes_serve_the_masters_configuration(harness: Harness, cluster_args: list[str]) -> None:
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    master = harness.master(master_args(server, processes=1, threads=2) + cluster_args + ["--node-name", "m"])
+    nodes = [harness.node(cluster_args + ["--node-name", f"n{i}"]) for i in (1, 2)]
+    owners = family(master, *nodes)
+    served = answering_pids(server, 60)
+    assert {owners.get(pid) for pid in served} == {"a", "b", "c"}, (served, owners)
+
+    hosts = wait_for(lambda: (s := status(cluster_args)["hosts"]) and len(s) == 3 and s, 20,
+                     what="three hosts in fleet status")
+    assert sorted(h["hostname"] for h in hosts) == ["m", "n1", "n2"]
+    assert sorted(h["role"] for h in hosts) == ["master", "node", "node"]
+    assert {h["state"] for h in hosts} == {"ready"}
+    assert all(h["workers_ready"] == h["workers_total"] == 1 for h in hosts)
+    before = {h["generation"] for h in hosts}
+    assert len(before) == 1
+
+    out = fleet_cli("reload", *cluster_args, timeout=90)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = {h["hostname"]: h["generation"] for h in status(cluster_args)["hosts"]}
+    assert set(after.values()) == {before.pop() + 1}, after
+    # Every host's workers were replaced, and all of them serve again.
+    new_owners = family(master, *nodes)
+    assert not set(new_owners) & set(owners)
+    assert {new_owners.get(pid) for pid in answering_pids(server, 60)} == {"a", "b", "c"}
+
+
+def test_a_node_with_the_wrong_key_never_joins(harness: Harness, cluster_args: list[str], tmp_path: Path) -> None:
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    harness.master(master_args(server, processes=1, threads=1) + cluster_args)
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(keygen())
+    args = list(cluster_args)
+    args[args.index("--cluster-key-file") + 1] = str(wrong)
+    node = harness.node(args + ["--node-name", "intruder"], ready=False)
+    time.sleep(3)
+    assert "node ready" not in node.stderr_text()
+    assert not node.descendants(), "a node with the wrong key started workers"
+    assert [h["hostname"] for h in status(cluster_args)["hosts"]] != ["intruder"]
+    assert "intruder" not in {h["hostname"] for h in status(cluster_args)["hosts"]}
+
+
+def test_fleet_log_reaches_every_host(harness: Harness, cluster_args: list[str]) -> None:
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    master = harness.master(master_args(server, processes=1, threads=1) + cluster_args)
+    node = harness.node(cluster_args + ["--node-name", "n1"])
+    assert fleet_cli("log", *cluster_args, "hello from the test").returncode == 0
+    for proc in (master, node):
+        wait_for(lambda: "hello from the test" in proc.stderr_text(), 10, what="the log line")
+
+
+def test_keygen_makes_a_key_the_cluster_accepts(tmp_path: Path) -> None:
+    out = fleet_cli("keygen")
+    assert out.returncode == 0 and len(out.stdout.strip()) == 44
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    out = fleet_cli("status", "--cluster", "239.255.90.1:17999", "--cluster-iface", "127.0.0.1",
+                    "--cluster-key-file", str(bad))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "fleet: error:" in out.stderr

@@ -1,0 +1,97 @@
+"""Two cluster agents talking over loopback multicast (127.0.0.1, TTL 1)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from fleet import cluster_protocol as proto
+from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
+from fleet.multicast import Group
+
+CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}
+STATUS = HostStatus(state="ready", generation=1, workers_ready=2, workers_total=2, requests_served=10, rss=1 << 20)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def options():
+    group = Group("239.255.91.7", free_udp_port())
+    keyring = proto.Keyring([b"k" * 32])
+
+    def make(name: str, keyring: proto.Keyring = keyring) -> ClusterOptions:
+        return ClusterOptions(group, "127.0.0.1", keyring, name="unit", node_name=name)
+
+    return make
+
+
+def pump(*agents: ClusterAgent, rounds: int = 20) -> list:
+    events = []
+    for _ in range(rounds):
+        now = time.time()
+        for agent in agents:
+            events.extend((agent.role, event) for event in agent.receive(now))
+        time.sleep(0.01)
+    return events
+
+
+def test_a_bare_node_gets_the_configuration_on_request(options) -> None:
+    master = ClusterAgent(options("m"), "master", config=CONFIG, generation=3)
+    node = ClusterAgent(options("n"), "node")
+    try:
+        node.tick(time.time(), None)  # no configuration yet: it asks
+        pump(master, rounds=5)  # the master answers a request at once
+        events = pump(node)
+        assert ("node", ApplyConfig(CONFIG, 3)) in events
+        assert node.config == CONFIG and node.generation == 3
+    finally:
+        master.close()
+        node.close()
+
+
+def test_heartbeats_fill_the_table_and_reloads_reach_the_master(options) -> None:
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    node = ClusterAgent(options("n"), "node")
+    observer = ClusterAgent(options("cli"), "observer")
+    try:
+        node.tick(time.time(), STATUS)
+        master.tick(time.time(), STATUS)
+        pump(master, node, observer)
+        hosts = {h["hostname"]: h for h in observer.members.status(time.time())["hosts"]}
+        assert set(hosts) == {"m", "n"} and hosts["n"]["workers_ready"] == 2
+        observer.send_reload(2)
+        events = pump(master, node)
+        assert ("master", ReloadRequested(2, None)) in events
+        assert all(role == "master" for role, event in events if isinstance(event, ReloadRequested))
+    finally:
+        for agent in (master, node, observer):
+            agent.close()
+
+
+def test_forged_and_garbled_datagrams_are_dropped_and_counted(options) -> None:
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    forger = ClusterAgent(options("evil", proto.Keyring([b"x" * 32])), "observer")
+    try:
+        forger.send_reload(99)
+        forger.channel.send(b"garbage")
+        forger.channel.send(b"FLT" + bytes(100))
+        events = pump(master)
+        assert events == []
+        assert master.rejected == 3
+        assert master.generation == 1
+    finally:
+        master.close()
+        forger.close()
+
+
+def test_a_configuration_too_large_for_one_datagram_is_refused_at_start(options) -> None:
+    huge = dict(CONFIG, pythonpath=["/x" * 200] * 30)
+    with pytest.raises(proto.TooLarge):
+        ClusterAgent(options("m"), "master", config=huge)
