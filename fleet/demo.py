@@ -1,13 +1,15 @@
-"""A short end-to-end demo: real Mongrel2, two `fleet master`s, a few real HTTP requests.
+"""A short end-to-end demo: real Mongrel2, a fleet cluster, a few real HTTP requests.
 
     python -m fleet.demo [--keep]
 
 Mongrel2 (in a temporary directory) routes `/` to a master serving
 werkzeug's test page (`werkzeug.testapp:test_app`, -p 2 --threads 4) over the
-tnetstring protocol, and `/hello/` to a second master serving the small
-`hello_app` below over the json protocol. The demo sends GET, POST, query and
-upload requests with http.client, prints what came back and which worker
-process answered, then stops everything and checks nothing is left running.
+tnetstring protocol, and `/hello/` to a cluster serving the small `hello_app`
+below over the json protocol: a `fleet master --cluster` and two bare
+`fleet node --cluster`, on loopback multicast (127.0.0.1, TTL 1, a fresh
+key). The demo sends GET, POST, query and upload requests with http.client,
+prints what came back and which host and worker answered, prints
+`fleet status`, then stops everything and checks nothing is left running.
 """
 
 from __future__ import annotations
@@ -55,17 +57,18 @@ def hello_app(environ: dict, start_response: Callable) -> Iterable[bytes]:
 class Master:
     """A `fleet master` child in its own process group, logging to a file."""
 
-    def __init__(self, name: str, args: list[str], logdir: Path) -> None:
+    def __init__(self, name: str, args: list[str], logdir: Path, command: str = "master") -> None:
         self.name = name
+        self.command = command
         self.log = logdir / f"{name}.log"
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fleet", "master", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "fleet", command, *args],
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                          start_new_session=True)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        while "master ready" not in self.log.read_text(errors="replace"):
+        while f"{self.command} ready" not in self.log.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.05)
@@ -100,6 +103,9 @@ class Master:
         return leftovers
 
 
+HOSTS: dict[int, str] = {}  # worker pid -> the master or node that runs it
+
+
 def send(server: Mongrel2, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=HTTP_TIMEOUT)
@@ -113,13 +119,13 @@ def send(server: Mongrel2, method: str, path: str, body: bytes | None = None,
     note = ""
     if resp.getheader("Content-Type", "").startswith("application/json"):
         info = json.loads(data)
-        who = f"pid {info['pid']}"
+        who = f"{HOSTS.get(info['pid'], '?')} pid {info['pid']}"
         note = f"query={info['query']!r} body_bytes={info['body_bytes']}"
     elif b"Werkzeug" in data:
         note = "werkzeug test page"
     sent = f" ({len(body)} bytes sent)" if body else ""
-    print(f"  {method:<4} {path:<26} -> {resp.status} {resp.reason:<3} {len(data):>6} bytes  "
-          f"{who:<10} {note}{sent}")
+    print(f"  {method:<4} {path:<18} -> {resp.status} {resp.reason:<3} {len(data):>6} bytes  "
+          f"{who:<18} {note}{sent}")
 
 
 def run(workdir: Path) -> int:
@@ -137,24 +143,39 @@ def run(workdir: Path) -> int:
         masters.append(Master("werkzeug", [
             "--zeromq", f"{web.send_spec},{web.recv_spec}",
             "--module", "werkzeug.testapp:test_app", "-p", "2", "--threads", "4", *common], workdir))
-        masters.append(Master("hello", [
+        key = workdir / "cluster.key"
+        key.write_text(subprocess.run([sys.executable, "-m", "fleet", "keygen"], capture_output=True,
+                                      text=True, check=True).stdout)
+        key.chmod(0o600)
+        cluster = ["--cluster", f"239.255.77.{os.getpid() % 250 + 1}:{17000 + os.getpid() % 1000}",
+                   "--cluster-iface", "127.0.0.1", "--cluster-key-file", str(key)]
+        masters.append(Master("hello-master", [
             "--zeromq", f"{hello.send_spec},{hello.recv_spec}",
-            "--module", "fleet.demo:hello_app", "-p", "2", "--threads", "4", *common], workdir))
+            "--module", "fleet.demo:hello_app", "-p", "2", "--threads", "4", *common,
+            *cluster, "--node-name", "hello-master"], workdir))
+        masters[-1].wait_ready()
+        for name in ("node-1", "node-2"):
+            masters.append(Master(name, [*cluster, "--node-name", name], workdir, command="node"))
         for master in masters:
             master.wait_ready()
-            print(f"fleet master {master.name}: pid {master.proc.pid}, "
+            HOSTS.update({pid: master.name for pid in master.workers()})
+            print(f"fleet {master.command} {master.name}: pid {master.proc.pid}, "
                   f"workers {master.workers()}")
         print("requests:")
         send(server, "GET", "/")
         send(server, "GET", "/?lang=en&debug=1")
         send(server, "POST", "/", body=b"name=fleet&x=1",
              headers={"Content-Type": "application/x-www-form-urlencoded"})
-        for i in range(4):
+        for i in range(9):
             send(server, "GET", f"/hello/?n={i}")
         send(server, "POST", "/hello/", body=b"name=fleet",
              headers={"Content-Type": "application/x-www-form-urlencoded"})
         send(server, "POST", "/hello/upload", body=os.urandom(200_000),
              headers={"Content-Type": "application/octet-stream"})
+        print("fleet status:")
+        status = subprocess.run([sys.executable, "-m", "fleet", "status", *cluster],
+                                capture_output=True, text=True, timeout=30)
+        print("  " + status.stdout.strip().replace("\n", "\n  "))
     finally:
         leftovers = {master.name: master.stop() for master in masters}
         server.stop()
