@@ -15,25 +15,24 @@ from fleet_harness import FleetMaster, Harness, master_args
 from fleet.mongrel2_runner import Mongrel2
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """Per-test Mongrel2 servers and masters, all stopped at the end of the test."""
-    h = Harness(tmp_path)
+def _harness(basedir: Path) -> Iterator[Harness]:
+    h = Harness(basedir)
     try:
         yield h
     finally:
         problems = h.close()
     assert not problems, "orphaned processes:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """Per-test Mongrel2 servers and masters, all stopped at the end of the test."""
+    yield from _harness(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def module_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    h = Harness(tmp_path_factory.mktemp("harness"))
-    try:
-        yield h
-    finally:
-        problems = h.close()
-    assert not problems, "orphaned processes:\n" + "\n".join(problems)
+    yield from _harness(tmp_path_factory.mktemp("harness"))
 
 
 @pytest.fixture(scope="module")
