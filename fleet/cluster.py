@@ -109,6 +109,7 @@ class ClusterAgent:
         self._last_served: tuple[float, int] | None = None
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
+        self.master_members: list[dict[str, Any]] = []  # the master's node table, as last announced
         if not len(options.keyring):
             log.warning("cluster %s on %s has no key: anyone on that network can read its configuration "
                         "and control it; give --cluster-key-file (fleet keygen makes one)",
@@ -139,7 +140,18 @@ class ClusterAgent:
 
     def announce(self, now: float) -> None:
         self._next_announce = now + ANNOUNCE_INTERVAL
-        self._send(proto.Announce, now, generation=self.generation, config=self.config, address=self.address)
+        rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
+                 h.workers_total, round(h.last_seen_age, 1)]
+                for h in self.members.hosts(now)][: proto.MAX_ANNOUNCED_MEMBERS]
+        while True:
+            try:
+                self._send(proto.Announce, now, generation=self.generation, config=self.config,
+                           address=self.address, members=rows)
+                return
+            except proto.TooLarge:
+                if not rows:
+                    raise
+                rows = rows[: len(rows) // 2]  # long host names: announce fewer rows
 
     def set_generation(self, generation: int) -> None:
         self.generation = generation
@@ -240,6 +252,7 @@ class ClusterAgent:
             log.error("cluster: CONFLICT: %s", conflict.describe())
         if self.role == "master":
             return None
+        self.master_members = [dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members]
         if self.master_lost:
             log.info("cluster: master is back")
         self._master_seen = now

@@ -180,7 +180,7 @@ def run_status(args: argparse.Namespace) -> int:
     agent = make_agent(args, "observer")
     try:
         listen(agent, STATUS_LISTEN * HEARTBEAT_INTERVAL)
-        status = agent.members.status(time.time())
+        status = merged_status(agent)
     finally:
         agent.close()
     if args.json:
@@ -188,6 +188,24 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         print(render_status(status))
     return 0
+
+
+def merged_status(agent: ClusterAgent) -> dict:
+    """What we heard ourselves, plus the hosts only the master knows of
+    (a host that died before we started listening is in its table, as dead)."""
+    status = agent.members.status(time.time())
+    heard = {h["node_id"] for h in status["hosts"]}
+    for row in agent.master_members:
+        if row["node_id"] in heard:
+            continue
+        status["hosts"].append({
+            **row, "address": list(row["address"]),
+            "workers": {"ready": row["workers_ready"], "total": row["workers_total"]},
+            "requests_per_second": 0.0, "rss": 0, "error": None, "app_version": None,
+            "reported_by": "master",
+        })
+    status["hosts"].sort(key=lambda h: (h["role"] != "master", h["hostname"]))
+    return status
 
 
 def render_status(status: dict) -> str:
@@ -216,7 +234,7 @@ def run_reload(args: argparse.Namespace) -> int:
     try:
         listen(agent, STATUS_LISTEN * HEARTBEAT_INTERVAL)
         now = time.time()
-        hosts = [h for h in agent.members.status(now)["hosts"] if h["state"] != "dead"]
+        hosts = [h for h in merged_status(agent)["hosts"] if h["state"] != "dead"]
         masters = [h for h in hosts if h["role"] == "master"]
         if not masters:
             print("fleet: error: no master heard on the cluster; nothing reloaded", file=sys.stderr)

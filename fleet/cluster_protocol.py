@@ -85,6 +85,12 @@ MAX_CONTAINER_LEN = 256
 # Envelope, body, config, endpoints, one endpoint pair: 5; 'extra' gets a few more.
 # msgpack's own stack limit (1024) is far deeper than anything fleet sends.
 MAX_DEPTH = 8
+# Rows of the node table a master repeats in its announces: enough for the
+# fleets one multicast segment holds while a signed announce stays under
+# MAX_DATAGRAM; past it the table is cut (the master logs the full one).
+MAX_ANNOUNCED_MEMBERS = 48
+ANNOUNCED_MEMBER_FIELDS = ("node_id", "hostname", "address", "role", "state", "generation",
+                           "workers_ready", "workers_total", "last_seen_age")
 MAX_COUNTER = 2**63 - 1  # sequence numbers, generations, counters: msgpack int64
 MAX_WORKERS = 65535  # more than any host runs; catches sign and unit mistakes
 TIMESTAMP_WINDOW = 30.0  # seconds either side of `now`: replay window, and clock skew tolerated
@@ -281,6 +287,9 @@ class Announce(Message):
     generation: int
     config: dict[str, Any] = field(hash=False)  # plain data; treat as read-only
     address: tuple[str, int]  # where the master listens for unicast replies
+    # The master's node table, one row per host (see ANNOUNCED_MEMBER_FIELDS), so
+    # a short-lived `fleet status` also sees hosts that died before it started.
+    members: list = field(default_factory=list, hash=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -289,6 +298,12 @@ class Announce(Message):
             raise ValueError(f"config must be a dict, not {type(self.config).__name__}")
         _check_plain("config", self.config, 3)  # envelope, body, config: depth 3
         object.__setattr__(self, "address", _check_address("address", self.address))
+        if type(self.members) not in (list, tuple) or len(self.members) > MAX_ANNOUNCED_MEMBERS:
+            raise ValueError(f"members must be a list of at most {MAX_ANNOUNCED_MEMBERS} rows")
+        for row in self.members:
+            if type(row) not in (list, tuple) or len(row) != len(ANNOUNCED_MEMBER_FIELDS):
+                raise ValueError(f"a members row must have {len(ANNOUNCED_MEMBER_FIELDS)} fields")
+        _check_plain("members", list(self.members), 3)
 
 
 @dataclass(frozen=True, kw_only=True)

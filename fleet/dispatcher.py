@@ -52,12 +52,14 @@ class Dispatcher:
         self.links = LinkServer(bind)  # a Unix socket path
         self._inbox: list[tuple[bytes, list[bytes] | None]] = []
         self.pulls: list[zmq.Socket] = []
+        self.pull_specs: list[str] = []
         if pull_from_mongrel2:
             for endpoint in endpoints:
                 pull = context.socket(zmq.PULL)
                 pull.setsockopt(zmq.LINGER, 0)
                 pull.connect(endpoint.send_spec)
                 self.pulls.append(pull)
+                self.pull_specs.append(endpoint.send_spec)
         self.responders = [Responder(context, e.recv_spec) for e in endpoints]
         self.accepting = True
 
@@ -206,6 +208,16 @@ class Dispatcher:
         self.answer(late, 504)
         self.answer(rest, 502)
         return len(rest), len(late)
+
+    def detach(self) -> None:
+        """Stop taking work from Mongrel2, so it sends new requests to other
+        handlers (or holds them for the next one to connect) instead of to a
+        host that is going away. What ZeroMQ already handed us is still served."""
+        for pull, spec in zip(self.pulls, self.pull_specs):
+            try:
+                pull.disconnect(spec)
+            except zmq.ZMQError:
+                pass
 
     def stop_accepting(self) -> None:
         """Shutting down: what waits and whatever arrives now gets a 503."""

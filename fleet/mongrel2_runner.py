@@ -7,7 +7,10 @@ have to trust `run/mongrel2.pid`. As root it chroots into the work directory
 and switches to the uid that owns it; its logs, pid file and uploads therefore
 live inside the work directory (`logs/`, `run/`, `tmp/`).
 
-Everything binds to 127.0.0.1 only.
+Everything binds to 127.0.0.1 unless a `bind_address` is given (the HTTP
+listener); handler specs bind wherever their tcp:// address says, so a test
+can put Mongrel2 on a private test network (e.g. a network namespace's
+198.18.0.1) for handlers on other hosts.
 """
 
 from __future__ import annotations
@@ -121,15 +124,24 @@ def _quote(value: object) -> str:
     return f'"{text}"'
 
 
+def _tcp_host_port(spec: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp://HOST:PORT spec (a wildcard host as loopback), None for other transports."""
+    match = re.match(r"^tcp://([^:]+):(\d+)$", spec)
+    if not match:
+        return None
+    host = match.group(1)
+    return (LOOPBACK if host in ("*", "0.0.0.0") else host), int(match.group(2))
+
+
 def _tcp_port(spec: str) -> int | None:
     """The port of a tcp://HOST:PORT spec, None for other transports."""
     match = re.match(r"^tcp://[^:]+:(\d+)$", spec)
     return int(match.group(1)) if match else None
 
 
-def _accepts(port: int) -> bool:
+def _accepts(port: int, host: str = LOOPBACK) -> bool:
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -155,7 +167,8 @@ class Mongrel2:
     def __init__(self, workdir: Path, routes: list[HandlerRoute], *, port: int | None = None,
                  content_length: int = MIN_CONTENT_LENGTH,
                  upload_store: str = "/tmp/mongrel2.upload.XXXXXX",
-                 flow_control: bool = False, extra_settings: dict | None = None) -> None:
+                 flow_control: bool = False, extra_settings: dict | None = None,
+                 bind_address: str = LOOPBACK) -> None:
         if content_length < MIN_CONTENT_LENGTH:
             raise ValueError(
                 f"content_length {content_length} < {MIN_CONTENT_LENGTH} corrupts uploads")
@@ -171,6 +184,7 @@ class Mongrel2:
         self.flow_control = flow_control
         self.extra_settings = dict(extra_settings or {})
         self.server_uuid = new_ident()
+        self.bind_address = bind_address  # where the HTTP listener binds (Server bind_addr)
         self._proc: subprocess.Popen | None = None
 
     # -- paths and info -------------------------------------------------------
@@ -185,7 +199,11 @@ class Mongrel2:
         return self._proc.pid if self._proc is not None else None
 
     def url(self, path: str = "/") -> str:
-        return f"http://{LOOPBACK}:{self.port}{path}"
+        return f"http://{self._connect_host()}:{self.port}{path}"
+
+    def _connect_host(self) -> str:
+        """Where a client reaches the HTTP listener (loopback for a wildcard bind)."""
+        return LOOPBACK if self.bind_address in ("0.0.0.0", "*") else self.bind_address
 
     def log_text(self) -> str:
         """Mongrel2's console output and error log (startup, errors, shutdown)."""
@@ -231,7 +249,7 @@ class Mongrel2:
             '    pid_file="/run/mongrel2.pid",',
             '    default_host="localhost",',
             '    name="main",',
-            f"    bind_addr={_quote(LOOPBACK)},",
+            f"    bind_addr={_quote(self.bind_address)},",
             f"    port={self.port},",
             '    hosts=[Host(name="localhost", routes={' + ", ".join(route_items) + "})]",
             ")",
@@ -293,19 +311,26 @@ class Mongrel2:
             ports += [p for p in (_tcp_port(route.send_spec), _tcp_port(route.recv_spec)) if p]
         return ports
 
+    def _endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of the HTTP listener and of every tcp:// handler socket."""
+        endpoints = [(self._connect_host(), self.port)]
+        for route in self.routes:
+            endpoints += [e for e in (_tcp_host_port(route.send_spec), _tcp_host_port(route.recv_spec)) if e]
+        return endpoints
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        pending = self._ports()
+        pending = self._endpoints()
         while pending:
             if self._proc is not None and self._proc.poll() is not None:
                 raise Mongrel2Error(
                     f"mongrel2 exited with {self._proc.returncode} during start\n{self.log_text()}")
-            pending = [p for p in pending if not _accepts(p)]
+            pending = [(h, p) for h, p in pending if not _accepts(p, h)]
             if not pending:
                 return
             if time.monotonic() > deadline:
                 raise Mongrel2Error(
-                    f"mongrel2 not accepting on ports {pending} after {timeout}s\n{self.log_text()}")
+                    f"mongrel2 not accepting on ports {[p for _, p in pending]} after {timeout}s\n{self.log_text()}")
             time.sleep(0.02)
 
     def stop(self) -> None:

@@ -43,6 +43,9 @@ BACKOFF_CAP = 30.0
 TICK = 0.2
 # Quick stop (INT/QUIT): how long workers get before SIGKILL.
 QUICK_STOP_TIMEOUT = 2.0
+# A graceful stop detaches from Mongrel2, serves what already arrived for at
+# most this long, then retires the workers.
+DETACH_DRAIN = 1.0
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
 
@@ -113,6 +116,7 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {}
         self.signals: list[int] = []
         self.stopping_since: float | None = None
+        self.retire_at: float | None = None  # graceful stop: when to retire the workers
         self.stop_deadline: float | None = None
         self.flaps = 0
         self.respawn_at = 0.0
@@ -536,20 +540,37 @@ class Supervisor:
             return
         now = time.monotonic()
         self.stopping_since = now
-        self.dispatcher.stop_accepting()
         if graceful:
-            self.stop_deadline = now + self.config.graceful_timeout
-            log.info("graceful stop: workers finish their requests (up to %.0f s)", self.config.graceful_timeout)
-            for worker in self.workers.values():
-                self.retire_worker(worker)
+            # Detach from Mongrel2 first and serve what already came, then
+            # retire: Mongrel2 gives new requests to the other hosts meanwhile,
+            # where answering them 503 here would fail them.
+            self.dispatcher.detach()
+            self.retire_at = now + DETACH_DRAIN
+            log.info("graceful stop: detached from Mongrel2; workers finish their requests (up to %.0f s)",
+                     self.config.graceful_timeout)
         else:
+            self.dispatcher.stop_accepting()
             self.stop_deadline = now + QUICK_STOP_TIMEOUT
             log.info("quick stop")
             for worker in self.workers.values():
                 worker.retiring = True
                 _signal(worker.process, signal.SIGQUIT)
 
+    def retire_all_after_detach(self) -> None:
+        now = time.monotonic()
+        if self.retire_at is None:
+            return
+        broker = self.dispatcher.broker
+        if now < self.retire_at and (broker.backlog or now - self.stopping_since < TICK):
+            return
+        self.retire_at = None
+        self.dispatcher.stop_accepting()
+        self.stop_deadline = now + self.config.graceful_timeout
+        for worker in self.workers.values():
+            self.retire_worker(worker)
+
     def kill_late_workers(self) -> None:
+        self.retire_all_after_detach()
         if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
             for worker in self.workers.values():
                 log.warning("worker %d did not stop in time: SIGKILL", worker.pid)
