@@ -58,5 +58,18 @@ def check_main(argv: list[str]) -> int:
     return 0
 
 
+
+def app_version(spec: str) -> str | None:
+    """The application's version, if its module (or package) says: ``__version__``."""
+    module_name, _ = parse_app_spec(spec)
+    parts = module_name.split(".")
+    for depth in range(len(parts), 0, -1):
+        module = sys.modules.get(".".join(parts[:depth]))
+        version = getattr(module, "__version__", None)
+        if isinstance(version, str) and version:
+            return version[:128]
+    return None
+
+
 if __name__ == "__main__":
     raise SystemExit(check_main(sys.argv[1:]))

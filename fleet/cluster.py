@@ -145,8 +145,10 @@ class ClusterAgent:
                 for h in self.members.hosts(now)][: proto.MAX_ANNOUNCED_MEMBERS]
         while True:
             try:
-                self._send(proto.Announce, now, generation=self.generation, config=self.config,
-                           address=self.address, members=rows)
+                message = self._send(proto.Announce, now, generation=self.generation, config=self.config,
+                                     address=self.address, members=rows)
+                # Our own announce takes part too: another master that disagrees with it is a conflict.
+                self._report_conflicts(message, now)
                 return
             except proto.TooLarge:
                 if not rows:
@@ -180,8 +182,14 @@ class ClusterAgent:
                     hostname=self.options.node_name, address=self.address,
                     app_version=status.app_version, error=status.error)
 
-    def _send(self, kind: type[proto.Message], now: float, **body: Any) -> None:
-        self.channel.send(self._encode(self.origin.make(kind, now, **body)))
+    def _send(self, kind: type[proto.Message], now: float, **body: Any) -> proto.Message:
+        message = self.origin.make(kind, now, **body)
+        self.channel.send(self._encode(message))
+        return message
+
+    def _report_conflicts(self, announce: proto.Announce, now: float) -> None:
+        for conflict in self.conflicts.observe(announce, now):
+            log.error("cluster: CONFLICT: %s", conflict.describe())
 
     def _encode(self, message: proto.Message) -> bytes:
         return proto.encode(message, self.options.keyring)
@@ -248,8 +256,7 @@ class ClusterAgent:
         return None
 
     def _announced(self, message: proto.Announce, now: float) -> ApplyConfig | None:
-        for conflict in self.conflicts.observe(message, now):
-            log.error("cluster: CONFLICT: %s", conflict.describe())
+        self._report_conflicts(message, now)
         if self.role == "master":
             return None
         self.master_members = [dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members]

@@ -211,12 +211,16 @@ def merged_status(agent: ClusterAgent) -> dict:
 def render_status(status: dict) -> str:
     hosts = status["hosts"]
     newest = max((h["generation"] for h in hosts), default=0)
+    masters = [h for h in hosts if h["role"] == "master" and h.get("app_version")]
+    expected_version = masters[0]["app_version"] if masters else None
     lines = [f"{'host':<20} {'address':<16} {'role':<7} {'gen':>4} {'workers':>8} {'req/s':>8} "
              f"{'rss MB':>7} {'seen':>6}  state"]
     for h in hosts:
         flags = []
         if h["generation"] < newest:
             flags.append("OLD GENERATION")
+        if expected_version and h.get("app_version") and h["app_version"] != expected_version:
+            flags.append(f"APP VERSION {h['app_version']} (master: {expected_version})")
         if h.get("error"):
             flags.append(h["error"])
         lines.append(f"{h['hostname'][:20]:<20} {h['address'][0]:<16} {h['role']:<7} {h['generation']:>4} "

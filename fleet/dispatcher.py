@@ -42,7 +42,7 @@ class Dispatcher:
         bind: str,
         *,
         pull_from_mongrel2: bool,
-        on_ready: Callable[[int], None],
+        on_ready: Callable[[int, str | None], None],
         on_retired: Callable[[bytes], None] = lambda ident: None,
     ) -> None:
         self.broker = Broker()
@@ -175,7 +175,8 @@ class Dispatcher:
                 self._reply(ident, wire.RETIRED)
                 continue
             elif kind == wire.READY:
-                self.on_ready(wire.ident_pid(ident))
+                version = frames[1].decode("utf-8", "replace") if len(frames) > 1 and frames[1] else None
+                self.on_ready(wire.ident_pid(ident), version)
                 continue
             else:
                 log.warning("unknown frame %r from worker thread %r", kind, ident)

@@ -18,6 +18,7 @@ import tempfile
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -67,6 +68,7 @@ class WorkerProcess:
     replace_reason: str | None = None  # set: start a successor, then retire this one
     harakiri: bool = False
     psutil: psutil.Process | None = None
+    app_version: str | None = None  # the application's __version__, as the worker loaded it
 
     @property
     def pid(self) -> int:
@@ -351,8 +353,11 @@ class Supervisor:
         served = sum(c.served for c in self.dispatcher.broker.counters.values())
         # During a reload old and new workers are both ready for a moment.
         ready = min(ready, self.target)
+        versions = Counter(w.app_version for w in live if w.ready and w.generation == self.generation)
+        version = versions.most_common(1)[0][0] if versions else None
         return HostStatus(state=state, generation=self.cluster_generation, workers_ready=ready,
-                          workers_total=self.target, requests_served=served, rss=rss, error=self.last_error)
+                          workers_total=self.target, requests_served=served, rss=rss, error=self.last_error,
+                          app_version=version)
 
     # -- workers -------------------------------------------------------------
 
@@ -409,11 +414,12 @@ class Supervisor:
         worker.retire_deadline = time.monotonic() + self.config.graceful_timeout
         _signal(worker.process, signal.SIGTERM)
 
-    def _worker_ready(self, pid: int) -> None:
+    def _worker_ready(self, pid: int, app_version: str | None = None) -> None:
         worker = self.workers.get(pid)
         if worker is None:
             return
         worker.ready = True
+        worker.app_version = app_version
         self.flaps = 0
         log.info("worker %d ready", pid)
         if not self.announced_ready and sum(w.ready for w in self.workers.values()) >= self.target:

@@ -20,7 +20,8 @@ thread -> dispatcher
                             bytes sent, with a trailing "c" if it was closed
     [DONE_LAST+index, conn_id]  finished it; no credit (retiring)
     [RETIRE]                give me nothing more
-    [READY]                 (a worker's control identity) the app is loaded,
+    [READY, version]        (a worker's control identity) the app is loaded
+                            (version: its __version__, or empty),
                             replies can reach Mongrel2
 """
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import zmq
 
 from fleet import wire
-from fleet.appload import AppLoadError, WSGIApp, load_app
+from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
 from fleet.broker import thread_credits
 from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
@@ -363,7 +363,7 @@ def main(argv: list[str]) -> int:
     worker.connect_responders()
     worker.start_threads()
     control = ThreadLink(spec.dispatch_endpoint, wire.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
-    control.send([wire.READY])
+    control.send([wire.READY, (app_version(spec.config.app) or "").encode()])
     log.info(
         "worker ready: %d thread(s), %s dispatch, replying to %s",
         spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders[0]),

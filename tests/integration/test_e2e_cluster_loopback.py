@@ -103,3 +103,50 @@ def test_keygen_makes_a_key_the_cluster_accepts(tmp_path: Path) -> None:
     out = fleet_cli("status", "--cluster", "239.255.90.1:17999", "--cluster-iface", "127.0.0.1",
                     "--cluster-key-file", str(bad))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "fleet: error:" in out.stderr
+
+
+def test_two_masters_with_different_configurations_are_reported(harness: Harness, cluster_args: list[str]) -> None:
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    one = harness.master(master_args(server, processes=1, threads=1) + cluster_args + ["--node-name", "m1"])
+    two = harness.master(master_args(server, processes=2, threads=1) + cluster_args + ["--node-name", "m2"])
+    for master in (one, two):
+        wait_for(lambda: "CONFLICT" in master.stderr_text(), 15, what="a configuration conflict in the log")
+    assert "processes" in one.stderr_text().split("CONFLICT", 1)[1].splitlines()[0]
+
+
+def test_a_node_that_cannot_import_the_app_reports_it(harness: Harness, cluster_args: list[str],
+                                                      tmp_path: Path) -> None:
+    """The app imports on the master but not on this node: the node says so in
+    its heartbeat (fleet status shows it) instead of crash-looping."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "picky.py").write_text(
+        "import os\n"
+        "__version__ = '1.2.3'\n"
+        "if os.environ.get('PICKY_BROKEN'):\n"
+        "    raise RuntimeError('this host lacks a dependency')\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'picky']\n")
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    args = master_args(server, module="picky", processes=1, threads=1)
+    args[args.index("--pythonpath") + 1] = str(app_dir)
+    harness.master(args + cluster_args + ["--node-name", "m"])
+    import os
+
+    os.environ["PICKY_BROKEN"] = "1"
+    try:
+        node = harness.node(cluster_args + ["--node-name", "broken"], ready=False)
+    finally:
+        del os.environ["PICKY_BROKEN"]
+
+    def broken_row():
+        rows = {h["hostname"]: h for h in status(cluster_args)["hosts"]}
+        return rows.get("broken") if rows.get("broken", {}).get("error") else None
+
+    row = wait_for(broken_row, 30, what="the node's error in fleet status")
+    assert row["state"] == "degraded" and "this host lacks a dependency" in row["error"]
+    assert not node.descendants() or all("fleet.worker" not in " ".join(p.cmdline()) for p in node.descendants())
+    master_row = next(h for h in status(cluster_args)["hosts"] if h["hostname"] == "m")
+    assert master_row["app_version"] == "1.2.3"
+    assert request(server, "GET", "/t/").body == b"picky"
