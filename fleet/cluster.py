@@ -36,6 +36,12 @@ MASTER_LOST_AFTER = 3  # announce intervals
 # Rejected datagrams are logged at most this often per source address.
 REJECT_LOG_INTERVAL = 60.0
 DEFAULT_CLUSTER_NAME = "fleet"
+# Rolling reloads: at most this many nodes reload at once (each one gracefully,
+# so its own capacity never drops either)...
+ROLL_HOSTS = 2
+# ...unless the nodes ahead of it have not finished after this long (a node
+# whose reload failed must not hold the rest of the fleet back).
+ROLL_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,16 @@ class ClusterAgent:
     def set_generation(self, generation: int) -> None:
         self.generation = generation
         self.announce(self.clock())
+
+    def may_roll(self, generation: int, now: float) -> bool:
+        """Whether this node may move to `generation` now: nodes take turns in
+        node-id order, at most ROLL_HOSTS at a time, judged from the heartbeats
+        every node hears (no coordinator needed)."""
+        me = self.origin.node_id.hex()
+        ahead = [h for h in self.members.hosts(now)
+                 if h.role == "node" and h.node_id < me and h.generation < generation
+                 and h.state in ("starting", "ready", "lost")]
+        return len(ahead) < ROLL_HOSTS
 
     def leave(self) -> None:
         self._send(proto.Leave, self.clock())

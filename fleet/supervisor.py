@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import zmq
 
-from fleet.cluster import ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.cluster import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
 from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatcher import Dispatcher
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
@@ -110,6 +110,7 @@ class Supervisor:
         # sees a host on the new generation only once it really is.
         self.cluster_generation = cluster_generation
         self.pending_cluster_generation: int | None = None
+        self.rollout: tuple[ApplyConfig, float] | None = None  # a change waiting for our turn
         self.last_error: str | None = None
         self.log_level = log_level
         self.target = config.processes
@@ -310,13 +311,28 @@ class Supervisor:
                 self.cluster.set_generation(event.generation)
             elif isinstance(event, ApplyConfig) and self.stopping_since is None:
                 self.on_cluster_config(event)
+        self.roll_when_our_turn()
         if (self.cluster.role == "master" and self.pending_cluster_generation is None
                 and self.cluster.generation > self.cluster_generation):
             # Restarted with the configuration the fleet already runs: take its generation.
             self.cluster_generation = self.cluster.generation
         self.cluster.tick(now, self.host_status())
 
-    def on_cluster_config(self, event) -> None:
+    def on_cluster_config(self, event: ApplyConfig) -> None:
+        """Nodes take turns (rolling); the change waits in `self.rollout` until ours."""
+        self.rollout = (event, time.monotonic())
+        self.roll_when_our_turn()
+
+    def roll_when_our_turn(self) -> None:
+        if self.rollout is None or self.stopping_since is not None:
+            return
+        event, since = self.rollout
+        waited = time.monotonic() - since
+        if not self.cluster.may_roll(event.generation, time.time()) and waited < ROLL_TIMEOUT:
+            return
+        self.rollout = None
+        if waited >= ROLL_TIMEOUT:
+            log.warning("cluster: nodes ahead have not finished their reload in %.0f s; going anyway", waited)
         try:
             config = self.adapt_config(HandlerConfig.from_dict(event.config))
         except (ConfigError, TypeError, KeyError) as error:

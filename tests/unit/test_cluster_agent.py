@@ -95,3 +95,24 @@ def test_a_configuration_too_large_for_one_datagram_is_refused_at_start(options)
     huge = dict(CONFIG, pythonpath=["/x" * 200] * 30)
     with pytest.raises(proto.TooLarge):
         ClusterAgent(options("m"), "master", config=huge)
+
+
+def test_nodes_take_turns_in_a_rolling_reload(options) -> None:
+    agents = [ClusterAgent(options(f"n{i}"), "node") for i in range(4)]
+    try:
+        now = time.time()
+        for agent in agents:
+            agent.tick(now, STATUS)  # everybody on generation 1, ready
+        pump(*agents)
+        ranked = sorted(agents, key=lambda a: a.origin.node_id)
+        # The first ROLL_HOSTS in node-id order may go; the others wait for them.
+        assert [a.may_roll(2, time.time()) for a in ranked] == [True, True, False, False]
+        moved = HostStatus(**{**STATUS.__dict__, "generation": 2})
+        for agent in ranked[:2]:
+            agent._next_heartbeat = 0.0
+            agent.tick(time.time(), moved)
+        pump(*agents)
+        assert all(a.may_roll(2, time.time()) for a in ranked)
+    finally:
+        for agent in agents:
+            agent.close()
