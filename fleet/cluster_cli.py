@@ -36,6 +36,9 @@ def add_cluster_options(parser: argparse.ArgumentParser, required: bool) -> None
                         help="several clusters can share a group under different names")
     parser.add_argument("--node-name", default=socket.gethostname(), metavar="NAME",
                         help="this host's name in the cluster (default: the hostname)")
+    parser.add_argument("--cluster-heartbeat", type=float, default=HEARTBEAT_INTERVAL, metavar="SECONDS",
+                        help="heartbeat interval; a host silent for 3 of them is dead (default 1); "
+                             "use the same value on every host")
 
 
 def cluster_options(args: argparse.Namespace) -> ClusterOptions:
@@ -56,8 +59,10 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
             raise ConfigError(f"--cluster-key-file {path!r}: {error.strerror}") from None
         except ValueError as error:
             raise ConfigError(f"--cluster-key-file {path!r}: {error}") from None
+    if not 0.05 <= args.cluster_heartbeat <= 60:
+        raise ConfigError(f"--cluster-heartbeat {args.cluster_heartbeat}: must be 0.05-60 seconds")
     return ClusterOptions(group, interface, keyring, ttl=args.cluster_ttl, name=args.cluster_name,
-                          node_name=args.node_name)
+                          node_name=args.node_name, heartbeat_interval=args.cluster_heartbeat)
 
 
 def make_agent(args: argparse.Namespace, role: str, **kwargs) -> ClusterAgent:
@@ -179,7 +184,7 @@ def listen(agent: ClusterAgent, seconds: float) -> None:
 def run_status(args: argparse.Namespace) -> int:
     agent = make_agent(args, "observer")
     try:
-        listen(agent, STATUS_LISTEN * HEARTBEAT_INTERVAL)
+        listen(agent, STATUS_LISTEN * agent.options.heartbeat_interval)
         status = merged_status(agent)
     finally:
         agent.close()
@@ -236,7 +241,7 @@ def run_reload(args: argparse.Namespace) -> int:
     """Ask the master for a new generation, then wait until every live host runs it."""
     agent = make_agent(args, "observer")
     try:
-        listen(agent, STATUS_LISTEN * HEARTBEAT_INTERVAL)
+        listen(agent, STATUS_LISTEN * agent.options.heartbeat_interval)
         now = time.time()
         hosts = [h for h in merged_status(agent)["hosts"] if h["state"] != "dead"]
         masters = [h for h in hosts if h["role"] == "master"]
