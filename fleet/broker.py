@@ -81,7 +81,6 @@ class Orphan:
 @dataclass(slots=True)
 class WorkerCounters:
     served: int = 0
-    last_request_at: float = 0.0
 
 
 class Broker:
@@ -154,13 +153,6 @@ class Broker:
         thread.credits = 0
         self._idle.pop(ident, None)
         self._spare.pop(ident, None)
-
-    def forget_thread(self, ident: bytes) -> None:
-        """The thread exited cleanly after retiring."""
-        thread = self.threads.pop(ident, None)
-        if thread is not None:
-            self._idle.pop(ident, None)
-            self._spare.pop(ident, None)
 
     def worker_gone(self, pid: int) -> list[Orphan]:
         """A worker process died: its threads' requests can only be answered by us."""

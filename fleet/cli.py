@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"fleet: error: {error}", file=sys.stderr)
         return USAGE
-    return USAGE
 
 
 if __name__ == "__main__":

@@ -43,12 +43,10 @@ class Dispatcher:
         *,
         pull_from_mongrel2: bool,
         on_ready: Callable[[int, str | None], None],
-        on_retired: Callable[[bytes], None] = lambda ident: None,
     ) -> None:
         self.broker = Broker()
         self.credits = CreditLedger()
         self.on_ready = on_ready
-        self.on_retired = on_retired
         self.links = LinkServer(bind)  # a Unix socket path
         self._inbox: list[tuple[bytes, list[bytes] | None]] = []
         self.pulls: list[zmq.Socket] = []
@@ -171,7 +169,6 @@ class Dispatcher:
                 assignments = broker.credit(ident, wire.ident_pid(ident), int(frames[1]))
             elif kind == wire.RETIRE:
                 broker.retire(ident)
-                self.on_retired(ident)
                 self._reply(ident, wire.RETIRED)
                 continue
             elif kind == wire.READY:

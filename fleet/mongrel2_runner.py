@@ -305,12 +305,6 @@ class Mongrel2:
             self.stop()
             raise
 
-    def _ports(self) -> list[int]:
-        ports = [self.port]
-        for route in self.routes:
-            ports += [p for p in (_tcp_port(route.send_spec), _tcp_port(route.recv_spec)) if p]
-        return ports
-
     def _endpoints(self) -> list[tuple[str, int]]:
         """(host, port) of the HTTP listener and of every tcp:// handler socket."""
         endpoints = [(self._connect_host(), self.port)]
