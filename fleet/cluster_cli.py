@@ -242,7 +242,6 @@ def run_reload(args: argparse.Namespace) -> int:
     agent = make_agent(args, "observer")
     try:
         listen(agent, STATUS_LISTEN * agent.options.heartbeat_interval)
-        now = time.time()
         hosts = [h for h in merged_status(agent)["hosts"] if h["state"] != "dead"]
         masters = [h for h in hosts if h["role"] == "master"]
         if not masters:

@@ -133,12 +133,6 @@ def _tcp_host_port(spec: str) -> tuple[str, int] | None:
     return (LOOPBACK if host in ("*", "0.0.0.0") else host), int(match.group(2))
 
 
-def _tcp_port(spec: str) -> int | None:
-    """The port of a tcp://HOST:PORT spec, None for other transports."""
-    match = re.match(r"^tcp://[^:]+:(\d+)$", spec)
-    return int(match.group(1)) if match else None
-
-
 def _accepts(port: int, host: str = LOOPBACK) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):

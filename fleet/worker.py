@@ -35,7 +35,7 @@ from fleet.handler import serve
 from fleet.http_response import error_response
 from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
-from fleet.mongrel2 import Credits, Disconnect, Event, ProtocolError, Request, encode_close, parse_message, peek_route
+from fleet.mongrel2 import Event, ProtocolError, Request, parse_message, peek_route
 from fleet.reply import ClientGone, Reply, Responder
 from fleet.uploads import UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 
