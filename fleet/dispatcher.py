@@ -210,7 +210,11 @@ class Dispatcher:
     def detach(self) -> None:
         """Stop taking work from Mongrel2, so it sends new requests to other
         handlers (or holds them for the next one to connect) instead of to a
-        host that is going away. What ZeroMQ already handed us is still served."""
+        host that is going away. What ZeroMQ already handed us is still served:
+        it is taken off the sockets first, since a disconnect may drop what is
+        still in the pipe."""
+        for index, pull in enumerate(self.pulls):
+            self._from_mongrel2(index, pull)
         for pull, spec in zip(self.pulls, self.pull_specs):
             try:
                 pull.disconnect(spec)
