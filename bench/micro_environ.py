@@ -9,13 +9,11 @@ request (12 headers, GET, "200 OK", one response header, one body chunk).
 
 from __future__ import annotations
 
-import argparse
-import cProfile
 import io
-import pstats
 import sys
-import timeit
 from collections.abc import Callable
+
+from micro import run_cases
 
 from fleet.environ import build_environ
 from fleet.http_response import ResponseFramer, error_response
@@ -71,22 +69,7 @@ CASES: dict[str, Callable[[], object]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--number", type=int, default=20_000)
-    parser.add_argument("-r", "--repeat", type=int, default=25)
-    parser.add_argument("--profile", action="store_true")
-    args = parser.parse_args(argv)
-    for name, func in CASES.items():
-        if args.profile:
-            profiler = cProfile.Profile()
-            profiler.runcall(lambda: [func() for _ in range(args.number)])
-            print(f"--- {name}")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
-            continue
-        best = min(timeit.repeat(func, number=args.number, repeat=args.repeat))
-        print(f"{name:28} {best / args.number * 1e6:6.2f} µs")
-    return 0
-
+    return run_cases(CASES, __doc__.splitlines()[0], argv, number=20_000, repeat=25)
 
 if __name__ == "__main__":
     sys.exit(main())

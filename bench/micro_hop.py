@@ -1,7 +1,7 @@
 """CPU per request for the dispatcher<->thread hop alone: REQUEST out, DONE back,
 credit window W per thread, T worker processes x 1 thread. Variants: zmq (ROUTER/DEALER ipc),
 zmq-io2, unix stream (length-prefixed), seqpacket."""
-import os, sys, time, socket, struct, resource, psutil
+import os, sys, time, socket, struct, resource
 import zmq
 
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 100000
@@ -77,7 +77,6 @@ def main():
             kids.append(pid)
         t0 = time.perf_counter(); c0 = cpu(); sent = 0; done = 0
         poller = zmq.Poller(); poller.register(r, zmq.POLLIN)
-        credits = {}
         while done < N:
             poller.poll()
             while True:

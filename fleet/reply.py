@@ -59,7 +59,8 @@ class Responder:
 ControlPoll = Callable[[float], list[Event]]
 
 
-def _no_control(timeout: float) -> list[Event]:
+def no_control(timeout: float) -> list[Event]:
+    """For a reply nobody can send control messages to (direct mode): just wait."""
     if timeout:
         time.sleep(timeout)
     return []
@@ -75,7 +76,7 @@ class Reply:
         conn_id: bytes,
         *,
         credits: int | None = None,
-        poll_control: ControlPoll = _no_control,
+        poll_control: ControlPoll = no_control,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.responder = responder

@@ -36,7 +36,7 @@ from fleet.http_response import error_response
 from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
 from fleet.mongrel2 import Event, ProtocolError, Request, parse_message, peek_route
-from fleet.reply import ClientGone, Reply, Responder
+from fleet.reply import ClientGone, Reply, Responder, no_control
 from fleet.uploads import UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 
 log = logging.getLogger("fleet.worker")
@@ -229,12 +229,12 @@ class Worker:
             while not self.retiring.is_set():
                 if len(pulls) == 1:  # the common case: a blocking receive, no poll
                     try:
-                        self.handle(0, pulls[0].recv(), _no_control, _FROM_HEADER, responders)
+                        self.handle(0, pulls[0].recv(), no_control, _FROM_HEADER, responders)
                     except zmq.Again:
                         pass
                     continue
                 for pull, _ in poller.poll(POLL_INTERVAL_MS):
-                    self.handle(pulls.index(pull), pull.recv(), _no_control, _FROM_HEADER, responders)
+                    self.handle(pulls.index(pull), pull.recv(), no_control, _FROM_HEADER, responders)
         finally:
             for pull in pulls:
                 pull.close()
@@ -326,12 +326,6 @@ class Worker:
             for responder in responders:
                 responder.close()
         self.context.term()
-
-
-def _no_control(timeout: float) -> list[Event]:
-    if timeout:
-        threading.Event().wait(timeout)
-    return []
 
 
 def _die_with_parent() -> None:
