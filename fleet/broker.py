@@ -15,6 +15,7 @@ a bounded backlog.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -220,8 +221,18 @@ class Broker:
 
     # -- figures ----------------------------------------------------------
 
-    def busy_threads(self, pid: int) -> int:
-        return sum(1 for t in self.threads.values() if t.pid == pid and t.held)
+    def busy_threads(self, pid: int, stuck_after: float = math.inf) -> int:
+        """Threads of the worker that hold a request, not counting those whose
+        running request is older than ``stuck_after`` seconds (stuck ones)."""
+        now = self.clock()
+        return sum(1 for t in self.threads.values()
+                   if t.pid == pid and t.held and now - next(iter(t.held.values())).since < stuck_after)
+
+    def retire_worker(self, pid: int) -> None:
+        """No new request for any thread of the worker; they finish what they hold."""
+        for thread in self.threads.values():
+            if thread.pid == pid:
+                self.retire(thread.ident)
 
     def oldest_request_age(self, pid: int) -> float | None:
         starts = [h.since for t in self.threads.values() if t.pid == pid for h in t.held.values()]

@@ -47,6 +47,13 @@ QUICK_STOP_TIMEOUT = 2.0
 # A graceful stop detaches from Mongrel2, serves what already arrived for at
 # most this long, then retires the workers.
 DETACH_DRAIN = 1.0
+# Harakiri: the stuck worker gets no new request and its other threads finish
+# what they hold, for at most this long, before SIGKILL...
+HARAKIRI_GRACE = 3.0
+# ...and once they have, their last replies get this long to leave the worker:
+# a reply still queued in its ZeroMQ socket dies with the process, and that
+# client would wait forever (its request was reported done).
+REPLY_FLUSH = 0.3
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
 
@@ -66,7 +73,10 @@ class WorkerProcess:
     retiring: bool = False
     retire_deadline: float | None = None
     replace_reason: str | None = None  # set: start a successor, then retire this one
-    harakiri: bool = False
+    harakiri: bool = False  # killed, or being killed, for holding a request too long
+    harakiri_at: float = 0.0
+    quiet_since: float | None = None  # since when only its stuck threads hold requests
+    killed: bool = False
     psutil: psutil.Process | None = None
     app_version: str | None = None  # the application's __version__, as the worker loaded it
 
@@ -487,17 +497,35 @@ class Supervisor:
             if worker.retire_deadline is not None and now >= worker.retire_deadline and not worker.harakiri:
                 log.warning("worker %d still busy %.0f s after it was asked to retire: SIGKILL",
                             worker.pid, self.config.graceful_timeout)
-                worker.harakiri = True  # its clients get 504: they waited past the grace period
+                worker.harakiri = worker.killed = True  # its clients get 504: they waited past the grace period
                 _signal(worker.process, signal.SIGKILL)
-            if not self.config.harakiri or worker.harakiri:
+            if worker.harakiri:
+                if not worker.killed:
+                    self._finish_harakiri(worker, now)
+                continue
+            if not self.config.harakiri:
                 continue
             age = self.dispatcher.broker.oldest_request_age(worker.pid)
             if age is not None and age >= self.config.harakiri:
-                log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): SIGKILL",
-                          worker.pid, age, self.config.harakiri)
+                log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): "
+                          "its other requests finish, then SIGKILL", worker.pid, age, self.config.harakiri)
                 worker.harakiri = True
+                worker.harakiri_at = now
                 self.counters.harakiri_kills += 1
-                _signal(worker.process, signal.SIGKILL)
+                self.dispatcher.broker.retire_worker(worker.pid)
+                self._finish_harakiri(worker, now)
+
+    def _finish_harakiri(self, worker: WorkerProcess, now: float) -> None:
+        """SIGKILL once only the stuck threads hold requests (and their
+        neighbours' replies had time to leave), or when the grace is over."""
+        if self.dispatcher.broker.busy_threads(worker.pid, stuck_after=self.config.harakiri):
+            worker.quiet_since = None
+        elif worker.quiet_since is None:
+            worker.quiet_since = now
+        flushed = worker.quiet_since is not None and now - worker.quiet_since >= REPLY_FLUSH
+        if flushed or now - worker.harakiri_at >= HARAKIRI_GRACE:
+            worker.killed = True
+            _signal(worker.process, signal.SIGKILL)
 
     def check_limits(self) -> None:
         """Recycle workers past --max-requests or --reload-on-rss, gracefully."""

@@ -135,6 +135,22 @@ def test_request_age_uses_the_clock(broker: Broker, clock: FakeClock) -> None:
     assert broker.busy_threads(10) == 1 and broker.in_flight == 1
 
 
+def test_a_stuck_worker_gets_nothing_new_and_its_healthy_threads_are_waited_for(
+        broker: Broker, clock: FakeClock) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))  # will be stuck
+    clock.now += 5
+    broker.credit(b"10/1", 10, 2)
+    broker.request(0, b"m2", b"2", raw(2))  # healthy, still running
+    broker.retire_worker(10)
+    assert broker.request(0, b"m2", b"3", raw(3)) is None and broker.backlog == 1
+    assert broker.busy_threads(10) == 2
+    assert broker.busy_threads(10, stuck_after=4) == 1  # the stuck thread does not count
+    broker.done(b"10/1", 0, b"2", credit=True)
+    assert broker.busy_threads(10, stuck_after=4) == 0
+    assert broker.backlog == 1  # a credit from a retired thread takes nothing
+
+
 def test_credit_ledger_keeps_a_connection_balance_across_requests() -> None:
     ledger = CreditLedger()
     key = (0, b"5")
