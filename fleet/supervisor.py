@@ -198,6 +198,7 @@ class Supervisor:
                 self.handle_signals()
                 self.reap_workers()
                 self.answer_stats()
+                self.dispatcher.watch_connections()
                 if self.cluster is not None:
                     try:
                         self.talk_to_cluster()
