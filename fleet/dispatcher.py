@@ -249,8 +249,9 @@ class Dispatcher:
         taking what is there and disconnecting at once."""
         self.watch_connections()
         closing = [set(fds) for fds in self.connections]
-        for fd in set().union(*closing):
-            _shut_down_sending(fd)
+        for fds, spec in zip(closing, self.pull_specs):
+            for fd in fds:
+                _shut_down_sending(fd, spec)
         poller = zmq.Poller()
         self.register(poller)
         for monitor in self.monitors:
@@ -285,10 +286,24 @@ class Dispatcher:
             responder.close()
 
 
-def _shut_down_sending(fd: int) -> None:
-    """shutdown(SHUT_WR) on a connection libzmq owns (through a duplicate of its fd)."""
+def _shut_down_sending(fd: int, spec: str) -> None:
+    """shutdown(SHUT_WR) on a connection libzmq owns (through a duplicate of its fd),
+    if the fd still is that connection: libzmq may have closed it and the
+    number been reused since the monitor told us."""
     try:
         with socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.type != socket.SOCK_STREAM or _tcp_address(spec) not in (None, sock.getpeername()[:2]):
+                return
             sock.shutdown(socket.SHUT_WR)
     except OSError as error:
-        log.warning("could not shut down the connection to Mongrel2 (fd %d): %s", fd, error)
+        log.warning("could not shut down the connection to Mongrel2 at %s: %s", spec, error)
+
+
+def _tcp_address(spec: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp://HOST:PORT spec with a numeric IPv4 host, else None (not checked)."""
+    host, _, port = spec.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.inet_aton(host)
+        return host, int(port)
+    except (OSError, ValueError):
+        return None
