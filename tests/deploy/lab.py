@@ -45,12 +45,12 @@ import netns  # noqa: E402
 T = TypeVar("T")
 
 # Bump the suffix whenever the recipe below changes: an existing image is reused as it is.
-# (v1 was an earlier recipe: one machine id for every host, no /etc/hosts.)
-ROOTFS = Path("/var/cache/fleet-test/rootfs-bookworm-v2")
+# (v1: one machine id for every host, no /etc/hosts; v2: no python3-setuptools.)
+ROOTFS = Path("/var/cache/fleet-test/rootfs-bookworm-v3")
 MIRROR = "http://deb.debian.org/debian"
 # The hosts have no package index: everything the role installs with apt must be here already.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-venv", "python3-apt",
-            "python3-packaging", "iproute2", "procps", "mongrel2-core", "ca-certificates",
+            "python3-packaging", "python3-setuptools", "iproute2", "procps", "mongrel2-core", "ca-certificates",
             "netbase")  # /etc/services and /etc/protocols, which getservbyname() and friends read
 # Timers that would start apt or disk jobs during a test, and a wait for a network that never comes.
 MASKED_UNITS = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "e2scrub_all.timer",
