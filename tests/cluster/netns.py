@@ -544,27 +544,10 @@ class FleetCluster:
         over the handlers too, so with a new connection per request and two
         handlers every request would land on the same one.
         """
-        import http.client
-        import json
-
-        def run() -> list[dict]:
-            answers = []
-            conn = http.client.HTTPConnection(self.m2.bind_address, self.m2.port, timeout=timeout)
-            try:
-                for _ in range(count):
-                    conn.request("GET", "/t/")
-                    resp = conn.getresponse()
-                    body = resp.read()
-                    assert resp.status == 200, (resp.status, body)
-                    answers.append(json.loads(body))
-                    if resp.will_close:
-                        conn.close()
-            finally:
-                conn.close()
-            return answers
+        from load import json_answers
 
         out: dict[str, set[int]] = {}
-        for answer in self.h1.call(run):
+        for answer in self.h1.call(json_answers, self.m2.bind_address, self.m2.port, "/t/", count, timeout):
             name = self.host_of(answer)
             assert answer["host"] in (None, name), answer  # the env var agrees with the namespace
             out.setdefault(name, set()).add(answer["pid"])

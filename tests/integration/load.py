@@ -329,6 +329,24 @@ class Load:
         return None
 
 
+def json_answers(host: str, port: int, path: str, count: int, timeout: float = 10.0) -> list[dict]:
+    """`count` GETs on one keep-alive connection, each answered 200 with a JSON body; the bodies."""
+    answers = []
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        for _ in range(count):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200, (resp.status, body)
+            answers.append(json.loads(body))
+            if resp.will_close:
+                conn.close()  # the next request reconnects
+    finally:
+        conn.close()
+    return answers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Bounded HTTP GET load against one URL path.")
     parser.add_argument("--host", default="127.0.0.1")
