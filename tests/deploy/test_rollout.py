@@ -118,28 +118,15 @@ class Rollout:
 
     def answers(self, count: int, connections: int = 6) -> list[dict]:
         """`count` requests through Mongrel2 over several keep-alive connections."""
-        import http.client
         from concurrent.futures import ThreadPoolExecutor
+
+        from load import json_answers
 
         host, port = self.url()
 
-        def one_connection(n: int) -> list[dict]:
-            conn = http.client.HTTPConnection(host, port, timeout=10)
-            try:
-                out = []
-                for _ in range(n):
-                    conn.request("GET", "/")
-                    resp = conn.getresponse()
-                    body = resp.read()
-                    assert resp.status == 200, (resp.status, body)
-                    out.append(json.loads(body))
-                return out
-            finally:
-                conn.close()
-
         def run() -> list[dict]:
             with ThreadPoolExecutor(connections) as pool:
-                parts = pool.map(one_connection, [count // connections] * connections)
+                parts = pool.map(lambda _: json_answers(host, port, "/", count // connections), range(connections))
             return [answer for part in parts for answer in part]
 
         return self.lab.controller_call(run)
@@ -177,6 +164,8 @@ def test_playbook_deploys_serves_from_every_host_reruns_clean_and_upgrades_witho
     assert {a["version"] for a in answers} == {"1.0"}
 
     recap, timings["idempotent rerun"], output = rollout.play("1.0")
+    assert all(r["changed"] == 0 for r in recap.values()), f"{recap}\n{output[-6000:]}"
+    recap, timings["--check --diff"], output = rollout.play("1.0", "--check", "--diff")
     assert all(r["changed"] == 0 for r in recap.values()), f"{recap}\n{output[-6000:]}"
 
     score, rating = rollout.exposure("fleet.service")
