@@ -242,23 +242,14 @@ def leftover_namespaces(prefix: str) -> list[str]:
     return [line.split()[0] for line in out.stdout.splitlines() if line.startswith(prefix)]
 
 
-def wait(predicate: Callable[[], T], timeout: float, interval: float = 0.1, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 # -- a fleet cluster on those hosts ----------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 if str(REPO / "tests" / "integration") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests" / "integration"))  # load.py
+    sys.path.insert(0, str(REPO / "tests" / "integration"))  # load.py, fleet_harness.py
+
+from fleet_harness import wait_for  # noqa: E402
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -402,7 +393,7 @@ class Observer:
                     return max(since, 1e-9)
             return None
 
-        return wait(seen, timeout, 0.01, what=f"{hostname} {'/'.join(states)} (observer)")
+        return wait_for(seen, timeout, 0.01, what=f"{hostname} {'/'.join(states)} (observer)")
 
     def close(self) -> None:
         self._stop.set()

@@ -14,7 +14,8 @@ import threading
 import time
 
 import pytest
-from netns import FleetCluster, wait
+from fleet_harness import wait_for
+from netns import FleetCluster
 
 DEAD_WITHIN = 3.0  # the spec: a host silent for 3 heartbeats is dead
 STATUS_LISTEN = 2.5  # `fleet status` listens this long before it prints
@@ -54,7 +55,7 @@ def test_three_hosts_serve_and_show_in_status(cluster: FleetCluster, record_prop
     for host, pids in served.items():
         assert pids <= owners[host], (host, pids, owners)
 
-    hosts = wait(lambda: (s := cluster.status()) and len(s) == 3 and s, 15, what="three hosts in status")
+    hosts = wait_for(lambda: (s := cluster.status()) and len(s) == 3 and s, 15, what="three hosts in status")
     assert set(hosts) == {"h1", "h2", "h3"}
     assert {h["role"] for h in hosts.values()} == {"master", "node"}
     assert hosts["h1"]["role"] == "master"
@@ -119,7 +120,7 @@ def test_a_partitioned_node_is_dead_then_rejoins(cluster: FleetCluster, record_p
     h3.link(up=True)
     back_at = observer.wait_state("h3", "ready", 15, since=up)
     figure(record_property, "rejoin_s", round(back_at - up, 3))
-    hosts = wait(lambda: (s := cluster.status()) and s.get("h3", {}).get("state") == "ready" and s, 15,
+    hosts = wait_for(lambda: (s := cluster.status()) and s.get("h3", {}).get("state") == "ready" and s, 15,
                  what="h3 ready in fleet status")
     assert {h["state"] for h in hosts.values()} == {"ready"}, hosts
     assert node.running() and node.worker_pids() == pids, "the node restarted its workers after the partition"
@@ -137,7 +138,7 @@ def test_a_node_with_the_wrong_key_never_joins_and_forged_reloads_are_ignored(
     master = cluster.start_master()
     cluster.start_node(2)
     intruder = cluster.start_node(3, key=cluster.wrong_key, ready=False)
-    before = wait(lambda: (s := cluster.status()) and "h2" in s and s, 10, what="h1 and h2 in status")
+    before = wait_for(lambda: (s := cluster.status()) and "h2" in s and s, 10, what="h1 and h2 in status")
     generations = {name: h["generation"] for name, h in before.items()}
     workers = {p.host.name: p.worker_pids() for p in (master, cluster.nodes[2])}
 
@@ -182,7 +183,7 @@ def test_master_restarts_keep_or_change_the_nodes_workers(cluster: FleetCluster,
     cluster.start_master(processes=1)
     time.sleep(3.5)  # three announces of the new master
     assert {n.host.name: n.worker_pids() for n in nodes} == before
-    hosts = wait(lambda: (s := cluster.status()) and {h["state"] for h in s.values()} == {"ready"} and s, 15,
+    hosts = wait_for(lambda: (s := cluster.status()) and {h["state"] for h in s.values()} == {"ready"} and s, 15,
                  what="every host ready after the master restart")
     assert {name: h["generation"] for name, h in hosts.items()} == generations, hosts
     assert set(cluster.served_by(60)) == {"h1", "h2", "h3"}
@@ -192,9 +193,9 @@ def test_master_restarts_keep_or_change_the_nodes_workers(cluster: FleetCluster,
     restarted = time.monotonic()
     cluster.start_master(processes=2)
     for node in nodes:
-        wait(lambda node=node: len(node.worker_pids()) == 2, 30, what=f"{node.host.name} at 2 workers")
+        wait_for(lambda node=node: len(node.worker_pids()) == 2, 30, what=f"{node.host.name} at 2 workers")
     figure(record_property, "nodes_follow_p_change_s", round(time.monotonic() - restarted, 3))
-    hosts = wait(lambda: (s := cluster.status()) and all(h["workers"] == {"ready": 2, "total": 2}
+    hosts = wait_for(lambda: (s := cluster.status()) and all(h["workers"] == {"ready": 2, "total": 2}
                                                           and h["state"] == "ready" for h in s.values())
                  and len(s) == 3 and s, 20, what="every host at 2/2 ready workers")
     assert len(hosts) == 3
@@ -207,7 +208,7 @@ def test_nodes_keep_serving_when_the_master_stops(cluster: FleetCluster, record_
     for how in (signal.SIGTERM, signal.SIGKILL):
         if how == signal.SIGKILL:
             cluster.start_master()
-            wait(lambda: "h1" in cluster.served_by(9), 10, what="the new master serving")
+            wait_for(lambda: "h1" in cluster.served_by(9), 10, what="the new master serving")
         master = cluster.master
         master_workers = master.worker_pids()
         load = cluster.load(clients=4, timeout=CLIENT_TIMEOUT, max_duration=40)
