@@ -7,7 +7,15 @@ import sys
 
 from fleet import __version__
 from fleet.cluster_cli import add_cluster_options
-from fleet.config import DEFAULT_CONTENT_LENGTH, DEFAULT_UPLOAD_STORE, DISPATCH_MODES, ConfigError
+from fleet.config import (
+    DEFAULT_CONTENT_LENGTH,
+    DEFAULT_HTTP_KEEPALIVE,
+    DEFAULT_HTTP_MAX_BODY,
+    DEFAULT_HTTP_TIMEOUT,
+    DEFAULT_UPLOAD_STORE,
+    DISPATCH_MODES,
+    ConfigError,
+)
 from fleet.exitcodes import USAGE
 
 
@@ -70,6 +78,18 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
                         help="add up to J to --max-requests per worker, so they do not all recycle at once")
     parser.add_argument("--reload-on-rss", type=_count, default=0, metavar="MB",
                         help="recycle a worker gracefully when its RSS passes MB megabytes")
+    parser.add_argument("--http", action="append", default=[], metavar="HOST:PORT",
+                        help="also serve plain HTTP/1.1 here, from the same workers and threads "
+                             "(repeatable; :PORT for every address)")
+    parser.add_argument("--http-keepalive", type=_seconds, default=DEFAULT_HTTP_KEEPALIVE, metavar="SECONDS",
+                        help=f"--http: how long an idle connection stays open between requests; 0 closes "
+                             f"after each response (default {DEFAULT_HTTP_KEEPALIVE:g})")
+    parser.add_argument("--http-timeout", type=_seconds, default=DEFAULT_HTTP_TIMEOUT, metavar="SECONDS",
+                        help=f"--http: a request must arrive whole, and each write to the client progress, "
+                             f"within this; slower clients get 408 or are closed (default {DEFAULT_HTTP_TIMEOUT:g})")
+    parser.add_argument("--http-max-body", type=_count, default=DEFAULT_HTTP_MAX_BODY, metavar="BYTES",
+                        help=f"--http: bigger request bodies get 413 (default {DEFAULT_HTTP_MAX_BODY})")
+
 
 
 def add_supervisor_options(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=_positive_int, metavar="T", help="override the master's thread count")
     node.add_argument("--mongrel2-chroot", metavar="DIR",
                       help="where Mongrel2's uploads are on this host, if it differs from the master's")
+    node.add_argument("--http", action="append", metavar="HOST:PORT",
+                      help="serve HTTP here instead of the master's --http addresses (by default the "
+                           "master's ports, on this host's --cluster-iface address unless they are wildcards)")
     add_supervisor_options(node)
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
     status = commands.add_parser("status", help="show every host of the cluster")

@@ -13,7 +13,7 @@ import time
 
 from fleet import cluster_protocol as proto
 from fleet.cluster import DEFAULT_CLUSTER_NAME, HEARTBEAT_INTERVAL, ClusterAgent, ClusterOptions
-from fleet.config import ConfigError, HandlerConfig
+from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
 from fleet.multicast import ChannelError, Group
 
 KEY_FILE_ENV = "FLEET_CLUSTER_KEY_FILE"
@@ -98,7 +98,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, args.log_file)
     agent = make_agent(args, "node")
-    adapt = local_overrides(args)
+    adapt = local_overrides(args, agent.options.interface)
     import logging
 
     log = logging.getLogger("fleet.node")
@@ -115,9 +115,15 @@ def run_node(args: argparse.Namespace) -> int:
                 agent.config = None  # ask again; report the error meanwhile
                 _report_error(agent, problem, args)
                 continue
-            supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
-                                    log_file=args.log_file, cluster=agent,
-                                    cluster_generation=agent.generation, adapt_config=adapt)
+            try:
+                supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
+                                        log_file=args.log_file, cluster=agent,
+                                        cluster_generation=agent.generation, adapt_config=adapt)
+            except ConfigError as error:  # e.g. an --http port taken on this host
+                log.error("cannot serve generation %d: %s", agent.generation, error)
+                agent.config = None
+                _report_error(agent, str(error), args)
+                continue
             code = supervisor.run()
             if code != RESTART:
                 return code
@@ -126,12 +132,23 @@ def run_node(args: argparse.Namespace) -> int:
         agent.close()
 
 
-def local_overrides(args: argparse.Namespace):
-    """This host's own flags win over the announced configuration."""
+def local_overrides(args: argparse.Namespace, own_address: str):
+    """This host's own flags win over the announced configuration.
+
+    The master's --http addresses are its own: a node serves the same ports on
+    ``own_address`` (its cluster interface), except wildcard hosts, which
+    mean every address anywhere; a node's own --http replaces them all."""
     changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot")
                if getattr(args, name, None) is not None}
+    own_http = getattr(args, "http", None)
+    if own_http:
+        changes["http"] = tuple(str(HttpAddress.parse(text)) for text in own_http)
 
     def adapt(config: HandlerConfig) -> HandlerConfig:
+        if config.http and "http" not in changes:
+            config = dataclasses.replace(config, http=tuple(
+                str(address if address.host in WILDCARD_HOSTS else HttpAddress(own_address, address.port))
+                for address in config.http_addresses))
         return dataclasses.replace(config, **changes) if changes else config
 
     return adapt

@@ -13,6 +13,11 @@ from typing import Any
 DEFAULT_UPLOAD_STORE = "/tmp/mongrel2.upload.XXXXXX"
 DEFAULT_CONTENT_LENGTH = 20480  # Mongrel2's own default for limits.content_length
 DISPATCH_MODES = ("broker", "direct")
+DEFAULT_HTTP_KEEPALIVE = 5.0
+DEFAULT_HTTP_TIMEOUT = 30.0
+DEFAULT_HTTP_MAX_BODY = 100 * 1024 * 1024
+# An --http host that means "every address": kept as is on cluster nodes.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 
 # tcp://HOST:PORT with HOST a name, an IPv4 address, [IPv6] or *; ipc://PATH.
 _TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.*_-]+):(\d{1,5})$")
@@ -61,6 +66,33 @@ def check_endpoint(spec: str, option: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class HttpAddress:
+    """An --http HOST:PORT; an empty host (``:8080``) means every IPv4 address."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HttpAddress:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not port_text.isdigit():
+            raise ConfigError(f"--http {text!r}: expected HOST:PORT such as 127.0.0.1:8080 or :8080")
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ConfigError(f"--http {text!r}: port {port} is out of range 1-65535")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ConfigError(f"--http {text!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
+        if host == "*":
+            host = ""
+        return cls(host or "0.0.0.0", port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
 def parse_app_spec(text: str) -> tuple[str, str]:
     """'pkg.mod:callable' -> ('pkg.mod', 'callable'); the callable defaults to 'application'."""
     if not _APP_SPEC.match(text):
@@ -73,7 +105,7 @@ def parse_app_spec(text: str) -> tuple[str, str]:
 class HandlerConfig:
     """Everything a host's supervisor and workers need; plain data, so it can travel."""
 
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Endpoint, ...]  # may be empty when --http serves alone
     app: str
     processes: int = 1
     threads: int = 1
@@ -88,11 +120,15 @@ class HandlerConfig:
     max_requests: int = 0  # recycle a worker after this many requests; 0: off
     max_requests_jitter: int = 0
     reload_on_rss: int = 0  # recycle a worker whose RSS passes this many MB; 0: off
+    http: tuple[str, ...] = ()  # HOST:PORT to serve plain HTTP on, beside or instead of Mongrel2
+    http_keepalive: float = DEFAULT_HTTP_KEEPALIVE
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT
+    http_max_body: int = DEFAULT_HTTP_MAX_BODY
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.endpoints:
-            raise ConfigError("no --zeromq endpoint: give at least one SEND_SPEC,RECV_SPEC")
+        if not self.endpoints and not self.http:
+            raise ConfigError("nothing to serve: give --zeromq SEND_SPEC,RECV_SPEC (Mongrel2) or --http HOST:PORT")
         if len(self.endpoints) > 255:
             raise ConfigError("at most 255 --zeromq endpoints are supported")
         parse_app_spec(self.app)
@@ -106,8 +142,13 @@ class HandlerConfig:
             raise ConfigError("--harakiri needs --dispatch broker: only the dispatcher knows how long a request has run")
         if self.content_length_limit < 0:
             raise ConfigError("--mongrel2-content-length must not be negative")
+        addresses = [HttpAddress.parse(text) for text in self.http]
+        if len(set(addresses)) != len(addresses):
+            raise ConfigError("the same --http address is given twice")
+        if self.http_timeout <= 0:
+            raise ConfigError("--http-timeout must be more than 0 seconds")
         for name in ("graceful_timeout", "reload_batch", "harakiri", "max_requests",
-                     "max_requests_jitter", "reload_on_rss"):
+                     "max_requests_jitter", "reload_on_rss", "http_keepalive", "http_max_body"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         if not self.upload_store.endswith("XXXXXX"):
@@ -119,6 +160,7 @@ class HandlerConfig:
         data = asdict(self)
         data["endpoints"] = [[e.send_spec, e.recv_spec] for e in self.endpoints]
         data["pythonpath"] = list(self.pythonpath)
+        data["http"] = list(self.http)
         return data
 
     @classmethod
@@ -126,4 +168,9 @@ class HandlerConfig:
         data = dict(data)
         data["endpoints"] = tuple(Endpoint(*pair) for pair in data["endpoints"])
         data["pythonpath"] = tuple(data.get("pythonpath", ()))
+        data["http"] = tuple(data.get("http", ()))
         return cls(**data)
+
+    @property
+    def http_addresses(self) -> tuple[HttpAddress, ...]:
+        return tuple(HttpAddress.parse(text) for text in self.http)

@@ -67,11 +67,15 @@ def serve(
     content_length: int | None,
     multithread: bool,
     multiprocess: bool,
+    now: float | None = None,
 ) -> bool:
-    """Serve one request; returns True if the connection was closed."""
+    """Serve one request; returns True if the connection was closed.
+    ``now`` (seconds since the epoch) adds a Date header: a server's duty that
+    Mongrel2 does not take on, so only the --http side passes it."""
     method = request.headers.get("METHOD", "GET")
     version = request.headers.get("VERSION", "HTTP/1.1")
-    framer = ResponseFramer(method=str(method), version=str(version), connection=request.header("connection"))
+    framer = ResponseFramer(method=str(method), version=str(version), connection=request.header("connection"),
+                            now=now)
     environ = build_environ(
         request,
         body=body,

@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 
-from fleet.config import ConfigError, Endpoint, HandlerConfig, check_endpoint
+from fleet.config import ConfigError, Endpoint, HandlerConfig, HttpAddress, check_endpoint
 from fleet.exitcodes import APP_LOAD_FAILED
 from fleet.logs import setup_logging
 from fleet.supervisor import Supervisor
 
 
 def config_from_args(args: argparse.Namespace) -> HandlerConfig:
-    if not args.zeromq:
-        raise ConfigError("--zeromq SEND_SPEC,RECV_SPEC is required (the Mongrel2 handler to serve)")
+    if not args.zeromq and not args.http:
+        raise ConfigError("--zeromq SEND_SPEC,RECV_SPEC (a Mongrel2 handler) or --http HOST:PORT is required")
     if not args.module:
         raise ConfigError("--module MODULE[:CALLABLE] is required (the WSGI application)")
     chroot = args.mongrel2_chroot
@@ -39,6 +39,10 @@ def config_from_args(args: argparse.Namespace) -> HandlerConfig:
         max_requests=args.max_requests,
         max_requests_jitter=args.max_requests_jitter,
         reload_on_rss=args.reload_on_rss,
+        http=tuple(str(HttpAddress.parse(text)) for text in args.http),
+        http_keepalive=args.http_keepalive,
+        http_timeout=args.http_timeout,
+        http_max_body=args.http_max_body,
     )
 
 

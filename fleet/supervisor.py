@@ -28,6 +28,7 @@ import zmq
 from fleet.cluster import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
 from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatcher import Dispatcher
+from fleet.http_front import listen
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
 from fleet.logs import reopen_log_file
 from fleet.stats import worker_row
@@ -56,6 +57,19 @@ HARAKIRI_GRACE = 3.0
 REPLY_FLUSH = 0.3
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
+
+def listen_all(config: HandlerConfig) -> list[socket.socket]:
+    """The --http sockets, or one clear line saying why one cannot be had."""
+    listeners: list[socket.socket] = []
+    for address in config.http_addresses:
+        try:
+            listeners.append(listen(address))
+        except OSError as error:
+            for listener in listeners:
+                listener.close()
+            raise ConfigError(f"--http {address}: cannot listen there: {error.strerror or error}") from None
+    return listeners
+
 
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
@@ -113,6 +127,8 @@ class Supervisor:
     ) -> None:
         self.adapt_config = adapt_config
         self.config = config
+        # Bound once here and inherited by every worker: a reload never refuses a connection.
+        self.http_listeners = listen_all(config)
         self.log_file = log_file
         self.cluster = cluster
         # The cluster generation this host's workers run, and the one a reload
@@ -150,9 +166,11 @@ class Supervisor:
             self.stats_socket = self.context.socket(zmq.REP)
             self.stats_socket.setsockopt(zmq.LINGER, 0)
             self.stats_socket.bind(stats_endpoint)
-        self.spec_json = WorkerSpec(
-            config, f"{self.runtime_dir}/dispatch", os.getpid(), log_level, log_file
-        ).to_json()
+        self.spec_json = self.worker_spec(config).to_json()
+
+    def worker_spec(self, config: HandlerConfig) -> WorkerSpec:
+        return WorkerSpec(config, f"{self.runtime_dir}/dispatch", os.getpid(), self.log_level, self.log_file,
+                          http_fds=tuple(listener.fileno() for listener in self.http_listeners))
 
     # -- the loop ------------------------------------------------------------
 
@@ -173,9 +191,10 @@ class Supervisor:
         for responder in self.dispatcher.responders:
             responder.wait_subscribed(1.0)
         log.info(
-            "master %d: %d worker(s) x %d thread(s), %s dispatch, app %s, Mongrel2 %s",
+            "master %d: %d worker(s) x %d thread(s), %s dispatch, app %s, Mongrel2 %s, HTTP %s",
             os.getpid(), self.config.processes, self.config.threads, self.config.dispatch,
-            self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints),
+            self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints) or "none",
+            ", ".join(self.config.http) or "none",
         )
         next_tick = next_sample = 0.0
         try:
@@ -221,6 +240,7 @@ class Supervisor:
             if self.stats_socket is not None:
                 self.stats_socket.close()
             self.dispatcher.close()
+            self.close_http()
             self.context.term()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
             signal.set_wakeup_fd(-1)
@@ -299,13 +319,12 @@ class Supervisor:
         """A new configuration from the cluster. Returns False if it cannot be
         applied in place (other Mongrel2 endpoints or dispatch mode): the
         caller then stops this supervisor and starts one with the new config."""
-        if config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch:
+        if (config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch
+                or config.http != self.config.http):
             return False
         self.config = config
         self.target = config.processes
-        self.spec_json = WorkerSpec(
-            config, f"{self.runtime_dir}/dispatch", os.getpid(), self.log_level, self.log_file
-        ).to_json()
+        self.spec_json = self.worker_spec(config).to_json()
         self.reload()
         self.pending_cluster_generation = cluster_generation
         return True
@@ -420,7 +439,8 @@ class Supervisor:
                 self.last_error = None
 
     def spawn_worker(self) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json])
+        process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json],
+                                   pass_fds=[listener.fileno() for listener in self.http_listeners])
         limit = 0
         if self.config.max_requests:
             limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
@@ -591,6 +611,7 @@ class Supervisor:
             return
         now = time.monotonic()
         self.stopping_since = now
+        self.close_http()  # the workers finish what they accepted; no new connections
         if graceful:
             # Detach from Mongrel2 first and serve what already came, then
             # retire: Mongrel2 gives new requests to the other hosts meanwhile,
@@ -606,6 +627,11 @@ class Supervisor:
             for worker in self.workers.values():
                 worker.retiring = True
                 _signal(worker.process, signal.SIGQUIT)
+
+    def close_http(self) -> None:
+        for listener in self.http_listeners:
+            listener.close()
+        self.http_listeners = []
 
     def retire_all_after_detach(self) -> None:
         now = time.monotonic()

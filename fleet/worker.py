@@ -17,7 +17,9 @@ import io
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,6 +34,7 @@ from fleet.broker import thread_credits
 from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
 from fleet.handler import serve
+from fleet.http_front import Exchange, HttpFront, HttpLimits, SocketReply
 from fleet.http_response import error_response
 from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
@@ -56,6 +59,7 @@ class WorkerSpec:
     parent_pid: int
     log_level: str = "info"
     log_file: str | None = None
+    http_fds: tuple[int, ...] = ()  # the supervisor's --http listening sockets, inherited
 
     def to_json(self) -> str:
         return json.dumps(
@@ -65,6 +69,7 @@ class WorkerSpec:
                 "parent_pid": self.parent_pid,
                 "log_level": self.log_level,
                 "log_file": self.log_file,
+                "http_fds": list(self.http_fds),
             }
         )
 
@@ -72,7 +77,7 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         data = json.loads(text)
         return cls(HandlerConfig.from_dict(data["config"]), data["dispatch_endpoint"], data["parent_pid"],
-                   data["log_level"], data.get("log_file"))
+                   data["log_level"], data.get("log_file"), tuple(data.get("http_fds", ())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +156,19 @@ class Worker:
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
         self.multiprocess = self.config.processes > 1
+        self.http: HttpFront | None = None
+        if spec.http_fds:
+            self.http = HttpFront(
+                [socket.socket(fileno=fd) for fd in spec.http_fds],
+                HttpLimits(self.config.http_keepalive, self.config.http_timeout, self.config.http_max_body),
+                self.config.threads,
+            )
+
+    def retire(self) -> None:
+        """Finish what was received, take nothing new, then exit (SIGTERM, SIGHUP)."""
+        self.retiring.set()
+        if self.http is not None:
+            self.http.retire()
 
     # -- start-up ----------------------------------------------------------
 
@@ -168,6 +186,8 @@ class Worker:
                         "replies sent before it connects are lost", spec)
 
     def start_threads(self) -> None:
+        if self.http is not None:
+            self.http.start()
         target = self.run_broker_thread if self.config.dispatch == "broker" else self.run_direct_thread
         for number in range(self.config.threads):
             thread = threading.Thread(target=self._guard, args=(target, number), name=f"request-{number}", daemon=True)
@@ -187,6 +207,7 @@ class Worker:
         responders = self.responders[number]
         channel = BrokerChannel(self.spec.dispatch_endpoint, wire.thread_ident(os.getpid(), number))
         channel.ask(thread_credits(self.config.threads))
+        waiter = self._http_waiter(channel.link.socket)
         retire_sent = False
         try:
             while True:
@@ -194,11 +215,14 @@ class Worker:
                     channel.retire()
                     retire_sent = True
                 try:
-                    frames = channel.receive()
+                    frames = channel.receive() if waiter is None else self._next_work(channel, waiter)
                 except LinkClosed:
                     log.warning("the dispatcher closed the link; thread %d stops", number)
                     return
                 if frames is None:
+                    continue
+                if isinstance(frames, Exchange):
+                    self.serve_http(frames, responders)
                     continue
                 if frames[0] == wire.RETIRED:
                     break
@@ -212,6 +236,7 @@ class Worker:
                     channel.done(index, outcome, credit=not retire_sent)
         finally:
             channel.close()
+        self.drain_http(responders)
 
     def run_direct_thread(self, number: int) -> None:
         responders = self.responders[number]
@@ -225,19 +250,77 @@ class Worker:
         poller = zmq.Poller()
         for pull in pulls:
             poller.register(pull, zmq.POLLIN)
+        if self.http is not None:
+            poller.register(self.http.handoff.fileno(), zmq.POLLIN)
         try:
             while not self.retiring.is_set():
-                if len(pulls) == 1:  # the common case: a blocking receive, no poll
+                if len(pulls) == 1 and self.http is None:  # the common case: a blocking receive, no poll
                     try:
                         self.handle(0, pulls[0].recv(), no_control, _FROM_HEADER, responders)
                     except zmq.Again:
                         pass
                     continue
-                for pull, _ in poller.poll(POLL_INTERVAL_MS):
-                    self.handle(pulls.index(pull), pull.recv(), no_control, _FROM_HEADER, responders)
+                for ready, _ in poller.poll(POLL_INTERVAL_MS):
+                    if isinstance(ready, int):
+                        if (exchange := self.http.handoff.take()) is not None:
+                            self.serve_http(exchange, responders)
+                        continue
+                    self.handle(pulls.index(ready), ready.recv(), no_control, _FROM_HEADER, responders)
         finally:
             for pull in pulls:
                 pull.close()
+        self.drain_http(responders)
+
+    # -- HTTP (--http) ------------------------------------------------------
+
+    def _http_waiter(self, link_socket) -> select.poll | None:
+        """A poll over a broker thread's link and the HTTP hand-off, if there is HTTP."""
+        if self.http is None:
+            return None
+        waiter = select.poll()
+        waiter.register(link_socket, select.POLLIN)
+        waiter.register(self.http.handoff.fileno(), select.POLLIN)
+        return waiter
+
+    def _next_work(self, channel: BrokerChannel, waiter: select.poll) -> list[bytes] | Exchange | None:
+        """What this thread serves next: frames from the dispatcher or an HTTP request."""
+        if channel.pending or channel.link.messages:
+            return channel.receive()
+        handoff = self.http.handoff.fileno()
+        ready = [fd for fd, _ in waiter.poll(POLL_INTERVAL_MS)]
+        if handoff in ready and (exchange := self.http.handoff.take()) is not None:
+            return exchange
+        if len(ready) > (handoff in ready):
+            return channel.receive()
+        return None
+
+    def serve_http(self, exchange: Exchange, responders: list[Responder]) -> None:
+        client, ready = exchange.client, exchange.ready
+        request = ready.request
+        if self.http.retiring.is_set() or self.config.http_keepalive <= 0:
+            request.headers["connection"] = "close"  # the framer then says so to the client
+        reply = SocketReply(client.sock, request.conn_id, self.config.http_timeout)
+        self.http.thread_busy()
+        try:
+            closed = serve(self.app, request, reply, body=ready.body, content_length=ready.length,
+                           multithread=self.multithread, multiprocess=self.multiprocess, now=time.time())
+        except Exception:
+            log.exception("internal error serving HTTP connection %s", request.conn_id.decode())
+            closed = self._fail(reply)
+        finally:
+            ready.body.close()
+            self.http.thread_idle()
+        self.http.give_back(client, keep=not (closed or reply.gone or reply.close_requested))
+
+    def drain_http(self, responders: list[Responder]) -> None:
+        """After retiring from the dispatcher: serve the HTTP requests already received."""
+        if self.http is None:
+            return
+        waiter = select.poll()
+        waiter.register(self.http.handoff.fileno(), select.POLLIN)
+        while not (self.http.finished.is_set() and not len(self.http.handoff)):
+            if waiter.poll(POLL_INTERVAL_MS) and (exchange := self.http.handoff.take()) is not None:
+                self.serve_http(exchange, responders)
 
     def handle(self, index: int, raw: bytes, poll_control, credits: int | None | object,
                responders: list[Responder]) -> Outcome | None:
@@ -261,6 +344,8 @@ class Worker:
                           "(it sends credit grants to any handler): large responses will be cut; "
                           "use --dispatch broker")
         reply = Reply(responders[index], event.sender, event.conn_id, credits=credits, poll_control=poll_control)
+        if self.http is not None:
+            self.http.thread_busy()
         try:
             closed = self._serve(event, reply)
         except Exception:
@@ -268,6 +353,9 @@ class Worker:
             # this request fails, the worker goes on serving the others.
             log.exception("internal error serving connection %s", event.conn_id.decode())
             closed = self._fail(reply)
+        finally:
+            if self.http is not None:
+                self.http.thread_idle()
         return Outcome(event.conn_id, reply.bytes_sent if credits is not None else None, closed)
 
     def _fail(self, reply: Reply) -> bool:
@@ -349,8 +437,8 @@ def main(argv: list[str]) -> int:
         log.error("%s", error)
         return APP_LOAD_FAILED
     worker = Worker(spec, app)
-    signal.signal(signal.SIGTERM, lambda *_: worker.retiring.set())
-    signal.signal(signal.SIGHUP, lambda *_: worker.retiring.set())
+    signal.signal(signal.SIGTERM, lambda *_: worker.retire())
+    signal.signal(signal.SIGHUP, lambda *_: worker.retire())
     signal.signal(signal.SIGUSR1, lambda *_: reopen_log_file())
     for quick in (signal.SIGINT, signal.SIGQUIT):
         signal.signal(quick, lambda *_: os._exit(0))
@@ -359,8 +447,9 @@ def main(argv: list[str]) -> int:
     control = ThreadLink(spec.dispatch_endpoint, wire.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
     control.send([wire.READY, (app_version(spec.config.app) or "").encode()])
     log.info(
-        "worker ready: %d thread(s), %s dispatch, replying to %s",
-        spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders[0]),
+        "worker ready: %d thread(s), %s dispatch, replying to %s, HTTP %s",
+        spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders[0]) or "none",
+        ", ".join(spec.config.http) or "none",
     )
     worker.wait()
     control.close()

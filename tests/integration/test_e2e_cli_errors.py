@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from fleet_harness import HERE, Harness, group_members
 
-from fleet.mongrel2_runner import tcp_pair
+from fleet.mongrel2_runner import free_port, tcp_pair
 
 USAGE = 2
 APP_LOAD_FAILED = 4
@@ -34,11 +36,22 @@ def _run(harness: Harness, args: list[str]) -> tuple[int, list[str]]:
     ["--zeromq", "ENDPOINT", "--module", "apps:hello", "--dispatch", "teleport"],
     ["--module", "apps:hello"],
     ["--zeromq", "ENDPOINT"],
+    ["--http", "nonsense", "--module", "apps:hello"],
+    ["--http", "127.0.0.1:99999", "--module", "apps:hello"],
+    ["--http", "TAKEN", "--module", "apps:hello"],
+    ["--http", "127.0.0.1:1", "--http", "127.0.0.1:1", "--module", "apps:hello"],
+    ["--http", "FREE", "--module", "apps:hello", "--http-timeout", "0"],
 ], ids=["not-an-endpoint", "port-out-of-range", "one-spec-only", "p0", "threads0",
-        "bad-module-syntax", "bad-dispatch", "no-zeromq", "no-module"])
+        "bad-module-syntax", "bad-dispatch", "no-zeromq", "no-module",
+        "http-not-an-address", "http-port-out-of-range", "http-port-taken", "http-twice", "http-timeout-0"])
 def test_usage_errors(harness: Harness, args: list[str]) -> None:
-    args = [_endpoint() if a == "ENDPOINT" else a for a in args]
-    code, lines = _run(harness, [*args, "--pythonpath", str(HERE)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        placeholders = {"ENDPOINT": _endpoint(), "TAKEN": f"127.0.0.1:{taken.getsockname()[1]}",
+                        "FREE": f"127.0.0.1:{free_port()}"}
+        args = [placeholders.get(a, a) for a in args]
+        code, lines = _run(harness, [*args, "--pythonpath", str(HERE)])
     assert code == USAGE, lines
     assert len(lines) == 1, lines
     assert lines[0].startswith("fleet: error:"), lines

@@ -44,3 +44,55 @@ def test_handler_config_round_trips_and_validates() -> None:
                 {"harakiri": 5.0, "dispatch": "direct"}, {"max_requests": -1}):
         with pytest.raises(ConfigError):
             HandlerConfig(endpoints=config.endpoints, app="app", **bad)
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("127.0.0.1:8080", "127.0.0.1", 8080),
+    (":8080", "0.0.0.0", 8080),
+    ("*:8080", "0.0.0.0", 8080),
+    ("[::1]:81", "::1", 81),
+    ("web.example:80", "web.example", 80),
+])
+def test_http_address_parses(text: str, host: str, port: int) -> None:
+    from fleet.config import HttpAddress
+
+    assert HttpAddress.parse(text) == HttpAddress(host, port)
+    assert HttpAddress.parse(str(HttpAddress.parse(text))) == HttpAddress(host, port)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("8080", "expected HOST:PORT"),
+    ("host:", "expected HOST:PORT"),
+    ("host:http", "expected HOST:PORT"),
+    ("host:0", "out of range"),
+    ("::1:80", "brackets"),
+])
+def test_http_address_mistakes(text: str, fragment: str) -> None:
+    from fleet.config import HttpAddress
+
+    with pytest.raises(ConfigError) as error:
+        HttpAddress.parse(text)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_http_alone_is_enough_to_serve_and_travels_in_the_config() -> None:
+    config = HandlerConfig(endpoints=(), app="app", http=("0.0.0.0:8080",), http_keepalive=2.0)
+    assert HandlerConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="nothing to serve"):
+        HandlerConfig(endpoints=(), app="app")
+    with pytest.raises(ConfigError, match="twice"):
+        HandlerConfig(endpoints=(), app="app", http=("0.0.0.0:1", "0.0.0.0:1"))
+
+
+def test_a_node_serves_the_masters_http_ports_on_its_own_address() -> None:
+    import argparse
+
+    from fleet.cluster_cli import local_overrides
+
+    config = HandlerConfig(endpoints=(), app="app", http=("198.18.0.1:8080", "0.0.0.0:8081"))
+    inherit = local_overrides(argparse.Namespace(processes=None, threads=None, mongrel2_chroot=None, http=None),
+                              "198.18.0.7")
+    assert inherit(config).http == ("198.18.0.7:8080", "0.0.0.0:8081")
+    own = local_overrides(argparse.Namespace(processes=2, threads=None, mongrel2_chroot=None, http=[":9000"]),
+                          "198.18.0.7")
+    assert own(config).http == ("0.0.0.0:9000",) and own(config).processes == 2

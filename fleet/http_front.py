@@ -1,0 +1,417 @@
+"""``--http``: plain HTTP/1.1 sockets served by a worker's own request threads.
+
+The supervisor binds the listening sockets once and every worker inherits
+them, so a reload never refuses a connection: old workers stop accepting,
+new ones already do. In each worker one I/O thread owns every idle
+connection: it accepts, reads and parses (fleet.http_parser) without ever
+blocking, enforces the time limits, and hands a complete request to the
+request threads through a HandOff. A slow client therefore costs a file
+descriptor, never a thread. The request thread that takes a request owns
+its connection until the response is written, then gives it back (or
+closes it). One request at a time per connection, so pipelined requests
+are answered in order.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from fleet.config import HttpAddress
+from fleet.http_parser import CONTINUE, NeedData, PeerClosed, Rejected, RequestReader, RequestReady, SendContinue
+from fleet.http_response import error_response
+from fleet.reply import ClientGone
+
+log = logging.getLogger("fleet.http")
+
+LISTEN_BACKLOG = 1024
+RECV_SIZE = 64 * 1024
+ACCEPT_BATCH = 16  # connections accepted per wake-up, so reading is not starved
+TICK = 0.25  # the I/O thread looks at deadlines and the retire flag this often
+# After the last response, how long unread client bytes are drained before the
+# close: closing with unread data sends a reset that can destroy the response
+# on its way (what Apache and nginx call a lingering close).
+LINGER = 2.0
+# A retiring worker keeps an idle keep-alive connection this long, so that a
+# request already on its way is answered (with Connection: close) instead of
+# meeting a closed socket; then it closes.
+RETIRE_GRACE = 1.0
+
+
+def listen(address: HttpAddress) -> socket.socket:
+    """Bind and listen on one --http address (done once, in the supervisor)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass(slots=True)
+class Client:
+    """One accepted connection and where its current request stands."""
+
+    sock: socket.socket
+    reader: RequestReader
+    deadline: float = 0.0
+    request_deadline: float | None = None  # set when the first byte of a request arrives
+    lingering: bool = False  # our side is shut: reading only to discard, until EOF or deadline
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A complete request, handed to a request thread together with its connection."""
+
+    client: Client
+    ready: RequestReady
+
+
+class HandOff:
+    """Exchanges waiting for a request thread.
+
+    An eventfd in semaphore mode counts them: a thread that polls it and
+    then reads it successfully owns exactly one item, so any number of
+    threads can wait on it next to their other sockets.
+    """
+
+    def __init__(self) -> None:
+        self.items: deque[Exchange] = deque()
+        self.fd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, exchange: Exchange) -> None:
+        self.items.append(exchange)
+        os.eventfd_write(self.fd, 1)
+
+    def take(self) -> Exchange | None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return None  # another thread was quicker
+        return self.items.popleft()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SocketReply:
+    """The outgoing side of one HTTP request: the same calls as fleet.reply.Reply,
+    written straight to the client's socket. Every write must make progress
+    within ``timeout``, so a client that stops reading frees the thread."""
+
+    def __init__(self, sock: socket.socket, conn_id: bytes, timeout: float) -> None:
+        self.sock = sock
+        self.conn_id = conn_id
+        self.gone = False
+        self.close_requested = False
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        sock.settimeout(timeout)
+
+    def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ClientGone(self.conn_id)
+        if not data:
+            return
+        try:
+            self.sock.sendall(data)
+        except OSError as error:  # includes the timeout
+            self.gone = True
+            raise ClientGone(self.conn_id) from error
+        self.bytes_sent += len(data)
+        self.messages_sent += 1
+
+    def finish(self, tail: bytes = b"", close: bool = False) -> None:
+        if self.gone:
+            return
+        if tail:
+            try:
+                self.send(tail)
+            except ClientGone:
+                return
+        self.close_requested = close
+
+
+@dataclass
+class HttpLimits:
+    keepalive: float  # idle seconds between requests; 0 closes after each response
+    timeout: float  # seconds for a request to arrive whole, and for each write
+    max_body: int
+
+
+@dataclass
+class _Returned:
+    client: Client
+    keep: bool
+
+
+@dataclass
+class HttpFront:
+    """One worker's HTTP side: the I/O thread and the hand-off to request threads."""
+
+    listeners: list[socket.socket]
+    limits: HttpLimits
+    threads: int
+    handoff: HandOff = field(default_factory=HandOff)
+    retiring: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._returned: deque[_Returned] = deque()
+        self._clients: dict[int, Client] = {}  # fd -> client, while the I/O thread owns it
+        self._handed = 0  # clients a request thread owns
+        self._lock = threading.Lock()
+        self._idle_threads = self.threads
+        self._accepting = False
+        self._next_id = 0
+        self._next_sweep = 0.0
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="http-io", daemon=True)
+
+    # -- called from other threads ------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def retire(self) -> None:
+        """Stop accepting; finish what was received, then close every connection."""
+        self.retiring.set()
+        self.wake()
+
+    def wake(self) -> None:
+        os.eventfd_write(self._wake, 1)
+
+    def thread_busy(self) -> None:
+        with self._lock:
+            self._idle_threads -= 1
+
+    def thread_idle(self) -> None:
+        with self._lock:
+            self._idle_threads += 1
+        if not self._accepting:
+            self.wake()  # there may be room to accept again
+
+    def give_back(self, client: Client, keep: bool) -> None:
+        """A request thread is done with ``client``; keep it open for the next request or not."""
+        self._returned.append(_Returned(client, keep))
+        self.wake()
+
+    # -- the I/O thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._done():
+                self._loop_once()
+        except Exception:
+            log.exception("the HTTP I/O thread crashed; the worker exits so it is replaced")
+            os._exit(70)
+        finally:
+            self._close_everything()
+            self.finished.set()  # request threads look at it at least every TICK
+
+    def _done(self) -> bool:
+        return (self.retiring.is_set() and not self._clients and not self._handed
+                and not self._returned and not self.handoff.items)
+
+    def _loop_once(self) -> None:
+        self._update_accepting()
+        for fd, _events in self._epoll.poll(TICK):
+            if fd == self._wake:
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+            elif fd in self._clients:
+                self._read(self._clients[fd])
+            else:
+                self._accept(fd)
+        self._take_back_returned()
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + TICK
+            self._expire(now)
+        if self.retiring.is_set():
+            self._shorten_idle(now)
+
+    def _update_accepting(self) -> None:
+        """Accept only while a request thread could take the request: a busy
+        worker leaves new connections in the shared backlog for an idle one."""
+        want = not self.retiring.is_set() and self._idle_threads > len(self.handoff)
+        if want != self._accepting:
+            for listener in self.listeners:
+                if want:
+                    self._epoll.register(listener.fileno(), select.EPOLLIN)
+                else:
+                    self._epoll.unregister(listener.fileno())
+            self._accepting = want
+        if self.retiring.is_set() and self.listeners:
+            for listener in self.listeners:
+                listener.close()  # the other workers and the supervisor keep it open
+            self.listeners = []
+
+    def _accept(self, fd: int) -> None:
+        listener = next((s for s in self.listeners if s.fileno() == fd), None)
+        if listener is None:
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return  # another worker took it
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept HTTP connections: %s", error)
+                    return
+                continue  # e.g. ECONNABORTED: that client is gone already
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._next_id += 1
+            reader = RequestReader(b"http-%d-%d" % (os.getpid(), self._next_id), _remote_addr(address),
+                                   max_body=self.limits.max_body)
+            self._own(Client(sock, reader, deadline=time.monotonic() + self.limits.timeout))
+
+    def _own(self, client: Client) -> None:
+        self._clients[client.sock.fileno()] = client
+        self._epoll.register(client.sock.fileno(), select.EPOLLIN)
+
+    def _disown(self, client: Client) -> None:
+        fd = client.sock.fileno()
+        if self._clients.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def _read(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # reset by the peer: same as a close here
+        if client.lingering:
+            if not data:
+                self._drop(client)
+            return
+        client.reader.feed(data)
+        self._pump(client)
+
+    def _pump(self, client: Client) -> None:
+        """Act on everything the client's bytes make complete."""
+        while True:
+            event = client.reader.next_event()
+            if isinstance(event, NeedData):
+                now = time.monotonic()
+                if client.reader.mid_request:
+                    if client.request_deadline is None:
+                        client.request_deadline = now + self.limits.timeout
+                    client.deadline = client.request_deadline
+                return
+            if isinstance(event, SendContinue):
+                if not self._send_small(client, CONTINUE):
+                    self._close(client)
+                    return
+                continue
+            if isinstance(event, RequestReady):
+                self._disown(client)
+                self._handed += 1
+                self.handoff.put(Exchange(client, event))
+                return
+            if isinstance(event, Rejected):
+                log.warning("refused an HTTP request from %s with %d: %s",
+                            client.reader.remote_addr, event.status, event.reason)
+                self._send_small(client, error_response(event.status))
+                self._close(client)
+                return
+            if isinstance(event, PeerClosed):
+                self._drop(client)
+                return
+
+    def _take_back_returned(self) -> None:
+        while self._returned:
+            returned = self._returned.popleft()
+            self._handed -= 1
+            client = returned.client
+            client.sock.setblocking(False)
+            if not returned.keep or self.limits.keepalive <= 0:
+                self._close(client)
+                continue
+            client.reader.next_request()
+            client.request_deadline = None
+            client.deadline = time.monotonic() + self.limits.keepalive
+            self._own(client)
+            self._pump(client)  # the client may have pipelined the next request already
+
+    def _expire(self, now: float) -> None:
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            if client.lingering:
+                self._drop(client)
+            elif client.reader.mid_request:
+                log.info("HTTP client %s too slow: no whole request in %.0f s",
+                         client.reader.remote_addr, self.limits.timeout)
+                self._send_small(client, error_response(408))
+            self._close(client)
+
+    def _shorten_idle(self, now: float) -> None:
+        last = now + RETIRE_GRACE
+        for client in self._clients.values():
+            if not client.reader.mid_request and not client.lingering and client.deadline > last:
+                client.deadline = last
+
+    def _send_small(self, client: Client, data: bytes) -> bool:
+        """A short answer from the I/O thread, which never waits on a client."""
+        try:
+            return client.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _close(self, client: Client) -> None:
+        """Shut our side, then drain what the client still sends for up to LINGER."""
+        client.reader.close()
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(client)
+            return
+        client.lingering = True
+        client.deadline = time.monotonic() + LINGER
+        if client.sock.fileno() not in self._clients:
+            self._own(client)
+
+    def _drop(self, client: Client) -> None:
+        self._disown(client)
+        client.reader.close()
+        client.sock.close()
+
+    def _close_everything(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop(client)
+        for listener in self.listeners:
+            listener.close()
+        self._epoll.close()
+
+
+def _remote_addr(address) -> str:
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return ""

@@ -1,0 +1,238 @@
+"""HTTP/1.1 requests from a client's byte stream, for ``--http``: h11 parses, this shapes.
+
+Sans-I/O: ``feed()`` bytes, ``next_event()`` typed events, no sockets. A
+finished request comes out as the same ``fleet.mongrel2.Request`` that
+Mongrel2 would have sent (METHOD, PATH, QUERY, ... plus lower-case client
+headers), so one WSGI layer serves both. One reader per connection; after a
+request, ``next_request()`` carries pipelined bytes over to the next one.
+
+h11 only frames requests here: responses are written by fleet.http_response,
+exactly as for Mongrel2. That is why each request gets a fresh h11
+connection (h11 would otherwise insist on sending the response itself).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import IO
+
+import h11
+
+from fleet.mongrel2 import HeaderValue, Request
+
+# Bodies larger than this go to a temporary file instead of memory.
+SPOOL_LIMIT = 1 << 20
+# h11's own default; beyond it a request head is refused with 431.
+DEFAULT_HEADER_LIMIT = 16 * 1024
+# A head may exceed the limit by less than this before it is refused.
+HEAD_SLICE = 512
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Headers that described the request's framing on the wire; the app gets the
+# de-chunked body and its real Content-Length instead.
+_FRAMING_HEADERS = frozenset({"transfer-encoding", "content-length"})
+
+
+@dataclass(frozen=True, slots=True)
+class NeedData:
+    """Nothing complete yet: read more from the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendContinue:
+    """The client waits for ``100 Continue`` before sending its body: write CONTINUE."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReady:
+    """A whole request: head and body (rewound, ready for wsgi.input)."""
+
+    request: Request
+    body: IO[bytes]
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The client broke HTTP or a limit: answer ``status`` and close."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The client closed its side; ``mid_request`` if it did so halfway through a request."""
+
+    mid_request: bool
+
+
+Event = NeedData | SendContinue | RequestReady | Rejected | PeerClosed
+
+
+class RequestReader:
+    """Turns one connection's bytes into requests, one at a time, in order."""
+
+    def __init__(self, conn_id: bytes, remote_addr: str, *, max_body: int,
+                 header_limit: int = DEFAULT_HEADER_LIMIT, scheme: str = "http") -> None:
+        self.conn_id = conn_id
+        self.remote_addr = remote_addr
+        self.max_body = max_body
+        self.header_limit = header_limit
+        self.scheme = scheme
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=header_limit)
+        self._head: h11.Request | None = None
+        self._body: IO[bytes] | None = None
+        self._length = 0
+        self._continue_sent = False
+        self._bytes_seen = False
+        self._eof = False
+        self._eof_fed = False
+        # Bytes not given to h11 yet. Until the head is parsed it gets them in
+        # HEAD_SLICE pieces: h11 only limits a head that is still incomplete,
+        # so a whole oversized head fed at once would pass.
+        self._pending = bytearray()
+
+    @property
+    def mid_request(self) -> bool:
+        """True once any byte of the current request has arrived."""
+        return self._bytes_seen or self._head is not None
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the client; b"" means it closed its side."""
+        if data:
+            self._bytes_seen = True
+            self._pending += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event:
+        try:
+            return self._next_event()
+        except h11.RemoteProtocolError as error:
+            self._discard_body()
+            if self._eof:  # h11's complaint is only that the client left halfway
+                return PeerClosed(mid_request=True)
+            return Rejected(error.error_status_hint, str(error) or "malformed request")
+
+    def next_request(self) -> None:
+        """The previous request was answered and the connection stays open:
+        start on the next one with whatever the client already pipelined."""
+        data, closed = self._h11.trailing_data
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.header_limit)
+        self._head = None
+        self._body = None
+        self._length = 0
+        self._continue_sent = False
+        self._pending[:0] = data
+        self._bytes_seen = bool(self._pending)
+        self._eof = self._eof or closed
+        self._eof_fed = False
+
+    def close(self) -> None:
+        self._discard_body()
+
+    # -- internals -------------------------------------------------------
+
+    def _next_event(self) -> Event:
+        while True:
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA and self._give_h11_more():
+                continue
+            if event is h11.NEED_DATA:
+                if self._head is not None and self._h11.they_are_waiting_for_100_continue \
+                        and not self._continue_sent:
+                    self._continue_sent = True
+                    return SendContinue()
+                return NeedData()
+            if isinstance(event, h11.Request):
+                self._head = event
+                declared = _declared_length(event)
+                if declared is not None and declared > self.max_body:
+                    return Rejected(413, f"a body of {declared} bytes is over the limit of {self.max_body}")
+                self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
+                continue
+            if isinstance(event, h11.Data):
+                self._length += len(event.data)
+                if self._length > self.max_body:
+                    self._discard_body()
+                    return Rejected(413, f"the body is over the limit of {self.max_body} bytes")
+                assert self._body is not None
+                self._body.write(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                assert self._head is not None and self._body is not None
+                body, self._body = self._body, None
+                body.seek(0)
+                return RequestReady(self._request(self._head), body, self._length)
+            if isinstance(event, h11.ConnectionClosed):
+                mid = self.mid_request
+                self._discard_body()
+                return PeerClosed(mid_request=mid)
+            if event is h11.PAUSED:
+                return NeedData()  # a request is out; next_request() resumes
+            # h11.InformationalResponse and the like cannot come from a client.
+
+    def _give_h11_more(self) -> bool:
+        """Move pending bytes (at most a head's limit while no head is parsed) to h11."""
+        if self._pending:
+            size = HEAD_SLICE if self._head is None else len(self._pending)
+            self._h11.receive_data(bytes(self._pending[:size]))
+            del self._pending[:size]
+            return True
+        if self._eof and not self._eof_fed:
+            self._eof_fed = True
+            self._h11.receive_data(b"")
+            return True
+        return False
+
+    def _request(self, head: h11.Request) -> Request:
+        target = head.target.decode("latin-1")
+        path = _origin_form(target)
+        raw_path, question, query = path.partition("?")
+        headers: dict[str, HeaderValue] = {}
+        for raw_name, raw_value in head.headers:
+            name = raw_name.decode("latin-1")  # h11 lower-cases names
+            if name in _FRAMING_HEADERS:
+                continue
+            value = raw_value.decode("latin-1")
+            present = headers.get(name)
+            if present is None:
+                headers[name] = value
+            elif isinstance(present, list):
+                present.append(value)
+            else:
+                headers[name] = [present, value]
+        headers["content-length"] = str(self._length)
+        # Mongrel2's own keys, upper case: client headers can never collide with them.
+        headers["METHOD"] = head.method.decode("latin-1")
+        headers["VERSION"] = "HTTP/" + head.http_version.decode("latin-1")
+        headers["URI"] = path
+        headers["PATH"] = raw_path
+        if question:
+            headers["QUERY"] = query
+        headers["PATTERN"] = "/"
+        headers["URL_SCHEME"] = self.scheme
+        headers["REMOTE_ADDR"] = self.remote_addr
+        return Request(sender=b"http", conn_id=self.conn_id, path=raw_path.encode("latin-1"), headers=headers)
+
+    def _discard_body(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+
+def _declared_length(head: h11.Request) -> int | None:
+    for name, value in head.headers:
+        if name == b"content-length":
+            return int(value)  # h11 has checked it is one non-negative integer
+    return None
+
+
+def _origin_form(target: str) -> str:
+    """``http://host/p?q`` (absolute form, from proxies) -> ``/p?q``; ``*`` stays."""
+    if target.startswith(("http://", "https://")):
+        rest = target.split("://", 1)[1]
+        slash = rest.find("/")
+        return rest[slash:] if slash >= 0 else "/"
+    return target
