@@ -33,6 +33,7 @@ log = logging.getLogger("fleet.http")
 
 LISTEN_BACKLOG = 1024
 RECV_SIZE = 64 * 1024
+WRITE_PIECE = 256 * 1024  # each piece of a response must leave within --http-timeout
 ACCEPT_BATCH = 16  # connections accepted per wake-up, so reading is not starved
 TICK = 0.25  # the I/O thread looks at deadlines and the retire flag this often
 # After the last response, how long unread client bytes are drained before the
@@ -43,6 +44,9 @@ LINGER = 2.0
 # request already on its way is answered (with Connection: close) instead of
 # meeting a closed socket; then it closes.
 RETIRE_GRACE = 1.0
+# Out of file descriptors: stop accepting this long (the backlog waits, or
+# another worker takes the connections) instead of spinning on accept().
+ACCEPT_PAUSE = 0.5
 
 
 def listen(address: HttpAddress) -> socket.socket:
@@ -131,8 +135,12 @@ class SocketReply:
             raise ClientGone(self.conn_id)
         if not data:
             return
+        view = memoryview(data)
         try:
-            self.sock.sendall(data)
+            # In pieces: sendall's timeout covers a whole call, and a big body
+            # to a slow but reading client must not count as no progress.
+            for start in range(0, len(view), WRITE_PIECE):
+                self.sock.sendall(view[start:start + WRITE_PIECE])
         except OSError as error:  # includes the timeout
             self.gone = True
             raise ClientGone(self.conn_id) from error
@@ -184,6 +192,7 @@ class HttpFront:
         self._lock = threading.Lock()
         self._idle_threads = self.threads
         self._accepting = False
+        self._accept_paused_until = 0.0
         self._next_id = 0
         self._next_sweep = 0.0
         for listener in self.listeners:
@@ -258,7 +267,8 @@ class HttpFront:
     def _update_accepting(self) -> None:
         """Accept only while a request thread could take the request: a busy
         worker leaves new connections in the shared backlog for an idle one."""
-        want = not self.retiring.is_set() and self._idle_threads > len(self.handoff)
+        want = (not self.retiring.is_set() and self._idle_threads > len(self.handoff)
+                and time.monotonic() >= self._accept_paused_until)
         if want != self._accepting:
             for listener in self.listeners:
                 if want:
@@ -282,9 +292,13 @@ class HttpFront:
                 return  # another worker took it
             except OSError as error:
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept HTTP connections: %s", error)
+                    if not self._accept_paused_until:
+                        log.error("cannot accept HTTP connections (%d open): %s; pausing accept "
+                                  "while it lasts", len(self._clients) + self._handed, error)
+                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
                     return
                 continue  # e.g. ECONNABORTED: that client is gone already
+            self._accept_paused_until = 0.0
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

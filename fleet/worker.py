@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -186,13 +187,14 @@ class Worker:
                         "replies sent before it connects are lost", spec)
 
     def start_threads(self) -> None:
-        if self.http is not None:
-            self.http.start()
         target = self.run_broker_thread if self.config.dispatch == "broker" else self.run_direct_thread
         for number in range(self.config.threads):
             thread = threading.Thread(target=self._guard, args=(target, number), name=f"request-{number}", daemon=True)
             thread.start()
             self.threads.append(thread)
+        if self.http is not None:
+            _raise_fd_limit()  # every HTTP connection is a descriptor
+            self.http.start()
 
     def _guard(self, target, number: int) -> None:
         try:
@@ -414,6 +416,15 @@ class Worker:
             for responder in responders:
                 responder.close()
         self.context.term()
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:
+            log.warning("could not raise the open-files limit from %d: %s", soft, error)
 
 
 def _die_with_parent() -> None:

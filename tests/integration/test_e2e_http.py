@@ -13,9 +13,7 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from fleet_harness import (
@@ -291,3 +289,19 @@ def test_http_without_mongrel2_stops_cleanly_on_term(harness: Harness) -> None:
     assert master.stop() == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+
+
+def test_a_client_that_stops_reading_frees_the_thread(harness: Harness) -> None:
+    """-p 1 --threads 1: a 10 MB answer to a client that never reads fills the
+    socket buffers; after --http-timeout the thread gives up and serves others."""
+    port = free_port()
+    master = harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__), "-p", "1",
+                             "--threads", "1", "--http-timeout", "2", *http_args(port)[:2]])
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /h/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/h/hello")
+        assert conn.getresponse().read() == b"Hello world!"
+        conn.close()
+    wait_log(master, "went away", timeout=30)
