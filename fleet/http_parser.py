@@ -13,6 +13,7 @@ connection (h11 would otherwise insist on sending the response itself).
 
 from __future__ import annotations
 
+import io
 import tempfile
 from dataclasses import dataclass
 from typing import IO
@@ -150,19 +151,19 @@ class RequestReader:
                 declared = _declared_length(event)
                 if declared is not None and declared > self.max_body:
                     return Rejected(413, f"a body of {declared} bytes is over the limit of {self.max_body}")
-                self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
                 continue
             if isinstance(event, h11.Data):
                 self._length += len(event.data)
                 if self._length > self.max_body:
                     self._discard_body()
                     return Rejected(413, f"the body is over the limit of {self.max_body} bytes")
-                assert self._body is not None
+                if self._body is None:  # made at the first byte: most requests have no body
+                    self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
                 self._body.write(event.data)
                 continue
             if isinstance(event, h11.EndOfMessage):
-                assert self._head is not None and self._body is not None
-                body, self._body = self._body, None
+                assert self._head is not None
+                body, self._body = self._body or io.BytesIO(), None
                 body.seek(0)
                 return RequestReady(self._request(self._head), body, self._length)
             if isinstance(event, h11.ConnectionClosed):
