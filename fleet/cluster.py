@@ -134,7 +134,7 @@ class ClusterAgent:
                                  unicast_bind=options.unicast_bind, peers=self.peers)
         # Where this host listens for unicast; with multicast only, the group's port on the interface.
         self.address = self.channel.unicast_address or (options.interface, options.group.port)
-        self._recent: OrderedDict[bytes, None] = OrderedDict()
+        self._recent: OrderedDict[bytes, str] = OrderedDict()  # datagram digest -> the host it came from
         self._peer_table_full_logged = False
         self._next_hello = 0.0
         self.guard = proto.ReplayGuard()
@@ -264,22 +264,32 @@ class ClusterAgent:
             received = self.channel.receive()
             if received is None:
                 return events
-            datagram, source, by_unicast = received
-            digest = hashlib.blake2b(datagram, digest_size=16).digest()
-            if digest in self._recent:
-                continue  # the same datagram by the other path (multicast and unicast)
-            message = self._authentic(datagram, source[0], now)
-            if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
-                continue  # rejected, or our own datagram looped back
-            self._remember(digest)
-            if by_unicast:
-                self._learn_peer(source, now)
-            event = self._handle(message, source, now)
+            event = self.take(*received, now)
             if event is not None:
                 events.append(event)
 
-    def _remember(self, digest: bytes) -> None:
-        self._recent[digest] = None
+    def take(self, datagram: bytes, source: Address, by_unicast: bool,
+             now: float) -> ApplyConfig | ReloadRequested | None:
+        """One datagram as the transport gave it: from `source`, by unicast or by multicast."""
+        digest = hashlib.blake2b(datagram, digest_size=16).digest()
+        first_from = self._recent.get(digest)
+        if first_from is not None:
+            # The same datagram by the other path (multicast and unicast). If the multicast
+            # copy came first, this copy still shows the sender listens for unicast; only
+            # from the same host, so a replay from elsewhere teaches no peer.
+            if by_unicast and source[0] == first_from:
+                self._learn_peer(source, now)
+            return None
+        message = self._authentic(datagram, source[0], now)
+        if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
+            return None  # rejected, or our own datagram looped back
+        self._remember(digest, source[0])
+        if by_unicast:
+            self._learn_peer(source, now)
+        return self._handle(message, source, now)
+
+    def _remember(self, digest: bytes, source_host: str) -> None:
+        self._recent[digest] = source_host
         while len(self._recent) > RECENT_DATAGRAMS:
             self._recent.popitem(last=False)
 

@@ -71,6 +71,13 @@ def test_a_seeds_only_cluster_serves_reports_and_reloads_without_multicast(
         assert not any(h.get("reported_by") for h in hosts.values()), hosts
     assert cluster.net.multicast_dropped() == 0  # nothing here even tried multicast
 
+    # `fleet log` from h3 knows only the seed, yet its line reaches every host.
+    out = cluster.fleet(cluster.net.host(3), "log", "hello over seeds")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for proc in (master, *nodes):
+        wait_for(lambda proc=proc: "hello over seeds (from 198.18.0.3)" in proc.log_text(), 10,
+                 what=f"the line in {proc.host.name}'s log")
+
     # `fleet reload` from a node's host, over seeds: every host moves to the next generation.
     before = {p.host.name: p.worker_pids() for p in (master, *nodes)}
     generation = cluster.status()["h1"]["generation"]

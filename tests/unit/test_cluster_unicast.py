@@ -147,3 +147,20 @@ def test_mixed_a_multicast_node_and_a_seed_node_through_a_master_on_both(agents,
     assert master.rejected == 0 and "dropped a datagram" not in caplog.text
     # The seed-only node sees the multicast-only one in the master's table, not by its heartbeats.
     assert "mc" in {row["hostname"] for row in by_seed.master_members} and "mc" not in heard(by_seed)
+
+
+def test_a_host_on_both_is_learned_even_when_its_multicast_copy_comes_first(agents) -> None:
+    master = agents("m", "master", config=CONFIG)
+    on_both = agents("both", "node", seeds=[master.address])
+    origin = proto.Origin("unit", bytes(16), bytes(16))
+    beat = proto.encode(origin.make(proto.Heartbeat, time.time(), **dict(
+        role="node", state="ready", generation=1, workers_ready=1, workers_total=1, requests_served=0,
+        requests_per_second=0.0, rss=0, hostname="both", address=on_both.address)), KEYRING)
+    host, port = on_both.address
+    assert master.take(beat, (host, 1717), False, time.time()) is None  # the multicast copy
+    assert on_both.address not in master.peers
+    master.take(beat, ("127.0.0.9", port), True, time.time())  # a copy replayed from elsewhere
+    assert ("127.0.0.9", port) not in master.peers
+    master.take(beat, on_both.address, True, time.time())  # the unicast copy from the host itself
+    assert on_both.address in master.peers.learned()
+    assert master.rejected == 0 and {h["hostname"] for h in master.members.status(time.time())["hosts"]} == {"both"}
