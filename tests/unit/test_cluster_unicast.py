@@ -164,3 +164,20 @@ def test_a_host_on_both_is_learned_even_when_its_multicast_copy_comes_first(agen
     master.take(beat, on_both.address, True, time.time())  # the unicast copy from the host itself
     assert on_both.address in master.peers.learned()
     assert master.rejected == 0 and {h["hostname"] for h in master.members.status(time.time())["hosts"]} == {"both"}
+
+
+def test_a_restarted_master_at_the_seed_address_relearns_its_nodes(agents) -> None:
+    first = agents("m", "master", config=CONFIG)
+    seed = first.address
+    n1 = agents("n1", "node", seeds=[seed])
+    n2 = agents("n2", "node", seeds=[seed])
+    run(first, n1, n2, seconds=1.0)
+    first.close()  # the master's process ends: a new one binds the same address
+    options = ClusterOptions(None, "127.0.0.1", KEYRING, name="unit", node_name="m", unicast_bind=seed)
+    second = ClusterAgent(options, "master", config=CONFIG)
+    try:
+        run(second, n1, n2, seconds=1.5)
+        assert heard(second) == {"n1", "n2"}
+        assert set(second.peers.learned()) == {n1.address, n2.address}
+    finally:
+        second.close()
