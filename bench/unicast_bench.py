@@ -8,6 +8,9 @@ transport, in alternating order:
 Mongrel2 and `fleet master -p 1 --threads 2` on h1, `fleet node` on h2 and h3.
 
 Figures per transport (median of the rounds):
+- node_config_s: from the node's "asking cluster" log line to its
+  "configuration of generation N received" line (both its own log, ms
+  timestamps): the transport's part of a join, without process start-up;
 - node_seen_by_master_s: from starting `fleet node` on h2 to the master's
   "cluster: h2 (...) joined" log line (its log polled every 20 ms);
 - node_first_served_s: from the same start to the first request h2 answers
@@ -24,6 +27,7 @@ Prints a table; writes bench/results/unicast_bench.json.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -59,6 +63,15 @@ def served(cluster: FleetCluster, hostname: str) -> bool:
         return False
 
 
+def log_gap(text: str, first: str, second: str) -> float:
+    """Seconds between the first log lines containing `first` and `second` (fleet.logs format)."""
+    def stamp(marker: str) -> datetime.datetime:
+        line = next(line for line in text.splitlines() if marker in line)
+        return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+    return (stamp(second) - stamp(first)).total_seconds()
+
+
 def one_round(transport: str) -> dict:
     net = Network(hosts=3).create()
     cluster = FleetCluster(net, Path(tempfile.mkdtemp(prefix=f"unicast-bench-{transport}-")))
@@ -75,6 +88,7 @@ def one_round(transport: str) -> dict:
             poll(lambda: "cluster: h2 (" in master.log_text(), start, what="h2 in the master's log"), 3)
         result["node_first_served_s"] = round(poll(lambda: served(cluster, "h2"), start, what="h2 serving"), 3)
         node.wait_ready()
+        result["node_config_s"] = round(log_gap(node.log_text(), "asking cluster", "configuration of generation"), 3)
         cluster.start_node(3)
         netns.wait_for(lambda: (s := cluster.status()) and len(s) == 3
                        and all(h["state"] == "ready" for h in s.values()), 30, what="three ready hosts")
@@ -132,7 +146,7 @@ def print_table(results: dict) -> None:
     for transport in TRANSPORTS:
         runs = results["runs"][transport]
         print(transport)
-        for key in ("node_seen_by_master_s", "node_first_served_s", "reload_s"):
+        for key in ("node_config_s", "node_seen_by_master_s", "node_first_served_s", "reload_s"):
             print(f"  {key:<24} {_fmt([r[key] for r in runs if key in r])}")
         print(f"  {'reload exit codes':<24} {[r.get('reload_exit') for r in runs]}")
         print(f"  {'failed+hung in reload':<24} {[r.get('failed_during_reload') for r in runs]}")
