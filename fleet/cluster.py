@@ -13,19 +13,31 @@ touches workers itself.
 - Both send heartbeats, log the lines of `fleet log`, and drop (and count)
   every datagram that is not authentic, logging at most once a minute per
   source.
+
+Datagrams travel by multicast, by unicast to a peer list (``--cluster-peers``,
+where multicast is dropped), or both (fleet.transport). With unicast, every
+authenticated datagram that came by unicast teaches its source as a peer, the
+master lists those peers in its announces so seed-only hosts learn each
+other, and a short-lived observer (`fleet status`) says hello once per
+heartbeat so the hosts send it their heartbeats too. A datagram heard twice
+(by multicast and by unicast) is dropped quietly the second time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleet import cluster_protocol as proto
 from fleet.membership import ConfigConflicts, Membership
-from fleet.multicast import Channel, Group
+from fleet.multicast import Group
+from fleet.peers import DEFAULT_EXPIRE_INTERVALS, Address, PeerTable
+from fleet.transport import Transport
 
 log = logging.getLogger("fleet.cluster")
 
@@ -42,17 +54,32 @@ ROLL_HOSTS = 2
 # ...unless the nodes ahead of it have not finished after this long (a node
 # whose reload failed must not hold the rest of the fleet back).
 ROLL_TIMEOUT = 30.0
+# Datagrams remembered to drop the second copy of one heard both by multicast
+# and by unicast: a few seconds of a busy fleet's traffic.
+RECENT_DATAGRAMS = 2048
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    group: Group
+    group: Group | None  # None: unicast only
     interface: str
     keyring: proto.Keyring
     ttl: int = 1
     name: str = DEFAULT_CLUSTER_NAME
     node_name: str = field(default_factory=socket.gethostname)
     heartbeat_interval: float = HEARTBEAT_INTERVAL
+    # Unicast: where this host listens (None: multicast only; port 0: any free
+    # port, for short-lived commands) and the seed peers it starts from.
+    unicast_bind: Address | None = None
+    peers: tuple[Address, ...] = ()
+
+    def describe(self) -> str:
+        """The channels, for log lines: '225.1.1.1:1717', 'peers 10.0.0.2:1717,...', or both."""
+        parts = [str(self.group)] if self.group is not None else []
+        if self.unicast_bind is not None:
+            seeds = ",".join(f"{host}:{port}" for host, port in self.peers[:4]) or "none"
+            parts.append(f"unicast seeds {seeds}{',...' if len(self.peers) > 4 else ''}")
+        return " + ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -98,12 +125,18 @@ class ClusterAgent:
         self.role = role
         self.clock = clock
         self.origin = proto.Origin(options.name, node_id_for(options.node_name), proto.new_boot_id())
-        self.address = (options.interface, options.group.port)
         if config is not None:
             # Refuse at start a configuration that cannot travel in one datagram.
             self._encode(self.origin.make(proto.Announce, clock(), generation=generation,
-                                          config=config, address=self.address))
-        self.channel = Channel(options.group, options.interface, ttl=options.ttl)
+                                          config=config, address=(options.interface, 65535)))
+        self.peers = PeerTable(options.peers, None, DEFAULT_EXPIRE_INTERVALS * options.heartbeat_interval)
+        self.channel = Transport(group=options.group, interface=options.interface, ttl=options.ttl,
+                                 unicast_bind=options.unicast_bind, peers=self.peers)
+        # Where this host listens for unicast; with multicast only, the group's port on the interface.
+        self.address = self.channel.unicast_address or (options.interface, options.group.port)
+        self._recent: OrderedDict[bytes, str] = OrderedDict()  # datagram digest -> the host it came from
+        self._peer_table_full_logged = False
+        self._next_hello = 0.0
         self.guard = proto.ReplayGuard()
         self.members = Membership(options.heartbeat_interval)
         self.conflicts = ConfigConflicts(ANNOUNCE_INTERVAL)
@@ -119,7 +152,7 @@ class ClusterAgent:
         if not len(options.keyring):
             log.warning("cluster %s on %s has no key: anyone on that network can read its configuration "
                         "and control it; give --cluster-key-file (fleet keygen makes one)",
-                        options.name, options.group)
+                        options.name, options.describe())
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -141,25 +174,34 @@ class ClusterAgent:
         if self.role == "node" and self.config is None and now >= self._next_request:
             self._next_request = now + CONFIG_REQUEST_INTERVAL
             self._send(proto.ConfigRequest, now)
+        if self.role == "observer" and self.unicast and now >= self._next_hello:
+            # Hosts send only to peers they know: a request makes them learn this
+            # command's address (and the master announce to it at once).
+            self._next_hello = now + self.options.heartbeat_interval
+            self._send(proto.ConfigRequest, now)
         for change in self.members.tick(now):
             log.info("cluster: %s", change)
+        for gone in self.peers.expire(now):
+            log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
     def announce(self, now: float) -> None:
         self._next_announce = now + ANNOUNCE_INTERVAL
         rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
                  h.workers_total, round(h.last_seen_age, 1)]
                 for h in self.members.hosts(now)][: proto.MAX_ANNOUNCED_MEMBERS]
+        peers = [list(address) for address in self.peers.addresses()][: proto.MAX_ANNOUNCED_PEERS]
         while True:
             try:
                 message = self._send(proto.Announce, now, generation=self.generation, config=self.config,
-                                     address=self.address, members=rows)
+                                     address=self.address, members=rows, peers=peers)
                 # Our own announce takes part too: another master that disagrees with it is a conflict.
                 self._report_conflicts(message, now)
                 return
             except proto.TooLarge:
-                if not rows:
+                if not rows and not peers:
                     raise
-                rows = rows[: len(rows) // 2]  # long host names: announce fewer rows
+                # Long host names, many peers: announce fewer rows and peers (repeated every second anyway).
+                rows, peers = rows[: len(rows) // 2], peers[: len(peers) // 2]
 
     def set_generation(self, generation: int) -> None:
         self.generation = generation
@@ -174,6 +216,10 @@ class ClusterAgent:
                  if h.role == "node" and h.node_id < me and h.generation < generation
                  and h.state in ("starting", "ready", "lost")]
         return len(ahead) < ROLL_HOSTS
+
+    @property
+    def unicast(self) -> bool:
+        return self.channel.unicast is not None
 
     def leave(self) -> None:
         self._send(proto.Leave, self.clock())
@@ -218,13 +264,42 @@ class ClusterAgent:
             received = self.channel.receive()
             if received is None:
                 return events
-            datagram, source = received
-            message = self._authentic(datagram, source, now)
-            if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
-                continue  # rejected, or our own datagram looped back
-            event = self._handle(message, source, now)
+            event = self.take(*received, now)
             if event is not None:
                 events.append(event)
+
+    def take(self, datagram: bytes, source: Address, by_unicast: bool,
+             now: float) -> ApplyConfig | ReloadRequested | None:
+        """One datagram as the transport gave it: from `source`, by unicast or by multicast."""
+        digest = hashlib.blake2b(datagram, digest_size=16).digest()
+        first_from = self._recent.get(digest)
+        if first_from is not None:
+            # The same datagram by the other path (multicast and unicast). If the multicast
+            # copy came first, this copy still shows the sender listens for unicast; only
+            # from the same host, so a replay from elsewhere teaches no peer.
+            if by_unicast and source[0] == first_from:
+                self._learn_peer(source, now)
+            return None
+        message = self._authentic(datagram, source[0], now)
+        if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
+            return None  # rejected, or our own datagram looped back
+        self._remember(digest, source[0])
+        if by_unicast:
+            self._learn_peer(source, now)
+        return self._handle(message, source, now)
+
+    def _remember(self, digest: bytes, source_host: str) -> None:
+        self._recent[digest] = source_host
+        while len(self._recent) > RECENT_DATAGRAMS:
+            self._recent.popitem(last=False)
+
+    def _learn_peer(self, address: Address, now: float) -> None:
+        if not self.unicast or address[1] == 0:
+            return
+        if not self.peers.learn(address, now) and not self._peer_table_full_logged:
+            self._peer_table_full_logged = True
+            log.warning("cluster: unicast peer table full (%d peers): not adding %s:%d or any further "
+                        "peer (logged once)", self.peers.max_peers, *address)
 
     def _authentic(self, datagram: bytes, source: str, now: float) -> proto.Message | None:
         try:
@@ -243,7 +318,7 @@ class ClusterAgent:
             return None
         return message
 
-    def _handle(self, message: proto.Message, source: str, now: float) -> ApplyConfig | ReloadRequested | None:
+    def _handle(self, message: proto.Message, source: Address, now: float) -> ApplyConfig | ReloadRequested | None:
         if isinstance(message, proto.Heartbeat):
             self.members.observe(message, source, now)
             if self.role == "master" and message.generation > self.generation and self.config is not None:
@@ -256,7 +331,7 @@ class ClusterAgent:
             return None
         if isinstance(message, proto.Log):
             logging.getLogger("fleet.cluster.log").log(
-                logging.getLevelName(message.level.upper()), "%s (from %s)", message.text, source)
+                logging.getLevelName(message.level.upper()), "%s (from %s)", message.text, source[0])
             return None
         if isinstance(message, proto.Reload):
             if self.role != "master" or message.command_id in self._seen_commands:
@@ -276,6 +351,8 @@ class ClusterAgent:
         if self.role == "master":
             return None
         self.master_members = [dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members]
+        for peer in message.peers:  # the master's unicast peers: seed-only hosts learn each other here
+            self._learn_peer(peer, now)
         if self.master_lost:
             log.info("cluster: master is back")
         self._master_seen = now

@@ -15,6 +15,7 @@ from fleet import cluster_protocol as proto
 from fleet.cluster import DEFAULT_CLUSTER_NAME, HEARTBEAT_INTERVAL, ClusterAgent, ClusterOptions
 from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
 from fleet.multicast import ChannelError, Group
+from fleet.peers import Address, PeerError, parse_address, parse_peer_file, parse_peer_list
 
 KEY_FILE_ENV = "FLEET_CLUSTER_KEY_FILE"
 # fleet status listens this many heartbeat intervals before it prints.
@@ -22,8 +23,18 @@ STATUS_LISTEN = 2.5
 
 
 def add_cluster_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--cluster", required=required, metavar="GROUP:PORT",
+    # --cluster is not argparse-required even where a cluster is (`required`): --cluster-peers
+    # alone is a cluster too; cluster_options() says what is missing.
+    parser.add_argument("--cluster", metavar="GROUP:PORT",
                         help="the cluster's multicast group and port, e.g. 225.1.1.1:1717")
+    parser.add_argument("--cluster-peers", metavar="HOST:PORT,...|@FILE",
+                        help="unicast seeds, for networks that drop multicast: send to these hosts "
+                             "(and to the ones the master announces); @FILE reads one HOST:PORT per "
+                             "line, # comments. Alone or with --cluster (hosts on both bridge the two)")
+    parser.add_argument("--cluster-bind", metavar="HOST:PORT",
+                        help="where this host listens for unicast cluster datagrams (default: the "
+                             "--cluster-iface address and the port of --cluster, else of the first "
+                             "peer; status, reload and log always take a free port)")
     parser.add_argument("--cluster-iface", metavar="IP",
                         help="the address of the interface to send and join on "
                              "(default: the one the kernel would route the group through)")
@@ -41,14 +52,37 @@ def add_cluster_options(parser: argparse.ArgumentParser, required: bool) -> None
                              "use the same value on every host")
 
 
-def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+def cluster_requested(args: argparse.Namespace) -> bool:
+    """Whether the command line asks for a cluster at all (multicast, unicast or both)."""
+    return bool(args.cluster or args.cluster_peers or args.cluster_bind)
+
+
+def cluster_options(args: argparse.Namespace, role: str = "node") -> ClusterOptions:
+    if not cluster_requested(args):
+        raise ConfigError("give --cluster GROUP:PORT (multicast), --cluster-peers HOST:PORT,... "
+                          "(unicast), or both")
+    group = None
+    if args.cluster:
+        try:
+            group = Group.parse(args.cluster)
+        except ChannelError as error:
+            raise ConfigError(str(error)) from None
     try:
-        group = Group.parse(args.cluster)
-    except ChannelError as error:
+        peers = _peers(args.cluster_peers) if args.cluster_peers else []
+        bind = parse_address(args.cluster_bind, "--cluster-bind") if args.cluster_bind else None
+    except PeerError as error:
         raise ConfigError(str(error)) from None
     if not 0 < args.cluster_ttl < 256:
         raise ConfigError(f"--cluster-ttl {args.cluster_ttl}: must be 1-255")
-    interface = args.cluster_iface or _route_interface(group)
+    if args.cluster_iface:
+        interface = args.cluster_iface
+    else:
+        interface = _route_interface(group.address if group else (bind or peers[0])[0])
+    unicast_bind = None
+    if peers or bind:
+        port = bind[1] if bind else group.port if group else peers[0][1]
+        # A command (status, reload, log) runs next to a daemon that holds the port.
+        unicast_bind = ((bind[0] if bind else interface), 0 if role == "observer" else port)
     path = args.cluster_key_file or os.environ.get(KEY_FILE_ENV)
     keyring = proto.Keyring()
     if path:
@@ -62,26 +96,41 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
     if not 0.05 <= args.cluster_heartbeat <= 60:
         raise ConfigError(f"--cluster-heartbeat {args.cluster_heartbeat}: must be 0.05-60 seconds")
     return ClusterOptions(group, interface, keyring, ttl=args.cluster_ttl, name=args.cluster_name,
-                          node_name=args.node_name, heartbeat_interval=args.cluster_heartbeat)
+                          node_name=args.node_name, heartbeat_interval=args.cluster_heartbeat,
+                          unicast_bind=unicast_bind, peers=tuple(peers))
+
+
+def _peers(text: str) -> list[Address]:
+    if not text.startswith("@"):
+        return parse_peer_list(text)
+    path = text[1:]
+    try:
+        with open(path) as file:
+            content = file.read()
+    except OSError as error:
+        raise PeerError(f"--cluster-peers @{path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise PeerError(f"--cluster-peers @{path}: not a text file of HOST:PORT lines") from None
+    return parse_peer_file(content, path)
 
 
 def make_agent(args: argparse.Namespace, role: str, **kwargs) -> ClusterAgent:
     try:
-        return ClusterAgent(cluster_options(args), role, **kwargs)
-    except ChannelError as error:
+        return ClusterAgent(cluster_options(args, role), role, **kwargs)
+    except (ChannelError, PeerError) as error:
         raise ConfigError(str(error)) from None
     except proto.TooLarge as error:
         raise ConfigError(f"the configuration cannot be announced: {error}") from None
 
 
-def _route_interface(group: Group) -> str:
-    """The address the kernel would send the group's traffic from (no packet is sent)."""
+def _route_interface(address: str) -> str:
+    """The address the kernel would send traffic to `address` from (no packet is sent)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        probe.connect((group.address, group.port))
+        probe.connect((address, 9))
         return probe.getsockname()[0]
     except OSError:
-        raise ConfigError("no interface routes multicast here: give --cluster-iface") from None
+        raise ConfigError(f"no interface routes to {address} here: give --cluster-iface") from None
     finally:
         probe.close()
 
@@ -102,7 +151,7 @@ def run_node(args: argparse.Namespace) -> int:
     import logging
 
     log = logging.getLogger("fleet.node")
-    log.info("node %s: asking cluster %s on %s for its configuration", args.node_name, agent.options.group,
+    log.info("node %s: asking cluster %s on %s for its configuration", args.node_name, agent.options.describe(),
              agent.options.interface)
     try:
         while True:
@@ -272,7 +321,8 @@ def run_reload(args: argparse.Namespace) -> int:
         views: dict[str, dict] = {}
         while pending and time.time() < deadline:
             listen(agent, 0.2)
-            for h in agent.members.status(time.time())["hosts"]:
+            # Hosts heard directly, else the master's word (a host on the other side of a mixed fleet).
+            for h in [*agent.master_members, *agent.members.status(time.time())["hosts"]]:
                 views[h["node_id"]] = h
                 if h["node_id"] in pending and h["generation"] >= target and h["state"] in ("ready", "lost"):
                     pending.discard(h["node_id"])
@@ -292,6 +342,11 @@ def run_reload(args: argparse.Namespace) -> int:
 def run_log(args: argparse.Namespace) -> int:
     agent = make_agent(args, "observer")
     try:
+        if agent.unicast:
+            # Unicast reaches only known peers: learn them from the master's announce first.
+            deadline = time.time() + STATUS_LISTEN * agent.options.heartbeat_interval
+            while not agent.master_members and time.time() < deadline:
+                listen(agent, 0.05)
         agent.send_log(args.level, args.message)
     finally:
         agent.close()

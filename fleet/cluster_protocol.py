@@ -91,6 +91,10 @@ MAX_DEPTH = 8
 MAX_ANNOUNCED_MEMBERS = 48
 ANNOUNCED_MEMBER_FIELDS = ("node_id", "hostname", "address", "role", "state", "generation",
                            "workers_ready", "workers_total", "last_seen_age")
+# Unicast addresses a master repeats in its announces (``peers``), so hosts that
+# only know a seed list learn each other; cut like the node table when an
+# announce would not fit.
+MAX_ANNOUNCED_PEERS = 128
 MAX_COUNTER = 2**63 - 1  # sequence numbers, generations, counters: msgpack int64
 MAX_WORKERS = 65535  # more than any host runs; catches sign and unit mistakes
 TIMESTAMP_WINDOW = 30.0  # seconds either side of `now`: replay window, and clock skew tolerated
@@ -290,6 +294,10 @@ class Announce(Message):
     # The master's node table, one row per host (see ANNOUNCED_MEMBER_FIELDS), so
     # a short-lived `fleet status` also sees hosts that died before it started.
     members: list = field(default_factory=list, hash=False)
+    # The (host, port) of every host the master hears by unicast (seed lists,
+    # --cluster-peers): hosts where multicast is dropped send to these too.
+    # Optional: an older master sends none, an older node ignores it.
+    peers: list = field(default_factory=list, hash=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -304,6 +312,9 @@ class Announce(Message):
             if type(row) not in (list, tuple) or len(row) != len(ANNOUNCED_MEMBER_FIELDS):
                 raise ValueError(f"a members row must have {len(ANNOUNCED_MEMBER_FIELDS)} fields")
         _check_plain("members", list(self.members), 3)
+        if type(self.peers) not in (list, tuple) or len(self.peers) > MAX_ANNOUNCED_PEERS:
+            raise ValueError(f"peers must be a list of at most {MAX_ANNOUNCED_PEERS} addresses")
+        object.__setattr__(self, "peers", [_check_address("peers item", peer) for peer in self.peers])
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -69,9 +69,9 @@ def run_master(args: argparse.Namespace) -> int:
         check_endpoint(args.stats, "--stats")
     setup_logging(args.log_level, args.log_file)
     agent = None
-    if args.cluster:
-        from fleet.cluster_cli import make_agent
+    from fleet.cluster_cli import cluster_requested, make_agent
 
+    if cluster_requested(args):
         agent = make_agent(args, "master", config=config.to_dict())
     try:
         return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file,

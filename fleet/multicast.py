@@ -92,13 +92,13 @@ class Channel:
         except (BlockingIOError, InterruptedError):
             pass  # a full send buffer: the protocol repeats itself, drop this one
 
-    def receive(self) -> tuple[bytes, str] | None:
-        """One datagram and the address it came from, or None if none is waiting."""
+    def receive(self) -> tuple[bytes, tuple[str, int]] | None:
+        """One datagram and the (host, port) it came from, or None if none is waiting."""
         try:
             data, source = self.socket.recvfrom(RECEIVE_SIZE)
         except (BlockingIOError, InterruptedError):
             return None
-        return data, source[0]
+        return data, (source[0], source[1])
 
     def close(self) -> None:
         self.socket.close()

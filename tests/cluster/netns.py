@@ -5,6 +5,7 @@
     h1 = net.host(1)                # address 198.18.0.1 on its eth0
     proc = h1.popen([...], log)     # `ip netns exec NS ...`, in its own process group
     h1.call(fn, *args)              # run fn in a thread that lives in h1's namespace
+    net.drop_multicast()            # the bridge drops IPv4 multicast, like a cloud network
     net.destroy()                   # kill every process, delete namespaces (idempotent)
 
 Nothing touches the real interface: the veth pairs are created inside the
@@ -40,6 +41,8 @@ T = TypeVar("T")
 SUBNET = "198.18.0"
 CLONE_NEWNET = 0x40000000
 IP = "ip"
+NFT = "nft"
+NFT_TABLE = "fleet_no_multicast"
 
 
 class NetnsUnavailable(RuntimeError):
@@ -210,6 +213,30 @@ class Network:
             host.ip("link", "set", "lo", "up")
             host.ip("route", "add", "224.0.0.0/4", "dev", "eth0")
 
+    def drop_multicast(self, hosts: list[Host] | None = None) -> None:
+        """Make the bridge drop IPv4 multicast (to and from `hosts`' ports, or all), as cloud
+        networks and most VPNs do: an nftables rule of the bridge family in the bridge namespace.
+        Unicast and ARP still pass. The rule counts what it drops (multicast_dropped())."""
+        if shutil.which(NFT) is None:
+            raise NetnsUnavailable("the `nft` command (nftables) is not installed")
+        nft = [IP, "netns", "exec", self.bridge_ns, NFT]
+        _run(*nft, "add", "table", "bridge", NFT_TABLE)
+        _run(*nft, "add", "chain", "bridge", NFT_TABLE, "forward",
+             "{ type filter hook forward priority 0; policy accept; }")
+        for port in ([f"veth{h.index}" for h in hosts] if hosts is not None else [None]):
+            match = [] if port is None else ["iifname", port]
+            _run(*nft, "add", "rule", "bridge", NFT_TABLE, "forward", *match,
+                 "ip", "daddr", "224.0.0.0/4", "counter", "drop")
+            if port is not None:  # and what the other hosts send towards it
+                _run(*nft, "add", "rule", "bridge", NFT_TABLE, "forward", "oifname", port,
+                     "ip", "daddr", "224.0.0.0/4", "counter", "drop")
+
+    def multicast_dropped(self) -> int:
+        """Packets the drop_multicast() rules have dropped so far."""
+        out = _run(IP, "netns", "exec", self.bridge_ns, NFT, "list", "table", "bridge", NFT_TABLE)
+        return sum(int(word) for word in
+                   (line.split("packets ")[1].split()[0] for line in out.stdout.splitlines() if "packets " in line))
+
     def destroy(self) -> list[str]:
         """Kill every process and delete every namespace; returns problems (never raises)."""
         problems = []
@@ -341,16 +368,12 @@ class Observer:
     Records, per hostname, when (time.monotonic()) each state was first seen.
     """
 
-    def __init__(self, cluster: FleetCluster, host: Host) -> None:
+    def __init__(self, cluster: FleetCluster, host: Host, transport: str | None = None) -> None:
         import threading
 
-        from fleet import cluster_protocol as proto
-        from fleet.cluster import ClusterAgent, ClusterOptions
-        from fleet.multicast import Group
+        from fleet.cluster import ClusterAgent
 
-        keyring = proto.parse_key_file(cluster.key.read_text())
-        options = ClusterOptions(Group.parse(cluster.group), host.address, keyring, name=cluster.name,
-                                 node_name=f"observer-{host.name}")
+        options = cluster.options(host, "observer", f"observer-{host.name}", transport=transport)
         self.agent = host.call(ClusterAgent, options, "observer")  # its socket lives in host's namespace
         self.lock = threading.Lock()
         self.states: dict[str, str] = {}
@@ -418,6 +441,7 @@ class FleetCluster:
         rnd = secrets.randbelow
         self.group = f"239.255.{rnd(250) + 1}.{rnd(250) + 1}:{20000 + rnd(10000)}"
         self.name = f"c{net.token}"
+        self.transport = "multicast"  # the default of every process; see transport_args()
         self.m2 = None
         self.procs: list[FleetProc] = []
         self.observers: list[Observer] = []
@@ -428,10 +452,33 @@ class FleetCluster:
     def h1(self) -> Host:
         return self.net.host(1)
 
-    def cluster_args(self, host: Host, key: Path | None = None) -> list[str]:
-        return ["--cluster", self.group, "--cluster-iface", host.address,
-                "--cluster-key-file", str(key or self.key), "--cluster-name", self.name,
-                "--node-name", host.name]
+    @property
+    def seed(self) -> str:
+        """The unicast seed every host is given: the master's address on h1, at the cluster's port."""
+        return f"{self.h1.address}:{self.group.rsplit(':', 1)[1]}"
+
+    def transport_args(self, host: Host, transport: str | None = None) -> list[str]:
+        """How `host` reaches the cluster: "multicast" (the group), "seeds" (unicast to the
+        master's address, which h1 is given too: a shared seed list names every host) or "both"."""
+        transport = transport or self.transport
+        args = {"multicast": ["--cluster", self.group], "seeds": ["--cluster-peers", self.seed],
+                "both": ["--cluster", self.group, "--cluster-peers", self.seed]}[transport]
+        return args + ["--cluster-iface", host.address]
+
+    def cluster_args(self, host: Host, key: Path | None = None, transport: str | None = None) -> list[str]:
+        return self.transport_args(host, transport) + [
+            "--cluster-key-file", str(key or self.key), "--cluster-name", self.name, "--node-name", host.name]
+
+    def options(self, host: Host, role: str, node_name: str, key: Path | None = None,
+                transport: str | None = None):
+        """ClusterOptions as `fleet ROLE` on `host` would build them from the same flags."""
+        from fleet.cli import build_parser
+        from fleet.cluster_cli import cluster_options
+
+        args = build_parser().parse_args(["status", *self.transport_args(host, transport),
+                                          "--cluster-key-file", str(key or self.key),
+                                          "--cluster-name", self.name, "--node-name", node_name])
+        return cluster_options(args, role)
 
     # -- Mongrel2 ------------------------------------------------------------------
 
@@ -449,25 +496,27 @@ class FleetCluster:
 
     # -- fleet processes -------------------------------------------------------------
 
-    def master_args(self, processes: int = 1, threads: int = 2) -> list[str]:
+    def master_args(self, processes: int = 1, threads: int = 2, transport: str | None = None) -> list[str]:
         assert self.m2 is not None, "start_mongrel2() first"
         args = []
         for route in self.m2.routes:
             args += ["--zeromq", f"{route.send_spec},{route.recv_spec}"]
         return args + ["--module", "hostapp", "--pythonpath", str(HERE), "-p", str(processes),
-                       "--threads", str(threads), "--graceful-timeout", "5", *self.cluster_args(self.h1)]
+                       "--threads", str(threads), "--graceful-timeout", "5",
+                       *self.cluster_args(self.h1, transport=transport)]
 
-    def start_master(self, processes: int = 1, threads: int = 2, ready: bool = True) -> FleetProc:
-        proc = FleetProc(self.h1, "master", self.master_args(processes, threads),
+    def start_master(self, processes: int = 1, threads: int = 2, ready: bool = True,
+                     transport: str | None = None) -> FleetProc:
+        proc = FleetProc(self.h1, "master", self.master_args(processes, threads, transport),
                          self.workdir / f"master-{len(self.procs)}.log")
         self.procs.append(proc)
         self.master = proc
         return proc.wait_ready() if ready else proc
 
     def start_node(self, index: int, key: Path | None = None, ready: bool = True,
-                   extra: list[str] | None = None) -> FleetProc:
+                   extra: list[str] | None = None, transport: str | None = None) -> FleetProc:
         host = self.net.host(index)
-        proc = FleetProc(host, "node", self.cluster_args(host, key) + list(extra or []),
+        proc = FleetProc(host, "node", self.cluster_args(host, key, transport) + list(extra or []),
                          self.workdir / f"node-{host.name}-{len(self.procs)}.log")
         self.procs.append(proc)
         self.nodes[index] = proc
@@ -482,24 +531,24 @@ class FleetCluster:
             proc.wait_ready()
 
     def fleet(self, host: Host, *args: str, key: Path | None = None,
-              timeout: float = 60.0) -> subprocess.CompletedProcess:
+              timeout: float = 60.0, transport: str | None = None) -> subprocess.CompletedProcess:
         """A fleet cluster command (status, reload, log) run on `host`."""
-        cluster = ["--cluster", self.group, "--cluster-iface", host.address,
+        cluster = [*self.transport_args(host, transport),
                    "--cluster-key-file", str(key or self.key), "--cluster-name", self.name,
                    "--node-name", f"cli-{host.name}"]
         return host.exec([sys.executable, "-m", "fleet", args[0], *cluster, *args[1:]], timeout=timeout,
                          cwd=REPO)
 
-    def status(self, host: Host | None = None) -> dict[str, dict]:
+    def status(self, host: Host | None = None, transport: str | None = None) -> dict[str, dict]:
         """`fleet status --json` on `host` (h1 by default): hostname -> host entry."""
-        out = self.fleet(host or self.h1, "status", "--json")
+        out = self.fleet(host or self.h1, "status", "--json", transport=transport)
         assert out.returncode == 0, out.stdout + out.stderr
         import json
 
         return {h["hostname"]: h for h in json.loads(out.stdout)["hosts"]}
 
-    def observer(self, host: Host | None = None) -> Observer:
-        obs = Observer(self, host or self.h1)
+    def observer(self, host: Host | None = None, transport: str | None = None) -> Observer:
+        obs = Observer(self, host or self.h1, transport)
         self.observers.append(obs)
         return obs
 
