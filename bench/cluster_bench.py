@@ -158,7 +158,7 @@ def main() -> int:
 
 
 def wait_all_ready(cluster: FleetCluster, timeout: float = 20.0) -> None:
-    netns.wait(lambda: (s := cluster.status()) and len(s) == 3
+    netns.wait_for(lambda: (s := cluster.status()) and len(s) == 3
                and all(h["state"] == "ready" for h in s.values()), timeout, what="three ready hosts")
 
 
