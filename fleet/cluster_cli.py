@@ -109,6 +109,7 @@ def run_node(args: argparse.Namespace) -> int:
             config = _wait_for_config(agent, log, adapt)
             if config is None:
                 return 0
+            setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or our own
             problem = preflight_app(config)
             if problem is not None:
                 log.error("cannot serve generation %d: %s", agent.generation, problem)
@@ -128,7 +129,7 @@ def run_node(args: argparse.Namespace) -> int:
 
 def local_overrides(args: argparse.Namespace):
     """This host's own flags win over the announced configuration."""
-    changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot")
+    changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot", "logger")
                if getattr(args, name, None) is not None}
 
     def adapt(config: HandlerConfig) -> HandlerConfig:

@@ -88,6 +88,7 @@ class HandlerConfig:
     max_requests: int = 0  # recycle a worker after this many requests; 0: off
     max_requests_jitter: int = 0
     reload_on_rss: int = 0  # recycle a worker whose RSS passes this many MB; 0: off
+    logger: str | None = None  # 'zeromq:ENDPOINT': every host's log lines also go there (fleet logs --bind)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -39,6 +39,7 @@ def config_from_args(args: argparse.Namespace) -> HandlerConfig:
         max_requests=args.max_requests,
         max_requests_jitter=args.max_requests_jitter,
         reload_on_rss=args.reload_on_rss,
+        logger=args.logger,
     )
 
 
@@ -63,7 +64,7 @@ def run_master(args: argparse.Namespace) -> int:
         return APP_LOAD_FAILED
     if args.stats:
         check_endpoint(args.stats, "--stats")
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, config.logger)
     agent = None
     if args.cluster:
         from fleet.cluster_cli import make_agent

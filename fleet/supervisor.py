@@ -29,7 +29,7 @@ from fleet.cluster import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, R
 from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatcher import Dispatcher
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
-from fleet.logs import reopen_log_file
+from fleet.logs import reopen_log_file, setup_logging
 from fleet.stats import worker_row
 from fleet.worker import WorkerSpec
 
@@ -301,6 +301,8 @@ class Supervisor:
         caller then stops this supervisor and starts one with the new config."""
         if config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch:
             return False
+        if config.logger != self.config.logger:
+            setup_logging(self.log_level, self.log_file, config.logger)
         self.config = config
         self.target = config.processes
         self.spec_json = WorkerSpec(
