@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,16 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         collector.stop()
         server.stop()
 
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     print(f"{'contender':<16} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'bad':>5} "
-          f"{'vs none':>8}  req/s of each round")
+          f"{'vs none':>8} {'worker us/req':>14}  each round: req/s (ratio to no-logger)")
     results = []
     for name in CONTENDERS:
         mine = [r for r in runs if r.name == name]
         best = median_run(mine)
         results.append(best)
+        ratio = statistics.median(r.ratio_to_floor for r in mine)  # the median of the in-round ratios
+        worker_cpu = statistics.median(r.cpu_us["workers"] for r in mine)
         print(f"{name:<16} {best.requests_per_s:>9.0f} {best.p50_ms:>8.2f} {best.p99_ms:>8.2f} "
-              f"{sum(best.errors.values()):>7} {best.mismatches:>5} {best.ratio_to_floor:>7.2f}x  "
-              + " ".join(f"{r.requests_per_s:.0f} ({r.ratio_to_floor:.2f}x)" for r in mine))
+              f"{sum(sum(r.errors.values()) for r in mine):>7} {sum(r.mismatches for r in mine):>5} {ratio:>7.2f}x "
+              f"{worker_cpu:>14.0f}  " + " ".join(f"{r.requests_per_s:.0f} ({r.ratio_to_floor:.2f}x)" for r in mine))
     for row in collected:
         print(f"live collector, round {row['round']}: {row['app_lines_collected']} app lines collected of "
               f"{row['app_lines_logged_locally']} logged locally ({row['lines_collected']} lines in all)")
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wrk": {"threads": args.threads, "connections": args.connections, "duration_s": args.duration,
                 "warmup_s": args.warmup},
+        "loadavg_at_end": os.getloadavg(),
         "processes": args.processes, "handler_threads": args.handler_threads, "rounds": args.rounds,
         "note": "ratio_to_floor is the ratio to the no-logger run of the same round",
         "results": [asdict(r) for r in results], "runs": [asdict(r) for r in runs], "collected": collected,
