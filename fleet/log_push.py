@@ -42,15 +42,33 @@ def parse_logger(text: str) -> str:
 
 class LineFormatter(logging.Formatter):
     """UTC timestamp, host, [pid], level, logger name, message: one line a record
-    (a traceback stays inside its record's message, as in the local log)."""
+    (a traceback stays inside its record's message, as in the local log).
 
-    converter = time.gmtime
-    default_time_format = "%Y-%m-%dT%H:%M:%S"
-    default_msec_format = "%s.%03dZ"
+    Built by hand, with the date part cached for the current second: the
+    default Formatter spends most of its time on strftime, on every line.
+    Not thread-safe by itself; the handler's lock covers it."""
 
     def __init__(self, host: str | None = None) -> None:
-        host = (host or socket.gethostname()).replace("%", "%%")
-        super().__init__(f"%(asctime)s {host} [%(process)d] %(levelname)s %(name)s: %(message)s")
+        super().__init__()
+        self.host = host or socket.gethostname()
+        self._second = -1
+        self._date = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        return f"{self._timestamp(record.created)} {self.host} [{record.process}] {record.levelname} {record.name}: {text}"
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._date = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._date}.{int((created - second) * 1000):03d}Z"
 
 
 class PushHandler(logging.Handler):
@@ -75,6 +93,9 @@ class PushHandler(logging.Handler):
         self.socket.connect(endpoint)
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.dropped and not self._room():
+            self._drop()  # still full: do not even format the line
+            return
         try:
             line = self.format(record)
         except Exception:
@@ -82,6 +103,12 @@ class PushHandler(logging.Handler):
             return
         if self._send(line) and self.dropped:
             self._report_drops()
+
+    def _room(self) -> bool:
+        try:
+            return self.socket is not None and bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+        except zmq.ZMQError:
+            return False
 
     def _send(self, line: str) -> bool:
         data = line.encode("utf-8", "replace")[:MAX_LINE_BYTES]
@@ -91,12 +118,15 @@ class PushHandler(logging.Handler):
             self.socket.send(data, zmq.NOBLOCK)
             return True
         except zmq.ZMQError:  # zmq.Again: the queue is full; anything else: closing
-            self.dropped += 1
-            if self.dropped == 1:
-                self._tell_local(logging.WARNING,
-                                 f"log collector {self.endpoint} is unreachable or too slow: dropping log lines "
-                                 "until it takes them again (this log keeps them)")
+            self._drop()
             return False
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1:
+            self._tell_local(logging.WARNING,
+                             f"log collector {self.endpoint} is unreachable or too slow: dropping log lines "
+                             "until it takes them again (this log keeps them)")
 
     def _report_drops(self) -> None:
         count, self.dropped = self.dropped, 0
