@@ -277,3 +277,22 @@ def test_collector_refuses_an_endpoint_in_use_in_one_line() -> None:
         with pytest.raises(ConfigError) as error:
             Collector(endpoint, None)
     assert str(error.value) == f"--bind {endpoint!r}: Address already in use"
+
+
+# -- the cluster's configuration -------------------------------------------------------
+
+
+def test_the_logger_travels_in_the_configuration_and_a_nodes_own_wins() -> None:
+    import argparse
+
+    from fleet.cluster_cli import local_overrides
+    from fleet.config import Endpoint, HandlerConfig
+
+    announced = HandlerConfig.from_dict(HandlerConfig(
+        endpoints=(Endpoint("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),), app="app",
+        logger="zeromq:tcp://10.0.0.5:5140").to_dict())
+    assert announced.logger == "zeromq:tcp://10.0.0.5:5140"
+    bare = argparse.Namespace(processes=None, threads=None, mongrel2_chroot=None, logger=None)
+    assert local_overrides(bare)(announced).logger == "zeromq:tcp://10.0.0.5:5140"
+    own = argparse.Namespace(processes=None, threads=None, mongrel2_chroot=None, logger="zeromq:ipc:///run/l")
+    assert local_overrides(own)(announced).logger == "zeromq:ipc:///run/l"
