@@ -62,7 +62,8 @@ class LineFormatter(logging.Formatter):
             text = f"{text}\n{record.exc_text}"
         if record.stack_info:
             text = f"{text}\n{self.formatStack(record.stack_info)}"
-        return f"{self._timestamp(record.created)} {self.host} [{record.process}] {record.levelname} {record.name}: {text}"
+        return (f"{self._timestamp(record.created)} {self.host} [{record.process}] {record.levelname} "
+                f"{record.name}: {text}")
 
     def _timestamp(self, created: float) -> str:
         second = int(created)

@@ -219,4 +219,5 @@ def test_logger_mistakes_are_one_line(tmp_path: Path) -> None:
 def test_fleet_logs_refuses_an_endpoint_in_use(harness: Harness) -> None:
     collector = LogCollector(harness, "first").start()
     out = fleet_cli("logs", "--bind", collector.endpoint)
-    assert out.returncode == 2 and out.stderr == f"fleet: error: --bind {collector.endpoint!r}: Address already in use\n"
+    assert out.returncode == 2
+    assert out.stderr == f"fleet: error: --bind {collector.endpoint!r}: Address already in use\n"
