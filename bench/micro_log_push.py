@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import signal
 import statistics
 import subprocess
@@ -59,6 +60,7 @@ def main() -> int:
         collector.send_signal(signal.SIGTERM)
         collector.wait(timeout=10)
         print(collector.stderr.read().strip(), file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
     base = statistics.median(results["local file only"])
     for name, values in results.items():
         median = statistics.median(values)
