@@ -17,6 +17,7 @@ from fleet.config import (
     ConfigError,
 )
 from fleet.exitcodes import USAGE
+from fleet.log_push import parse_logger
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +45,15 @@ def _number(kind: type, minimum: float, what: str):
 _positive_int = _number(int, 1, "a whole number")
 _count = _number(int, 0, "a whole number")
 _seconds = _number(float, 0, "a number of seconds")
+
+
+def _logger(text: str) -> str:
+    """An argparse type: a valid --logger spec, kept as given."""
+    try:
+        parse_logger(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--logger {text!r}: ")) from None
+    return text
 
 
 def add_handler_options(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +107,11 @@ def add_supervisor_options(parser: argparse.ArgumentParser) -> None:
                         help="answer `fleet stats` on this ZeroMQ endpoint, e.g. ipc:///run/fleet/stats")
     parser.add_argument("--log-file", metavar="PATH",
                         help="append log lines here instead of stderr; SIGUSR1 reopens it")
+    parser.add_argument("--logger", type=_logger, metavar="zeromq:ENDPOINT",
+                        help="also send every log line of this host and its workers to a `fleet logs --bind` "
+                             "collector, e.g. zeromq:tcp://10.0.0.5:5140; the local log (stderr or --log-file) "
+                             "keeps every line; lines are dropped, never waited for, while the collector is down. "
+                             "Nodes use the master's unless they give their own")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--level", choices=("debug", "info", "warning", "error", "critical"), default="info")
     log.add_argument("message")
     commands.add_parser("keygen", help="print a new random cluster key (for --cluster-key-file)")
+    logs = commands.add_parser("logs", help="collect and print the log lines that --logger zeromq: sends")
+    logs.add_argument("--bind", required=True, metavar="ENDPOINT",
+                      help="the ZeroMQ endpoint to collect on, e.g. tcp://*:5140 or ipc:///run/fleet/logs")
+    logs.add_argument("--output", metavar="FILE",
+                      help="append the lines to FILE instead of printing them; SIGUSR1 reopens it")
     stats = commands.add_parser("stats", help="show the workers of a running master")
     stats.add_argument("--stats", required=True, metavar="ENDPOINT", help="the master's --stats endpoint")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -148,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleet.master import run_master
 
             return run_master(args)
+        if args.command == "logs":
+            from fleet.log_collector import run_logs
+
+            return run_logs(args)
         if args.command == "stats":
             from fleet.stats import run_stats
 

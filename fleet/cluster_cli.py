@@ -158,6 +158,7 @@ def run_node(args: argparse.Namespace) -> int:
             config = _wait_for_config(agent, log, adapt)
             if config is None:
                 return 0
+            setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or our own
             problem = preflight_app(config)
             if problem is not None:
                 log.error("cannot serve generation %d: %s", agent.generation, problem)
@@ -187,7 +188,7 @@ def local_overrides(args: argparse.Namespace, own_address: str):
     The master's --http addresses are its own: a node serves the same ports on
     ``own_address`` (its cluster interface), except wildcard hosts, which
     mean every address anywhere; a node's own --http replaces them all."""
-    changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot")
+    changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot", "logger")
                if getattr(args, name, None) is not None}
     own_http = getattr(args, "http", None)
     if own_http:
@@ -208,6 +209,10 @@ def _wait_for_config(agent: ClusterAgent, log, adapt) -> HandlerConfig | None:
 
     while True:
         if agent.config is not None:
+            unknown = HandlerConfig.unknown_settings(agent.config)
+            if unknown:
+                log.warning("cluster: this fleet version ignores the master's %s; upgrade this node",
+                            ", ".join(unknown))
             try:
                 return adapt(HandlerConfig.from_dict(agent.config))
             except (ConfigError, TypeError, KeyError) as error:

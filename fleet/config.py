@@ -7,7 +7,7 @@ before any worker starts. The same object is what the cluster will announce.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_UPLOAD_STORE = "/tmp/mongrel2.upload.XXXXXX"
@@ -124,6 +124,7 @@ class HandlerConfig:
     http_keepalive: float = DEFAULT_HTTP_KEEPALIVE
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     http_max_body: int = DEFAULT_HTTP_MAX_BODY
+    logger: str | None = None  # 'zeromq:ENDPOINT': every host's log lines also go there (fleet logs --bind)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,11 +166,19 @@ class HandlerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HandlerConfig:
-        data = dict(data)
+        """Settings this version does not know are left out (see unknown_settings):
+        a node one version behind its master still serves what it understands."""
+        known = {f.name for f in fields(cls)}
+        data = {key: value for key, value in data.items() if key in known}
         data["endpoints"] = tuple(Endpoint(*pair) for pair in data["endpoints"])
         data["pythonpath"] = tuple(data.get("pythonpath", ()))
         data["http"] = tuple(data.get("http", ()))
         return cls(**data)
+
+    @classmethod
+    def unknown_settings(cls, data: dict[str, Any]) -> list[str]:
+        known = {f.name for f in fields(cls)}
+        return sorted(key for key in data if key not in known)
 
     @property
     def http_addresses(self) -> tuple[HttpAddress, ...]:

@@ -43,6 +43,7 @@ def config_from_args(args: argparse.Namespace) -> HandlerConfig:
         http_keepalive=args.http_keepalive,
         http_timeout=args.http_timeout,
         http_max_body=args.http_max_body,
+        logger=args.logger,
     )
 
 
@@ -67,7 +68,7 @@ def run_master(args: argparse.Namespace) -> int:
         return APP_LOAD_FAILED
     if args.stats:
         check_endpoint(args.stats, "--stats")
-    setup_logging(args.log_level, args.log_file)
+    setup_logging(args.log_level, args.log_file, config.logger)
     agent = None
     from fleet.cluster_cli import cluster_requested, make_agent
 

@@ -30,7 +30,7 @@ from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatcher import Dispatcher
 from fleet.http_front import listen
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
-from fleet.logs import reopen_log_file
+from fleet.logs import reopen_log_file, setup_logging
 from fleet.stats import worker_row
 from fleet.worker import WorkerSpec
 
@@ -322,6 +322,8 @@ class Supervisor:
         if (config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch
                 or config.http != self.config.http):
             return False
+        if config.logger != self.config.logger:
+            setup_logging(self.log_level, self.log_file, config.logger)
         self.config = config
         self.target = config.processes
         self.spec_json = self.worker_spec(config).to_json()

@@ -441,7 +441,7 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != spec.parent_pid:
         return BOOT_FAILED
-    setup_logging(spec.log_level, spec.log_file)
+    setup_logging(spec.log_level, spec.log_file, spec.config.logger)
     try:
         app = load_app(spec.config.app, spec.config.pythonpath)
     except AppLoadError as error:

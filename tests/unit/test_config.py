@@ -96,3 +96,10 @@ def test_a_node_serves_the_masters_http_ports_on_its_own_address() -> None:
     own = local_overrides(argparse.Namespace(processes=2, threads=None, mongrel2_chroot=None, http=[":9000"]),
                           "198.18.0.7")
     assert own(config).http == ("0.0.0.0:9000",) and own(config).processes == 2
+
+
+def test_a_setting_from_a_newer_master_is_left_out_not_refused() -> None:
+    data = HandlerConfig(endpoints=(), app="app", http=(":80",)).to_dict()
+    data["from_the_future"] = 1
+    assert HandlerConfig.from_dict(data) == HandlerConfig(endpoints=(), app="app", http=(":80",))
+    assert HandlerConfig.unknown_settings(data) == ["from_the_future"]
