@@ -5,7 +5,8 @@ them, so a reload never refuses a connection: old workers stop accepting,
 new ones already do. In each worker one I/O thread owns every idle
 connection: it accepts, reads and parses (fleet.http_parser) without ever
 blocking, enforces the time limits, and hands a complete request to the
-request threads through a HandOff. A slow client therefore costs a file
+request threads through a HandOff (which wakes one idle thread). A slow
+client therefore costs a file
 descriptor, never a thread. The request thread that takes a request owns
 its connection until the response is written, then gives it back (or
 closes it). One request at a time per connection, so pipelined requests
@@ -83,37 +84,63 @@ class Exchange:
     ready: RequestReady
 
 
-class HandOff:
-    """Exchanges waiting for a request thread.
+class Waiter:
+    """A request thread's own wake-up: an eventfd it polls beside its other sockets."""
 
-    An eventfd in semaphore mode counts them: a thread that polls it and
-    then reads it successfully owns exactly one item, so any number of
-    threads can wait on it next to their other sockets.
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class HandOff:
+    """Exchanges waiting for a request thread, and the threads waiting for one.
+
+    A put() wakes exactly one idle thread (its Waiter), not all of them: with
+    a shared wake-up every idle thread would run for each request, only to
+    find it taken, and fight over the GIL.
     """
 
     def __init__(self) -> None:
         self.items: deque[Exchange] = deque()
-        self.fd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def fileno(self) -> int:
-        return self.fd
+        self._idle: list[Waiter] = []
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.items)
 
     def put(self, exchange: Exchange) -> None:
-        self.items.append(exchange)
-        os.eventfd_write(self.fd, 1)
+        with self._lock:
+            self.items.append(exchange)
+            waiter = self._idle.pop() if self._idle else None
+        if waiter is not None:
+            os.eventfd_write(waiter.fd, 1)
 
-    def take(self) -> Exchange | None:
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            return None  # another thread was quicker
-        return self.items.popleft()
+    def take_or_wait(self, waiter: Waiter) -> Exchange | None:
+        """An exchange now, or None: then ``waiter`` is woken by the next put()."""
+        with self._lock:
+            if self.items:
+                return self.items.popleft()
+            self._idle.append(waiter)
+        return None
 
-    def close(self) -> None:
-        os.close(self.fd)
+    def stop_waiting(self, waiter: Waiter) -> Exchange | None:
+        """After the thread's poll returned (for whatever reason): an exchange if one is there."""
+        waiter.clear()
+        with self._lock:
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+            return self.items.popleft() if self.items else None
 
 
 class SocketReply:
@@ -242,7 +269,7 @@ class HttpFront:
 
     def _done(self) -> bool:
         return (self.retiring.is_set() and not self._clients and not self._handed
-                and not self._returned and not self.handoff.items)
+                and not self._returned and not len(self.handoff))
 
     def _loop_once(self) -> None:
         self._update_accepting()

@@ -35,7 +35,7 @@ from fleet.broker import thread_credits
 from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
 from fleet.handler import serve
-from fleet.http_front import Exchange, HttpFront, HttpLimits, SocketReply
+from fleet.http_front import Exchange, HttpFront, HttpLimits, SocketReply, Waiter
 from fleet.http_response import error_response
 from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
@@ -209,7 +209,7 @@ class Worker:
         responders = self.responders[number]
         channel = BrokerChannel(self.spec.dispatch_endpoint, wire.thread_ident(os.getpid(), number))
         channel.ask(thread_credits(self.config.threads))
-        waiter = self._http_waiter(channel.link.socket)
+        wait = self._http_wait(channel.link.socket)
         retire_sent = False
         try:
             while True:
@@ -217,7 +217,7 @@ class Worker:
                     channel.retire()
                     retire_sent = True
                 try:
-                    frames = channel.receive() if waiter is None else self._next_work(channel, waiter)
+                    frames = channel.receive() if wait is None else self._next_work(channel, wait)
                 except LinkClosed:
                     log.warning("the dispatcher closed the link; thread %d stops", number)
                     return
@@ -238,7 +238,7 @@ class Worker:
                     channel.done(index, outcome, credit=not retire_sent)
         finally:
             channel.close()
-        self.drain_http(responders)
+        self.drain_http(responders, wait[1] if wait else None)
 
     def run_direct_thread(self, number: int) -> None:
         responders = self.responders[number]
@@ -252,47 +252,55 @@ class Worker:
         poller = zmq.Poller()
         for pull in pulls:
             poller.register(pull, zmq.POLLIN)
+        waiter = None
         if self.http is not None:
-            poller.register(self.http.handoff.fileno(), zmq.POLLIN)
+            waiter = Waiter()
+            poller.register(waiter.fileno(), zmq.POLLIN)
         try:
             while not self.retiring.is_set():
-                if len(pulls) == 1 and self.http is None:  # the common case: a blocking receive, no poll
+                if waiter is None and len(pulls) == 1:  # the common case: a blocking receive, no poll
                     try:
                         self.handle(0, pulls[0].recv(), no_control, _FROM_HEADER, responders)
                     except zmq.Again:
                         pass
                     continue
-                for ready, _ in poller.poll(POLL_INTERVAL_MS):
-                    if isinstance(ready, int):
-                        if (exchange := self.http.handoff.take()) is not None:
-                            self.serve_http(exchange, responders)
-                        continue
-                    self.handle(pulls.index(ready), ready.recv(), no_control, _FROM_HEADER, responders)
+                if waiter is not None and (exchange := self.http.handoff.take_or_wait(waiter)) is not None:
+                    self.serve_http(exchange, responders)
+                    continue
+                events = poller.poll(POLL_INTERVAL_MS)
+                if waiter is not None and (exchange := self.http.handoff.stop_waiting(waiter)) is not None:
+                    self.serve_http(exchange, responders)
+                for ready, _ in events:
+                    if not isinstance(ready, int):  # an int is the waiter's fd
+                        self.handle(pulls.index(ready), ready.recv(), no_control, _FROM_HEADER, responders)
         finally:
             for pull in pulls:
                 pull.close()
-        self.drain_http(responders)
+        self.drain_http(responders, waiter)
 
     # -- HTTP (--http) ------------------------------------------------------
 
-    def _http_waiter(self, link_socket) -> select.poll | None:
-        """A poll over a broker thread's link and the HTTP hand-off, if there is HTTP."""
+    def _http_wait(self, link_socket) -> tuple[select.poll, Waiter] | None:
+        """A broker thread's poll over its link and its HTTP wake-up, if there is HTTP."""
         if self.http is None:
             return None
-        waiter = select.poll()
-        waiter.register(link_socket, select.POLLIN)
-        waiter.register(self.http.handoff.fileno(), select.POLLIN)
-        return waiter
+        waiter = Waiter()
+        poll = select.poll()
+        poll.register(link_socket, select.POLLIN)
+        poll.register(waiter.fileno(), select.POLLIN)
+        return poll, waiter
 
-    def _next_work(self, channel: BrokerChannel, waiter: select.poll) -> list[bytes] | Exchange | None:
+    def _next_work(self, channel: BrokerChannel, wait: tuple[select.poll, Waiter]) -> list[bytes] | Exchange | None:
         """What this thread serves next: frames from the dispatcher or an HTTP request."""
         if channel.pending or channel.link.messages:
             return channel.receive()
-        handoff = self.http.handoff.fileno()
-        ready = [fd for fd, _ in waiter.poll(POLL_INTERVAL_MS)]
-        if handoff in ready and (exchange := self.http.handoff.take()) is not None:
+        poll, waiter = wait
+        if (exchange := self.http.handoff.take_or_wait(waiter)) is not None:
             return exchange
-        if len(ready) > (handoff in ready):
+        ready = poll.poll(POLL_INTERVAL_MS)
+        if (exchange := self.http.handoff.stop_waiting(waiter)) is not None:
+            return exchange
+        if any(fd != waiter.fd for fd, _ in ready):
             return channel.receive()
         return None
 
@@ -314,15 +322,23 @@ class Worker:
             self.http.thread_idle()
         self.http.give_back(client, keep=not (closed or reply.gone or reply.close_requested))
 
-    def drain_http(self, responders: list[Responder]) -> None:
-        """After retiring from the dispatcher: serve the HTTP requests already received."""
-        if self.http is None:
+    def drain_http(self, responders: list[Responder], waiter: Waiter | None) -> None:
+        """After retiring from Mongrel2's side: serve the HTTP requests already received."""
+        if self.http is None or waiter is None:
             return
-        waiter = select.poll()
-        waiter.register(self.http.handoff.fileno(), select.POLLIN)
-        while not (self.http.finished.is_set() and not len(self.http.handoff)):
-            if waiter.poll(POLL_INTERVAL_MS) and (exchange := self.http.handoff.take()) is not None:
-                self.serve_http(exchange, responders)
+        poll = select.poll()
+        poll.register(waiter.fileno(), select.POLLIN)
+        handoff = self.http.handoff
+        try:
+            while not (self.http.finished.is_set() and not len(handoff)):
+                exchange = handoff.take_or_wait(waiter)
+                if exchange is None:
+                    poll.poll(POLL_INTERVAL_MS)
+                    exchange = handoff.stop_waiting(waiter)
+                if exchange is not None:
+                    self.serve_http(exchange, responders)
+        finally:
+            waiter.close()
 
     def handle(self, index: int, raw: bytes, poll_control, credits: int | None | object,
                responders: list[Responder]) -> Outcome | None:
