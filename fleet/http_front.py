@@ -6,10 +6,9 @@ new ones already do. In each worker one I/O thread owns every idle
 connection: it accepts, reads and parses (fleet.http_parser) without ever
 blocking, enforces the time limits, and hands a complete request to the
 request threads through a HandOff (which wakes one idle thread). A slow
-client therefore costs a file
-descriptor, never a thread. The request thread that takes a request owns
-its connection until the response is written, then gives it back (or
-closes it). One request at a time per connection, so pipelined requests
+client therefore costs a file descriptor, never a thread. The request
+thread that takes a request owns its connection until the response is
+written, then gives it back (or closes it). One request at a time per connection, so pipelined requests
 are answered in order.
 """
 
