@@ -1,11 +1,16 @@
+#!/usr/bin/env python3
 """Run one fuzz target under atheris (libFuzzer), with fleet instrumented.
 
     python -m fuzz.harness TARGET [libFuzzer options] [CORPUS_DIR ...]
 
 TARGET is one of fuzz.targets.NAMES. Options are libFuzzer's: -runs=N,
 -max_total_time=S, -timeout=S (a hang), -merge=1, -artifact_prefix=DIR/ ...
-The uploads target builds its chroot in $FLEET_FUZZ_SCRATCH (an empty
-directory the caller removes) or else in a temporary directory removed at exit.
+libFuzzer runs the inner processes of -merge=1 as ``fuzz/harness.py ARGS``
+(its argv[0]), so this file is executable, finds its target in
+$FLEET_FUZZ_TARGET and puts this Python first on PATH for the shebang.
+The uploads target builds its chroot in a new directory inside
+$FLEET_FUZZ_SCRATCH (which the caller removes), or else in a temporary
+directory removed at exit.
 """
 
 from __future__ import annotations
@@ -17,28 +22,40 @@ import sys
 import tempfile
 from pathlib import Path
 
-import atheris
+if __package__ in (None, ""):  # run as a script by libFuzzer (-merge=1)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import atheris  # noqa: E402
 
 # Coverage guidance: instrument every fleet module the targets import. The
 # C parts (tnetstring3, msgpack, json's scanner) are not instrumented.
 with atheris.instrument_imports(include=["fleet"]):
-    from fuzz import targets
+    from fuzz import targets  # noqa: E402
+
+TARGET_ENV = "FLEET_FUZZ_TARGET"
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in targets.NAMES:
+    if len(sys.argv) > 1 and sys.argv[1] in targets.NAMES:
+        name = sys.argv.pop(1)
+    elif os.environ.get(TARGET_ENV) in targets.NAMES:
+        name = os.environ[TARGET_ENV]
+    else:
         print(f"usage: python -m fuzz.harness {{{','.join(targets.NAMES)}}} [libFuzzer args]",
               file=sys.stderr)
         sys.exit(2)
-    name = sys.argv.pop(1)
+    # What libFuzzer's own child processes (-merge=1) need to run this target.
+    os.environ[TARGET_ENV] = name
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     scratch = None
     if name == "uploads":
-        if os.environ.get("FLEET_FUZZ_SCRATCH"):
-            scratch = Path(os.environ["FLEET_FUZZ_SCRATCH"])
+        if os.environ.get("FLEET_FUZZ_SCRATCH"):  # a fresh tree per process: -merge=1 runs two
+            scratch = Path(tempfile.mkdtemp(prefix="uploads-", dir=os.environ["FLEET_FUZZ_SCRATCH"]))
         else:
             scratch = Path(tempfile.mkdtemp(prefix="fleet-fuzz-uploads-"))
             atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    atheris.Setup(sys.argv, targets.build(name, scratch))
+    argv = [str(Path(__file__).resolve()), *sys.argv[1:]]
+    atheris.Setup(argv, targets.build(name, scratch))
     atheris.Fuzz()
 
 

@@ -93,7 +93,7 @@ def merge(target: str, work: Path) -> str:
     subprocess.run(
         [sys.executable, "-m", "fuzz.harness", target, "-merge=1", str(corpus), str(work / "new")],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-        env={**_env(), "FLEET_FUZZ_SCRATCH": str(work / "uploads-merge")},
+        env={**_env(), "FLEET_FUZZ_SCRATCH": str(work / "uploads-tree")},
     )
     return f"{target}: corpus {before} -> {len(list(corpus.iterdir()))} files"
 
@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         for result in results:
             if not result.problems:
-                (root / result.target / "uploads-merge").mkdir()
                 print(merge(result.target, root / result.target))
     print(f"total: {sum(r.runs for r in results)} inputs, {len(failed)} target(s) with crashes or hangs")
     if failed:

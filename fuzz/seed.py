@@ -36,6 +36,11 @@ UPLOAD_HEADERS = {
     "content-length": "25000",
 }
 
+def _tnet(path: bytes, items: bytes, body: bytes = b"") -> bytes:
+    """A tnetstring-protocol message around raw HEADERS items (which may be wrong)."""
+    return TNET_UUID + b" 4 %s %d:%s}%d:%s," % (path, len(items), items, len(body), body)
+
+
 U_ESCAPED = b'{"METHOD":"GET","x":"\\u00e9\\u0041"}'  # Mongrel2 never escapes so; fleet must cope
 
 MONGREL2 = {
@@ -73,6 +78,14 @@ MONGREL2 = {
     "tnet-http10": targets.encode_tnetstring_request(Request(
         TNET_UUID, b"2147483647", b"/t/k", {"METHOD": "GET", "VERSION": "HTTP/1.0",
                                             "connection": "keep-alive", "n": "1"}, b"")),
+    # Refusals, one per framing step, so the fuzzer starts on both sides of each check.
+    "bad-trailing-garbage": _tnet(b"/t", b"6:METHOD,3:GET,") + b"x",
+    "bad-body-length-lies": _tnet(b"/t", b"6:METHOD,3:GET,")[:-3] + b"5:abc,",
+    "bad-conn-id": _tnet(b"/t", b"6:METHOD,3:GET,").replace(b" 4 ", b" 04 ", 1),
+    "bad-tnetstring": _tnet(b"/t", b"6:METHOD,3:GET;"),
+    "bad-json": JSON_UUID + b' 4 /t 15:{"METHOD":"GET",0:,',
+    "bad-no-method": _tnet(b"/t", b"13:UPLOAD_STREAM,1:1,"),
+    "bad-credits": _tnet(b"@*", b"16:DOWNLOAD_CREDITS,1:x,6:METHOD,4:JSON,", b'{"type":"credits"}'),
 }
 
 
