@@ -10,14 +10,13 @@ libFuzzer runs the inner processes of -merge=1 as ``fuzz/harness.py ARGS``
 $FLEET_FUZZ_TARGET and puts this Python first on PATH for the shebang.
 The uploads target builds its chroot in a new directory inside
 $FLEET_FUZZ_SCRATCH (which the caller removes), or else in a temporary
-directory removed at exit.
+directory that a watcher process removes when the harness has exited.
 """
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +32,27 @@ with atheris.instrument_imports(include=["fleet"]):
     from fuzz import targets  # noqa: E402
 
 TARGET_ENV = "FLEET_FUZZ_TARGET"
+
+
+# libFuzzer ends the process with C exit(), which runs no Python atexit
+# handler: a small watcher removes the directory once this process is gone.
+_WATCHER = """
+import os, shutil, sys, time
+pid, path = int(sys.argv[1]), sys.argv[2]
+while True:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.5)
+shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+def _remove_when_gone(path: Path) -> None:
+    subprocess.Popen([sys.executable, "-c", _WATCHER, str(os.getpid()), str(path)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
 
 def main() -> None:
@@ -53,7 +73,7 @@ def main() -> None:
             scratch = Path(tempfile.mkdtemp(prefix="uploads-", dir=os.environ["FLEET_FUZZ_SCRATCH"]))
         else:
             scratch = Path(tempfile.mkdtemp(prefix="fleet-fuzz-uploads-"))
-            atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+            _remove_when_gone(scratch)
     argv = [str(Path(__file__).resolve()), *sys.argv[1:]]
     atheris.Setup(argv, targets.build(name, scratch))
     atheris.Fuzz()

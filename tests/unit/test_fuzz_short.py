@@ -124,3 +124,13 @@ def test_short_fuzz_run_reports_a_crash(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert "ZeroDivisionError" in run.stdout + run.stderr
     assert any(p.name.startswith("crash-") for p in (tmp_path / "artifacts").iterdir())
+
+
+def test_short_fuzz_run_reports_a_hang(tmp_path: Path) -> None:
+    """An input that runs past -timeout is a hang: libFuzzer stops and keeps it."""
+    prelude = ("import time; from fuzz import targets; "
+               "targets.TARGETS['mongrel2'] = lambda data: time.sleep(5) if b'@*' in data else None; ")
+    run = _short_run("mongrel2", tmp_path, "-timeout=1", prelude=prelude)
+    assert run.returncode != 0
+    assert "timeout" in (run.stdout + run.stderr).lower()
+    assert any(p.name.startswith("timeout-") for p in (tmp_path / "artifacts").iterdir())
