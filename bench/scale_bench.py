@@ -207,6 +207,8 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         master = cluster.start_master(processes=1, threads=1)
 
         # 1. join
+        cj0, bj0 = counter.snapshot()
+        mj0 = cpu_seconds([master.pid])
         wall0, t0 = time.time(), time.monotonic()
         for i in range(2, n + 1):
             cluster.start_node(i, ready=False, extra=NODE_ARGS)
@@ -225,6 +227,10 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
                 missing = [x for x in names if hosts.get(x, {}).get("state") != "ready"]
                 raise RuntimeError(f"not all ready after {args.join_timeout}s: {missing[:10]}...")
         result["status_runs_during_join_s"] = status_runs
+        cj1, bj1 = counter.snapshot()
+        result["join_datagrams"] = {k: cj1[k] - cj0[k] for k in cj1}
+        result["join_datagram_bytes"] = {k: bj1[k] - bj0[k] for k in bj1}
+        result["master_cpu_s_during_join"] = round(cpu_seconds([master.pid]) - mj0, 3)
         ready_at = []
         for name in names:
             ready_at.append(observer.wait_state(name, "ready", 30) - t0)
@@ -265,17 +271,24 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         result["status_wall_s"] = round(status_hosts(cluster, probe)[1], 3)
 
         # 3. failure detection: node and worker, SIGKILL
-        victim = cluster.nodes[n]
-        observer.wait_state(f"h{n}", "ready", 15)
+        # h9 sorts last by hostname: past MAX_ANNOUNCED_MEMBERS rows it is the one the
+        # master's announced table leaves out.
+        v = 9 if n >= 10 else n
+        victim = cluster.nodes[v]
+        observer.wait_state(f"h{v}", "ready", 15)
         killed_wall, killed = time.time(), time.monotonic()
         victim.kill_group()
         victim.proc.wait(5)
-        dead_at = observer.wait_state(f"h{n}", "dead", 30, since=killed)
+        dead_at = observer.wait_state(f"h{v}", "dead", 30, since=killed)
         result["detection_observer_s"] = round(dead_at - killed, 3)
         time.sleep(0.5)  # the master's log line
-        dead = {k: v for k, v in log_events(master, "dead").items() if v >= killed_wall - 0.01}
-        result["detection_master_log_s"] = round(dead[f"h{n}"] - killed_wall, 3) if f"h{n}" in dead else None
-        cluster.start_node(n, ready=False, extra=NODE_ARGS)
+        dead = {k: t for k, t in log_events(master, "dead").items() if t >= killed_wall - 0.01}
+        result["detection_master_log_s"] = round(dead[f"h{v}"] - killed_wall, 3) if f"h{v}" in dead else None
+        # A `fleet status` started after the death knows it only from the master's announces.
+        hosts = status_hosts(cluster, probe)[0]
+        result["status_after_death_lists"] = len(hosts)
+        result["status_after_death_victim_state"] = hosts.get(f"h{v}", {}).get("state")
+        cluster.start_node(v, ready=False, extra=NODE_ARGS)
         deadline = time.monotonic() + 60
         while not all_ready(status_hosts(cluster, probe)[0], names):
             if time.monotonic() > deadline:
@@ -354,10 +367,11 @@ def medians(rounds: list[dict]) -> dict:
     for key in ("start_spread_s", "master_log_all_joined_s", "master_log_all_ready_s", "observer_all_ready_s",
                 "status_lists_all_ready_s", "status_wall_s", "frames_per_s", "frame_bytes_per_s",
                 "master_cpu_pct", "node_cpu_pct_mean", "detection_observer_s", "detection_master_log_s",
-                "reload_s", "master_cpu_pct_during_reload"):
+                "reload_s", "master_cpu_pct_during_reload", "master_cpu_s_during_join",
+                "nodes_that_gave_up_waiting_their_turn"):
         values = [r[key] for r in good if r.get(key) is not None]
         med[key] = round(statistics.median(values), 3) if values else None
-    for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size"):
+    for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size", "join_datagrams"):
         kinds = {k for r in good for k in r.get(key, {})}
         med[key] = {k: round(statistics.median([r[key].get(k, 0) for r in good]), 2) for k in sorted(kinds)}
     med["rounds_ok"] = len(good)
@@ -412,10 +426,33 @@ def decode_costs(hosts: int = 1000) -> dict:
     announce = (time.perf_counter() - t) / 20
     agent.close()
     return {"hosts_known": hosts, "heartbeat_datagram_bytes": len(datagrams[0]),
+            "heartbeats_a_default_receive_buffer_holds": buffer_capacity(datagrams[0]),
             "receive_one_heartbeat_us": round(per_beat * 1e6, 1),
             "membership_tick_ms": round(tick * 1e3, 3), "members_hosts_table_ms": round(views * 1e3, 3),
             "announce_build_ms": round(announce * 1e3, 3), "announce_bytes": len(sent[-1]),
             "announced_rows": proto.MAX_ANNOUNCED_MEMBERS, "status_rows": len(table)}
+
+
+def buffer_capacity(datagram: bytes, sent: int = 2000) -> int:
+    """How many copies of `datagram` an unread UDP socket with the default receive buffer
+    (net.core.rmem_default) queues before the kernel drops (loopback unicast)."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        for _ in range(sent):
+            sender.sendto(datagram, receiver.getsockname())
+        receiver.setblocking(False)
+        held = 0
+        while True:
+            try:
+                receiver.recv(65535)
+            except BlockingIOError:
+                return held
+            held += 1
+    finally:
+        receiver.close()
+        sender.close()
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -426,13 +463,16 @@ def print_table(results: dict) -> None:
     keys = ["start_spread_s", "master_log_all_joined_s", "master_log_all_ready_s", "observer_all_ready_s",
             "status_lists_all_ready_s", "status_wall_s", "detection_observer_s", "detection_master_log_s",
             "reload_s", "frames_per_s", "frame_bytes_per_s", "master_cpu_pct", "master_cpu_pct_during_reload",
-            "node_cpu_pct_mean", "rounds_ok"]
+            "node_cpu_pct_mean", "master_cpu_s_during_join", "nodes_that_gave_up_waiting_their_turn", "rounds_ok"]
     width = max(map(len, keys))
     print("\nmedians" + " " * (width - 7) + "".join(f"{s['hosts']:>12} h" for s in sizes))
     for key in keys:
         print(f"{key:<{width}}" + "".join(f"{str(s['median'].get(key)):>14}" for s in sizes))
-    for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size"):
+    for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size", "join_datagrams"):
         print(f"{key}: " + " | ".join(f"{s['hosts']}h {s['median'].get(key)}" for s in sizes))
+    print("fleet status after a death (hosts listed, the dead one's state): " + " | ".join(
+        f"{s['hosts']}h " + str([(r.get("status_after_death_lists"), r.get("status_after_death_victim_state"))
+                                  for r in s["rounds"]]) for s in sizes))
     print(f"in-process costs: {results.get('decode_costs')}")
 
 
