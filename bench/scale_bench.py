@@ -510,7 +510,15 @@ def main() -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 if __name__ == "__main__":
+    # Ctrl-C and SIGTERM unwind through the finally blocks (namespaces, processes),
+    # also when started in the background, where a shell ignores SIGINT for us.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         raise SystemExit(main())
     except KeyboardInterrupt:  # the finally blocks above already cleaned up
