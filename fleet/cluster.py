@@ -186,9 +186,12 @@ class ClusterAgent:
 
     def announce(self, now: float) -> None:
         self._next_announce = now + ANNOUNCE_INTERVAL
+        # A listener hears the live hosts itself: the table is there for the silent
+        # ones. When it must be cut, keep those (stable sort: by hostname within).
+        hosts = sorted(self.members.hosts(now), key=lambda h: h.state not in ("dead", "lost"))
         rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
                  h.workers_total, round(h.last_seen_age, 1)]
-                for h in self.members.hosts(now)][: proto.MAX_ANNOUNCED_MEMBERS]
+                for h in hosts][: proto.MAX_ANNOUNCED_MEMBERS]
         peers = [list(address) for address in self.peers.addresses()][: proto.MAX_ANNOUNCED_PEERS]
         while True:
             try:

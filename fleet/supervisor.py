@@ -202,7 +202,7 @@ class Supervisor:
             busy = False
             while True:
                 if not busy:  # nothing came last pass: sleep until something does
-                    poller.poll(TICK * 1000)
+                    self.wait(poller)
                 busy = self.dispatcher.pump() > 0
                 # Process management runs on a signal or once a tick, not on
                 # every message: this loop is also the dispatcher's hot path.
@@ -331,10 +331,30 @@ class Supervisor:
         self.pending_cluster_generation = cluster_generation
         return True
 
+    def wait(self, poller: zmq.Poller) -> None:
+        """Sleep until something arrives, at most a tick. A cluster datagram is read
+        at once: left unread, it keeps the socket readable and poll() returning
+        straight away, a busy loop until the next tick (one per heartbeat heard)."""
+        ready = dict(poller.poll(TICK * 1000))
+        if self.cluster is not None and self.cluster.fileno() in ready:
+            try:
+                self.receive_from_cluster(time.time())
+            except Exception:  # the cluster must never take serving down with it
+                log.exception("cluster: internal error; serving goes on")
+
     # -- the cluster -----------------------------------------------------------
 
     def talk_to_cluster(self) -> None:
         now = time.time()
+        self.receive_from_cluster(now)
+        self.roll_when_our_turn()
+        if (self.cluster.role == "master" and self.pending_cluster_generation is None
+                and self.cluster.generation > self.cluster_generation):
+            # Restarted with the configuration the fleet already runs: take its generation.
+            self.cluster_generation = self.cluster.generation
+        self.cluster.tick(now, self.host_status())
+
+    def receive_from_cluster(self, now: float) -> None:
         for event in self.cluster.receive(now):
             if isinstance(event, ReloadRequested) and self.stopping_since is None:
                 log.info("cluster: reload to generation %d requested", event.generation)
@@ -343,12 +363,6 @@ class Supervisor:
                 self.cluster.set_generation(event.generation)
             elif isinstance(event, ApplyConfig) and self.stopping_since is None:
                 self.on_cluster_config(event)
-        self.roll_when_our_turn()
-        if (self.cluster.role == "master" and self.pending_cluster_generation is None
-                and self.cluster.generation > self.cluster_generation):
-            # Restarted with the configuration the fleet already runs: take its generation.
-            self.cluster_generation = self.cluster.generation
-        self.cluster.tick(now, self.host_status())
 
     def on_cluster_config(self, event: ApplyConfig) -> None:
         """Nodes take turns (rolling); the change waits in `self.rollout` until ours."""

@@ -116,3 +116,30 @@ def test_nodes_take_turns_in_a_rolling_reload(options) -> None:
     finally:
         for agent in agents:
             agent.close()
+
+
+def test_a_cut_node_table_keeps_the_dead_hosts(options) -> None:
+    """More hosts than MAX_ANNOUNCED_MEMBERS: the dead one, sorted last by name, is still announced."""
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    observer = ClusterAgent(options("cli"), "observer")
+    try:
+        names = [f"h{i}" for i in range(1, proto.MAX_ANNOUNCED_MEMBERS + 3)]
+        origins = {name: proto.Origin("unit", proto.derive_node_id(name), proto.new_boot_id()) for name in names}
+        start = time.time() - 5 * master.members.dead_after
+        body = dict(role="node", state="ready", generation=1, workers_ready=1, workers_total=1,
+                    requests_served=0, requests_per_second=0.0, rss=0, address=("127.0.0.1", 1))
+        for name in names:
+            master.members.observe(origins[name].make(proto.Heartbeat, start, hostname=name, **body), ("127.0.0.1", 1), start)
+        silent = max(names)  # "h9": last in the table's hostname order
+        now = time.time()
+        for name in (n for n in names if n != silent):
+            master.members.observe(origins[name].make(proto.Heartbeat, now, hostname=name, **body), ("127.0.0.1", 1), now)
+        master.members.tick(now)
+        master.announce(now)
+        pump(observer)
+        announced = {row["hostname"]: row["state"] for row in observer.master_members}
+        assert len(announced) == proto.MAX_ANNOUNCED_MEMBERS < len(names)
+        assert announced[silent] == "dead"
+    finally:
+        master.close()
+        observer.close()

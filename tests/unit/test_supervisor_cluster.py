@@ -1,0 +1,66 @@
+"""The supervisor's wait step and the cluster channel (loopback multicast, 127.0.0.1, TTL 1)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import pytest
+import zmq
+
+from fleet import cluster_protocol as proto
+from fleet.cluster import ClusterAgent, ClusterOptions, HostStatus
+from fleet.config import Endpoint, HandlerConfig
+from fleet.multicast import Group
+from fleet.supervisor import Supervisor
+
+CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 1, "threads": 1}
+STATUS = HostStatus(state="ready", generation=1, workers_ready=1, workers_total=1, requests_served=0, rss=1 << 20)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def agents():
+    group = Group("239.255.91.8", free_udp_port())
+    keyring = proto.Keyring([b"k" * 32])
+    made: list[ClusterAgent] = []
+
+    def make(name: str) -> ClusterAgent:
+        # With a configuration already, a node sends heartbeats only (no config requests).
+        agent = ClusterAgent(ClusterOptions(group, "127.0.0.1", keyring, name="unit", node_name=name), "node",
+                             config=CONFIG)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.close()
+
+
+@pytest.fixture
+def supervisor(agents):
+    config = HandlerConfig(endpoints=(Endpoint("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),), app="app")
+    sup = Supervisor(config, cluster=agents("here"))
+    yield sup
+    sup.dispatcher.close()
+    sup.context.term()
+    shutil.rmtree(sup.runtime_dir, ignore_errors=True)
+
+
+def test_a_heartbeat_heard_is_read_at_once_so_the_next_wait_sleeps(agents, supervisor) -> None:
+    peer = agents("peer")
+    poller = zmq.Poller()
+    poller.register(supervisor.cluster.fileno(), zmq.POLLIN)
+    peer.tick(time.time(), STATUS)
+    assert poller.poll(5000), "the peer's heartbeat never arrived"
+    supervisor.wait(poller)
+    # Unread, the datagram would keep the socket readable: poll() would return at
+    # once, every pass, until the next tick (a busy loop per heartbeat heard).
+    assert poller.poll(0) == []
+    assert [h.hostname for h in supervisor.cluster.members.hosts(time.time())] == ["peer"]
