@@ -23,6 +23,7 @@ import random
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -370,3 +371,142 @@ def soak_summary(run: SoakRun) -> dict:
         "upload_files_left": run.upload_files_left,
         "processes_seen": len(run.seen),
     }
+
+
+# -- the hostile network ----------------------------------------------------------------------
+
+FLOOD = HERE / "flood.py"
+
+
+@dataclass
+class HostilePlan:
+    baseline: float = 20.0  # seconds of load before the flood (the no-flood p99)
+    flood_seconds: float = 25.0
+    count: int = 30000  # datagrams, paced evenly over flood_seconds
+    capture: float = 4.0  # seconds host 4 listens to the group first (for replays)
+    after: float = 10.0  # seconds of load after the flood
+    clients: int = 4
+    pause: float = 0.02
+    mixes: str = ""  # flood.py --mixes; empty: all of them
+
+
+def udp_counters(host: Host) -> dict[str, int]:
+    """The kernel's UDP counters in the host's namespace (/proc/net/snmp is per namespace)."""
+    lines = [line.split() for line in host.exec(["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if line.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def _cpu(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+        return times.user + times.system
+    except psutil.Error:
+        return float("nan")
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return None
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)
+            if after.get(k, 0) - before.get(k, 0)}
+
+
+def _window(samples: list[Sample], start: float, end: float) -> dict:
+    mine = sorted(s.latency for s in samples if start <= s.start < end)
+    if not mine:
+        return {"n": 0}
+    p99 = mine[max(0, -(-99 * len(mine) // 100) - 1)]
+    return {"n": len(mine), "p50_ms": round(mine[len(mine) // 2] * 1000, 2), "p99_ms": round(p99 * 1000, 2),
+            "max_ms": round(mine[-1] * 1000, 2),
+            "not_ok": sum(1 for s in samples if start <= s.start < end and s.outcome != OK)}
+
+
+def heartbeat_gaps(cluster: FleetCluster) -> int:
+    """Lines where some host noticed another's silence ("no heartbeat for ..."): lost or dead."""
+    return sum(proc.log_text().count("no heartbeat for") for proc in cluster.procs)
+
+
+def run_hostile(cluster: ServingCluster, attacker: Host, plan: HostilePlan, say=print) -> dict:
+    """Load through Mongrel2, then host `attacker` floods the group; what the victims made of it."""
+    victims = {f"h{i}": (i, (cluster.master if i == 1 else cluster.nodes[i])) for i in (1, 2, 3)}
+    status_before = cluster.wait_ready_hosts(3)
+    counters_before = {name: cluster.stats(i)["cluster"] for name, (i, _) in victims.items()}
+    udp_before = {name: udp_counters(proc.host) for name, (_, proc) in victims.items()}
+    gaps_before = heartbeat_gaps(cluster)
+    total = plan.baseline + plan.capture + plan.flood_seconds + plan.after + 60
+    load = start_get_load(cluster, plan.clients, plan.pause, total)
+    result: dict = {"plan": vars(plan)}
+    flood_log = cluster.workdir / "flood.log"
+    try:
+        load.wait_succeeded(50, timeout=30)
+        cpu0 = {name: _cpu(proc.pid) for name, (_, proc) in victims.items()}
+        base_start = time.monotonic()
+        time.sleep(plan.baseline)
+        base_end = time.monotonic()
+        cpu1 = {name: _cpu(proc.pid) for name, (_, proc) in victims.items()}
+        rss_before = {name: _rss(proc.pid) for name, (_, proc) in victims.items()}
+        flood = attacker.popen(
+            [sys.executable, str(FLOOD), "--group", cluster.group, "--iface", attacker.address,
+             "--cluster", cluster.name, "--real-key-file", str(cluster.key), "--capture", str(plan.capture),
+             "--count", str(plan.count), "--seconds", str(plan.flood_seconds),
+             *(["--mixes", plan.mixes] if plan.mixes else [])], flood_log)
+        deadline = time.monotonic() + plan.capture + 30
+        while "flooding" not in flood_log.read_text():
+            if flood.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"flood did not start: {flood_log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        flood_start = time.monotonic()
+        cpu2 = {name: _cpu(proc.pid) for name, (_, proc) in victims.items()}
+        flood.wait(timeout=plan.flood_seconds + 60)
+        flood_end = time.monotonic()
+        cpu3 = {name: _cpu(proc.pid) for name, (_, proc) in victims.items()}
+        rss_after = {name: _rss(proc.pid) for name, (_, proc) in victims.items()}
+        say(f"[hostile] flood done in {flood_end - flood_start:.1f}s; load {load.progress()}")
+        time.sleep(plan.after)
+        after_end = time.monotonic()
+    finally:
+        load.halt()
+        report = load.stop()
+    lines = flood_log.read_text().splitlines()
+    sent = json.loads(next(line for line in reversed(lines) if line.startswith("{\"captured\"")))
+    counters_after = {name: cluster.stats(i)["cluster"] for name, (i, _) in victims.items()}
+    udp_after = {name: udp_counters(proc.host) for name, (_, proc) in victims.items()}
+    status_after = cluster.wait_ready_hosts(3)
+    per_victim = {}
+    for name in victims:
+        b, a = counters_before[name], counters_after[name]
+        base_wall, flood_wall = base_end - base_start, flood_end - flood_start
+        per_victim[name] = {
+            "accepted_from_attacker": a["accepted_from"].get(attacker.address, 0)
+            - b["accepted_from"].get(attacker.address, 0),
+            "accepted_genuine": a["accepted"] - b["accepted"],
+            "rejected": a["rejected"] - b["rejected"],
+            "rejected_by_reason": _delta(a["rejected_by_reason"], b["rejected_by_reason"]),
+            "other_cluster": a["other_cluster"] - b["other_cluster"],
+            "kernel_udp": _delta(udp_after[name], udp_before[name]),
+            "cpu_pct_baseline": round(100 * (cpu1[name] - cpu0[name]) / base_wall, 1),
+            "cpu_pct_flood": round(100 * (cpu3[name] - cpu2[name]) / flood_wall, 1),
+            "rss_mb_before": round((rss_before[name] or 0) / 1048576, 1),
+            "rss_mb_after": round((rss_after[name] or 0) / 1048576, 1),
+        }
+    result.update({
+        "flood": sent,
+        "flood_window_s": round(flood_end - flood_start, 2),
+        "victims": per_victim,
+        "accepted_from_attacker_total": sum(v["accepted_from_attacker"] for v in per_victim.values()),
+        "load": report.as_dict(),
+        "latency_baseline": _window(report.samples, base_start, base_end),
+        "latency_flood": _window(report.samples, flood_start, flood_end),
+        "latency_after": _window(report.samples, flood_end, after_end),
+        "heartbeat_gap_lines": heartbeat_gaps(cluster) - gaps_before,
+        "generations": {"before": sorted({h["generation"] for h in status_before.values()}),
+                        "after": sorted({h["generation"] for h in status_after.values()})},
+        "states_after": {name: h["state"] for name, h in status_after.items()},
+    })
+    return result
