@@ -142,7 +142,13 @@ class ClusterAgent:
         self.conflicts = ConfigConflicts(ANNOUNCE_INTERVAL)
         self.config = config
         self.generation = generation
+        # Datagrams from other processes, for `fleet stats` ("cluster"): authentic ones per
+        # source address (only key holders can add a source), dropped ones per reason.
+        self.accepted = 0
+        self.accepted_from: dict[str, int] = {}
         self.rejected = 0
+        self.rejected_by_reason: dict[str, int] = {}
+        self.other_cluster = 0
         self._reject_logged: dict[str, float] = {}
         self._next_heartbeat = self._next_announce = self._next_request = 0.0
         self._last_served: tuple[float, int] | None = None
@@ -286,6 +292,8 @@ class ClusterAgent:
         message = self._authentic(datagram, source[0], now)
         if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:
             return None  # rejected, or our own datagram looped back
+        self.accepted += 1
+        self.accepted_from[source[0]] = self.accepted_from.get(source[0], 0) + 1
         self._remember(digest, source[0])
         if by_unicast:
             self._learn_peer(source, now)
@@ -310,9 +318,12 @@ class ClusterAgent:
             if message.node_id != self.origin.node_id or message.boot_id != self.origin.boot_id:
                 self.guard.admit(message, now)
         except proto.WrongCluster:
+            self.other_cluster += 1
             return None  # another cluster sharing the group: not an attack, not our business
         except proto.ClusterProtocolError as error:
             self.rejected += 1
+            reason = type(error).__name__
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
             last = self._reject_logged.get(source)
             if last is None or now - last >= REJECT_LOG_INTERVAL:
                 self._reject_logged[source] = now
@@ -320,6 +331,12 @@ class ClusterAgent:
                             "logged once a minute per source)", source, type(error).__name__, error, self.rejected)
             return None
         return message
+
+    def counters(self) -> dict[str, Any]:
+        """What this host made of the datagrams it received (for `fleet stats`)."""
+        return {"accepted": self.accepted, "accepted_from": dict(self.accepted_from),
+                "rejected": self.rejected, "rejected_by_reason": dict(self.rejected_by_reason),
+                "other_cluster": self.other_cluster}
 
     def _handle(self, message: proto.Message, source: Address, now: float) -> ApplyConfig | ReloadRequested | None:
         if isinstance(message, proto.Heartbeat):

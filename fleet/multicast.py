@@ -9,9 +9,11 @@ let a datagram leave the machine.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 
 from fleet.cluster_protocol import MAX_DATAGRAM
@@ -20,6 +22,18 @@ from fleet.cluster_protocol import MAX_DATAGRAM
 # seen as oversized (recvfrom truncates silently) and dropped before parsing.
 RECEIVE_SIZE = MAX_DATAGRAM + 1
 DEFAULT_TTL = 1  # never routed off the local segment unless asked
+# Room for a burst of datagrams while the loop is busy (the kernel caps it at
+# net.core.rmem_max; the default 208 KB holds only three 64 KB datagrams).
+RECEIVE_BUFFER = 4 * 1024 * 1024
+UDP_HEADER = 8
+# Classic BPF, "drop any UDP datagram longer than the protocol allows": the kernel
+# frees it before it takes room in the receive buffer. Without it a few oversized
+# datagrams a second (up to 64 KB each) filled the buffer and genuine heartbeats
+# were dropped with them (found by the hostile-network bench).
+_BPF_LD_LEN = 0x80  # BPF_LD | BPF_W | BPF_LEN: A = datagram length (UDP header included)
+_BPF_JGT_K = 0x25  # BPF_JMP | BPF_JGT | BPF_K
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: keep that many bytes (0: drop)
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 
 
 class ChannelError(ValueError):
@@ -80,6 +94,7 @@ class Channel:
                 f"cannot join {group} on interface {interface}: {error.strerror}; "
                 "is --cluster-iface an address of this host, with a multicast route?"
             ) from None
+        _harden(sock)
         sock.setblocking(False)
         self.socket = sock
 
@@ -102,3 +117,29 @@ class Channel:
 
     def close(self) -> None:
         self.socket.close()
+
+
+def _oversize_filter() -> bytes:
+    """The classic BPF program of `_harden`, as struct sock_filter entries."""
+    insns = [(_BPF_LD_LEN, 0, 0, 0),
+             (_BPF_JGT_K, 0, 1, UDP_HEADER + MAX_DATAGRAM),  # longer: next insn (drop), else skip it
+             (_BPF_RET_K, 0, 0, 0),
+             (_BPF_RET_K, 0, 0, 0xFFFFFFFF)]
+    return b"".join(struct.pack("HBBI", *insn) for insn in insns)
+
+
+def _harden(sock: socket.socket) -> None:
+    """A bigger receive buffer, and oversized datagrams dropped in the kernel (Linux only;
+    elsewhere the receive loop still drops them, only later)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError:
+        pass
+    if sys.platform != "linux":
+        return
+    program = ctypes.create_string_buffer(_oversize_filter())
+    fprog = struct.pack("HL", len(program.raw) // 8, ctypes.addressof(program))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError:
+        pass  # no socket filters here: the receive loop drops oversized datagrams itself

@@ -618,6 +618,7 @@ class Supervisor:
             "recycles": {"max_requests": counters.pop("recycled_max_requests"),
                          "rss": counters.pop("recycled_rss")},
             **counters,
+            **({"cluster": self.cluster.counters()} if self.cluster is not None else {}),
         }
 
     # -- stopping ----------------------------------------------------------------

@@ -14,6 +14,7 @@ resolves to an mkstemp-named regular file in the temp-store directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -35,6 +36,15 @@ MAX_CONTENT_LENGTH_DIGITS = 19
 
 class UploadRejected(ValueError):
     """A forged or unsafe upload message; str(e) is the reason, the worker answers 400."""
+
+
+class UploadGone(UploadRejected):
+    """A start message (no done header) whose file no longer exists.
+
+    The start and done messages of one upload can reach different workers (or
+    hosts); the done one may have been served, and its file deleted, before the
+    start one is looked at. Nothing to answer then: the done message did.
+    """
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,8 @@ def check_upload(request: Request, policy: UploadPolicy) -> UploadStarted | Uplo
     try:
         st = os.lstat(real_path)
     except OSError as e:
+        if done is None and e.errno == errno.ENOENT:
+            raise UploadGone(f"upload file is not accessible: {e.strerror}") from None
         raise UploadRejected(f"upload file is not accessible: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise UploadRejected("upload path is not a regular file")

@@ -41,7 +41,7 @@ from fleet.link import LinkClosed, ThreadLink
 from fleet.logs import reopen_log_file, setup_logging
 from fleet.mongrel2 import Event, ProtocolError, Request, parse_message, peek_route
 from fleet.reply import ClientGone, Reply, Responder, no_control
-from fleet.uploads import UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 
 log = logging.getLogger("fleet.worker")
 
@@ -387,6 +387,11 @@ class Worker:
         """Returns True if the connection was closed."""
         try:
             upload = check_upload(request, self.policy)
+        except UploadGone as error:
+            # Its done message was served first (by another worker): answering would
+            # send the client a stray 400 and close its connection.
+            log.info("ignored a late upload-start on connection %s: %s", request.conn_id.decode(), error)
+            return False
         except UploadRejected as error:
             return self._refuse(request, reply, error)
         if isinstance(upload, UploadStarted):

@@ -86,6 +86,10 @@ def test_forged_and_garbled_datagrams_are_dropped_and_counted(options) -> None:
         assert events == []
         assert master.rejected == 3
         assert master.generation == 1
+        # What `fleet stats` shows: nothing accepted from anyone, the drops by reason.
+        counters = master.counters()
+        assert counters["accepted"] == 0 and counters["accepted_from"] == {}, counters
+        assert sum(counters["rejected_by_reason"].values()) == 3, counters
     finally:
         master.close()
         forger.close()

@@ -14,6 +14,7 @@ import pytest
 from fleet.mongrel2 import Request
 from fleet.uploads import (
     UploadDone,
+    UploadGone,
     UploadPolicy,
     UploadRejected,
     UploadStarted,
@@ -230,6 +231,18 @@ def test_done_file_missing(policy: UploadPolicy) -> None:
     _reject(upload_request(path, path), policy, "not accessible")
     # mkstemp made the file before Mongrel2 sent the start message.
     _reject(upload_request(path, None), policy, "not accessible")
+
+
+def test_start_whose_file_is_gone_is_told_apart(policy: UploadPolicy) -> None:
+    """Start and done can reach different workers: the done one may be served and its file
+    deleted first. The worker ignores such a start (UploadGone) instead of answering 400
+    (found by the cluster soak: stray 400s on uploads)."""
+    path = "tmp/mongrel2.upload.Gone12"
+    with pytest.raises(UploadGone):
+        check_upload(upload_request(path, None), policy)
+    with pytest.raises(UploadRejected) as info:  # a done message for a missing file is refused
+        check_upload(upload_request(path, path), policy)
+    assert not isinstance(info.value, UploadGone)
 
 
 def test_done_not_a_regular_file(policy: UploadPolicy, chroot: Path) -> None:

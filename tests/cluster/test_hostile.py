@@ -1,0 +1,109 @@
+"""A hostile fourth host floods the cluster's multicast group while three hosts serve through Mongrel2.
+
+tests/cluster/flood.py on h4 captures genuine datagrams, then sends a bounded
+mix of garbage, truncated, oversized, replayed, wrong-key, unsigned and
+out-of-window datagrams (see its docstring). What the victims accepted is
+read from their own counters (`fleet stats`, "cluster"), not assumed. A short
+flood here; bench/hostile.py runs the same scenario longer, for the figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import netns
+import pytest
+from netns import Network
+from scenario import HostilePlan, ServingCluster, run_hostile
+
+from fleet.cluster_protocol import MAX_DATAGRAM
+from fleet.multicast import Channel, Group
+
+SHORT = HostilePlan(baseline=5.0, flood_seconds=6.0, count=4000, capture=3.0, after=3.0)
+
+
+def figure(record_property, name: str, value) -> None:
+    print(f"\n[figure] {name} = {value}")
+    record_property(name, value)
+
+
+@pytest.fixture
+def network4() -> Iterator[Network]:
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    net = Network(hosts=4)
+    net.create()
+    try:
+        yield net
+    finally:
+        problems = net.destroy()
+        left = netns.leftover_namespaces(net.token)
+    assert not problems and not left, f"cleanup: {problems}; namespaces left: {left}"
+
+
+@pytest.fixture
+def serving(network4: Network, tmp_path: Path) -> Iterator[ServingCluster]:
+    cluster = ServingCluster(network4, tmp_path)
+    problems: list[str] = []
+    try:
+        yield cluster
+    finally:
+        problems = cluster.close()
+    assert not problems, "teardown:\n" + "\n".join(problems)
+
+
+def test_oversized_datagrams_are_dropped_before_the_receive_buffer() -> None:
+    """Regression: 64 KB datagrams filled the receive buffer and crowded out heartbeats.
+    The socket filter drops them in the kernel: recvfrom never even sees a truncated one."""
+    group = Group("239.255.91.17", 20000 + int(time.time() * 1000) % 9000)
+    receiver, sender = Channel(group, "127.0.0.1"), Channel(group, "127.0.0.1")
+    try:
+        sizes = [MAX_DATAGRAM, MAX_DATAGRAM + 1, 60000, 100, 65000, 9000, 1]
+        for size in sizes:
+            sender.send(b"x" * size)
+        got: list[int] = []
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            received = receiver.receive()
+            if received is None:
+                time.sleep(0.01)
+            else:
+                got.append(len(received[0]))
+        time.sleep(0.2)
+        while (received := receiver.receive()) is not None:
+            got.append(len(received[0]))
+    finally:
+        receiver.close()
+        sender.close()
+    assert got == [MAX_DATAGRAM, 100, 1], got
+
+
+@pytest.mark.slow
+def test_a_flooding_host_gets_nothing_accepted_and_serving_goes_on(serving: ServingCluster, record_property) -> None:
+    serving.start_all(processes=2)
+    result = run_hostile(serving, serving.net.host(4), SHORT)
+    flood, load = result["flood"], result["load"]
+    figure(record_property, "flood_sent", flood["sent"])
+    figure(record_property, "flood_by_mix", flood["by_mix"])
+    figure(record_property, "victims", result["victims"])
+    figure(record_property, "load", {k: load[k] for k in ("sent", "succeeded", "failed", "hung")})
+    for window in ("baseline", "flood", "after"):
+        figure(record_property, f"latency_{window}", result[f"latency_{window}"])
+    figure(record_property, "heartbeat_gap_lines", result["heartbeat_gap_lines"])
+
+    assert flood["sent"] == SHORT.count and not flood["send_errors"], flood
+    assert flood["captured"] > 0, "nothing captured: the replays were garbage"
+    for name, victim in result["victims"].items():
+        assert victim["accepted_from_attacker"] == 0, (name, victim)
+        # The counters are live: genuine peers are accepted, the flood is counted as dropped,
+        # by the check that caught each mix.
+        assert victim["accepted_genuine"] > 0, (name, victim)
+        reasons = set(victim["rejected_by_reason"])
+        assert {"Malformed", "BadSignature", "Unsigned", "Stale", "Replayed"} <= reasons, (name, victim)
+        assert victim["other_cluster"] > 0, (name, victim)
+    assert load["failed"] == 0 and load["hung"] == 0 and load["unfinished"] == 0, load
+    assert result["generations"]["after"] == result["generations"]["before"], result["generations"]
+    assert set(result["states_after"].values()) == {"ready"}, result["states_after"]
