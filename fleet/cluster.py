@@ -288,6 +288,8 @@ class ClusterAgent:
             # from the same host, so a replay from elsewhere teaches no peer.
             if by_unicast and source[0] == first_from:
                 self._learn_peer(source, now)
+            # Counted (not logged): a replay of a recent datagram ends here, before the replay guard.
+            self.rejected_by_reason["Duplicate"] = self.rejected_by_reason.get("Duplicate", 0) + 1
             return None
         message = self._authentic(datagram, source[0], now)
         if message is None or message.node_id == self.origin.node_id and message.boot_id == self.origin.boot_id:

@@ -43,8 +43,8 @@ class ServingCluster(FleetCluster):
     def stats_endpoint(self, host: Host) -> str:
         return f"ipc://{self.workdir}/stats-{host.name}"
 
-    def master_args(self, processes: int = 1, threads: int = 2) -> list[str]:
-        args = super().master_args(processes, threads)
+    def master_args(self, processes: int = 1, threads: int = 2, transport: str | None = None) -> list[str]:
+        args = super().master_args(processes, threads, transport)
         args[args.index("--module") + 1] = "soakapp"
         assert str(HERE) in args
         return args + ["--mongrel2-chroot", str(self.m2.chroot),

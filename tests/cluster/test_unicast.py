@@ -116,7 +116,9 @@ def test_a_mixed_fleet_multicast_node_and_seeds_node_behind_a_master_on_both(
     multicast_node = cluster.start_node(2, transport="multicast")
     seeds_node = cluster.start_node(3, transport=SEEDS)
     assert set(cluster.served_by(60)) == {"h1", "h2", "h3"}
-    assert "cluster: h1 (" in multicast_node.log_text() and "cluster: h1 (" in seeds_node.log_text()
+    # Each node hears the master's heartbeats (logged at its next tick).
+    wait_for(lambda: "cluster: h1 (" in multicast_node.log_text() and "cluster: h1 (" in seeds_node.log_text(),
+             10, what="both nodes list the master")
 
     # Each side's `fleet status` shows all three: its own side heard, the other side from the master.
     for host, transport in ((h2, "multicast"), (h3, SEEDS)):
