@@ -195,7 +195,8 @@ def test_nodes_follow_a_master_restarted_with_another_logger(harness: Harness, c
     # The node applies the new configuration in place (a graceful reload): its
     # supervisor and its new workers now log to the second collector.
     second.wait_line("the node's reload", lambda line: line.pid == node.pid and "reload complete" in line.message)
-    (worker,) = worker_pids(node)
+    # "reload complete" comes once the new worker is ready; the old one may still be exiting.
+    (worker,) = wait_for(lambda: len(pids := worker_pids(node)) == 1 and pids, 30, what="the old worker gone")
     second.wait_line("the node's new worker's ready line",
                      lambda line: line.pid == worker and "worker ready" in line.message)
     assert not [line for line in first.lines() if line.pid == worker]
