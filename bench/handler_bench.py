@@ -136,12 +136,12 @@ class Contender:
         self.proc = None
 
 
-def check_once(server: Mongrel2, path: str) -> None:
-    """One request through Mongrel2 must come back right before any load is applied."""
+def check_once(port: int, path: str) -> None:
+    """One request (through Mongrel2, or to an HTTP server) must come back right before any load."""
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", path)
             resp = conn.getresponse()
             body = resp.read()
@@ -187,14 +187,14 @@ def measure(name: str, contender: Contender, server: Mongrel2, script: Path,
             args: argparse.Namespace) -> Result:
     contender.start()
     try:
-        check_once(server, "/bench")
+        check_once(server.port, "/bench")
         run_wrk(server.url("/bench"), script, args, args.warmup)
         before = cpu_snapshot(server, contender)
         rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         raw = run_wrk(server.url("/bench"), script, args, args.duration)
         rusage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         after = cpu_snapshot(server, contender)
-        check_once(server, "/bench")
+        check_once(server.port, "/bench")
     finally:
         contender.stop()
     requests = max(raw["requests"], 1)

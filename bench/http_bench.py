@@ -20,7 +20,6 @@ connection after one response (it expects a buffering proxy in front).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -36,13 +35,12 @@ sys.path.insert(0, str(BENCH))
 
 import psutil  # noqa: E402
 from handler_bench import (  # noqa: E402
-    EXPECTED_BODY,
     MAX_DURATION,
-    READY_TIMEOUT,
     WRK_SCRIPT,
     Contender,
     Result,
     _cpu,
+    check_once,
     median_run,
     run_wrk,
 )
@@ -96,24 +94,6 @@ def contenders(processes: int, threads: int, route: HandlerRoute, logdir: Path) 
     return out
 
 
-def check_once(port: int) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/bench")
-            resp = conn.getresponse()
-            body = resp.read()
-            conn.close()
-            if resp.status == 200 and body == EXPECTED_BODY.encode():
-                return
-            raise RuntimeError(f"unexpected answer {resp.status} {body[:100]!r}")
-        except (OSError, http.client.HTTPException):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def cpu_of(contender: Contender) -> dict[str, float]:
     top = psutil.Process(contender.proc.pid)
     return {"master": _cpu(top), "workers": sum(_cpu(c) for c in top.children(recursive=True))}
@@ -122,13 +102,13 @@ def cpu_of(contender: Contender) -> dict[str, float]:
 def measure(name: str, contender: Contender, port: int, script: Path, args: argparse.Namespace) -> Result:
     contender.start()
     try:
-        check_once(port)
+        check_once(port, "/bench")
         url = f"http://127.0.0.1:{port}/bench"
         run_wrk(url, script, args, args.warmup)
         before = cpu_of(contender)
         raw = run_wrk(url, script, args, args.duration)
         after = cpu_of(contender)
-        check_once(port)
+        check_once(port, "/bench")
     finally:
         contender.stop()
     requests = max(raw["requests"], 1)

@@ -141,7 +141,7 @@ def run_mode(dispatch: str, server: Mongrel2, route: HandlerRoute, workdir: Path
     contender.start()
     load = None
     try:
-        check_once(server, PATH)
+        check_once(server.port, PATH)
         load = Load(server.port, PATH, expect=EXPECTED_BODY.encode(), clients=args.clients,
                     timeout=args.timeout, max_duration=args.duration + RELOAD_TIMEOUT + 30)
         load.start()
@@ -158,7 +158,7 @@ def run_mode(dispatch: str, server: Mongrel2, route: HandlerRoute, workdir: Path
         time.sleep(max(0.0, started + args.duration - time.monotonic()))
         report = load.stop()
         load = None
-        check_once(server, PATH)
+        check_once(server.port, PATH)
     finally:
         if load is not None:
             load.stop()

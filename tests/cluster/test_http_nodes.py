@@ -3,28 +3,16 @@ HTTP port on its own address (or its own --http), beside the Mongrel2 handlers."
 
 from __future__ import annotations
 
-import http.client
-import json
-
 import pytest
+from load import json_answers
 from netns import FleetCluster, FleetProc
 
 from fleet.mongrel2_runner import free_port
 
 
 def http_get(cluster: FleetCluster, address: str, port: int) -> dict:
-    def one() -> dict:
-        conn = http.client.HTTPConnection(address, port, timeout=10)
-        try:
-            conn.request("GET", "/")
-            resp = conn.getresponse()
-            body = resp.read()
-            assert resp.status == 200, (resp.status, body)
-            return json.loads(body)
-        finally:
-            conn.close()
-
-    return cluster.h1.call(one)
+    """One GET from h1's namespace, answered 200 with JSON."""
+    return cluster.h1.call(json_answers, address, port, "/", 1)[0]
 
 
 def test_nodes_serve_the_masters_http_port_on_their_own_address(cluster: FleetCluster) -> None:
