@@ -49,6 +49,7 @@ class Held:
 
     sender: bytes
     since: float
+    raw: bytes  # kept so that the upload file of a request nobody finishes can be deleted
 
 
 @dataclass(slots=True)
@@ -77,6 +78,10 @@ class Orphan:
     conn_id: bytes
     age: float = 0.0  # seconds since a thread was given it
     running: bool = False  # the thread was serving it (not holding it in reserve)
+    # Pipelined behind a request of the same connection: it dies with the
+    # connection closed for that one and needs no answer of its own.
+    behind: bool = False
+    raw: bytes = field(default=b"", compare=False, repr=False)  # the request as Mongrel2 sent it
 
 
 @dataclass(slots=True)
@@ -169,11 +174,13 @@ class Broker:
             # A thread serves what it holds in the order it got it: the first
             # is the one it was running, the others were waiting behind it.
             for position, (key, held) in enumerate(thread.held.items()):
-                orphans.append(Orphan(key[0], held.sender, key[1], now - held.since, running=position == 0))
+                orphans.append(Orphan(key[0], held.sender, key[1], now - held.since, running=position == 0,
+                                      raw=held.raw))
                 if self.holder.get(key) == ident:
                     del self.holder[key]
                 # Pipelined requests behind it die with the connection we close.
-                self._parked.pop(key, None)
+                for sender, raw in self._parked.pop(key, ()):
+                    orphans.append(Orphan(key[0], sender, key[1], behind=True, raw=raw))
         return orphans
 
     def unreachable(self, assignment: Assignment) -> None:
@@ -202,7 +209,7 @@ class Broker:
         ident = self._pick()
         if ident is None:
             if len(self._backlog) >= MAX_BACKLOG:
-                raise BacklogFull(Orphan(index, sender, conn_id))
+                raise BacklogFull(Orphan(index, sender, conn_id, raw=raw))
             self._backlog.append((index, sender, conn_id, raw))
             return None
         return self._assign(ident, key, sender, raw)
@@ -212,10 +219,10 @@ class Broker:
 
     def take_waiting(self) -> list[Orphan]:
         """Empty the backlog and parked requests (shutting down: they get 503)."""
-        waiting = [Orphan(i, s, c) for i, s, c, _ in self._backlog]
+        waiting = [Orphan(i, s, c, raw=raw) for i, s, c, raw in self._backlog]
         self._backlog.clear()
         for (index, conn_id), parked in self._parked.items():
-            waiting.extend(Orphan(index, sender, conn_id) for sender, _ in parked)
+            waiting.extend(Orphan(index, sender, conn_id, raw=raw) for sender, raw in parked)
         self._parked.clear()
         return waiting
 
@@ -259,7 +266,7 @@ class Broker:
     def _assign(self, ident: bytes, key: ConnKey, sender: bytes, raw: bytes) -> Assignment:
         thread = self.threads[ident]
         thread.credits -= 1
-        thread.held[key] = Held(sender, self.clock())
+        thread.held[key] = Held(sender, self.clock(), raw)
         self.holder[key] = ident
         self._file(thread)
         return Assignment(ident, key[0], key[1], raw)

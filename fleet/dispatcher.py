@@ -28,6 +28,7 @@ from fleet.config import Endpoint
 from fleet.http_response import error_response
 from fleet.mongrel2 import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
 from fleet.reply import Responder
+from fleet.uploads import UploadPolicy, discard_upload
 
 log = logging.getLogger("fleet.dispatcher")
 
@@ -49,8 +50,12 @@ class Dispatcher:
         *,
         pull_from_mongrel2: bool,
         on_ready: Callable[[int, str | None], None],
+        upload_policy: UploadPolicy | None = None,
     ) -> None:
         self.broker = Broker()
+        # Where this host's Mongrel2 writes uploads: the files of requests we
+        # answer ourselves are ours to delete. The supervisor keeps it current.
+        self.upload_policy = upload_policy
         self.credits = CreditLedger()
         self.on_ready = on_ready
         self.links = LinkServer(bind)  # a Unix socket path
@@ -108,7 +113,7 @@ class Dispatcher:
             if _FLOW_CONTROL in raw:
                 self._open_credits(index, raw)
             if not self.accepting:
-                self.answer([Orphan(index, sender, conn_id)], 503)
+                self.answer([Orphan(index, sender, conn_id, raw=raw)], 503)
                 continue
             try:
                 assignment = broker.request(index, sender, conn_id, raw)
@@ -206,6 +211,25 @@ class Dispatcher:
             responder = self.responders[orphan.index]
             responder.send(encode_response(orphan.sender, [orphan.conn_id], body))
             responder.send(encode_close(orphan.sender, [orphan.conn_id]))
+        self.discard_uploads(orphans)
+
+    def discard_uploads(self, orphans: list[Orphan]) -> None:
+        """Delete the upload files of requests no worker will serve: the worker
+        that would have deleted one is gone, and Mongrel2 never does."""
+        if self.upload_policy is None or self.upload_policy.chroot is None:
+            return
+        for orphan in orphans:
+            try:
+                request = parse_message(orphan.raw)
+                path = discard_upload(request, self.upload_policy)
+            except ProtocolError:
+                continue  # not a request we could have served: there is no upload to it
+            except OSError as error:
+                log.warning("could not delete the upload of connection %s: %s", orphan.conn_id.decode(), error)
+                continue
+            if path is not None:
+                log.info("deleted upload %s of connection %s, which no worker will serve",
+                         path, orphan.conn_id.decode())
 
     def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
         """Answer what a dead worker held: 504 for a request it was running for
@@ -213,9 +237,10 @@ class Dispatcher:
         waited behind it did not time out). Returns (502s, 504s)."""
         orphans = self.broker.worker_gone(pid)
         late = [o for o in orphans if timed_out_after and o.running and o.age >= timed_out_after]
-        rest = [o for o in orphans if o not in late]
+        rest = [o for o in orphans if o not in late and not o.behind]
         self.answer(late, 504)
         self.answer(rest, 502)
+        self.discard_uploads([o for o in orphans if o.behind])
         return len(rest), len(late)
 
     def watch_connections(self) -> None:

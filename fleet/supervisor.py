@@ -32,6 +32,7 @@ from fleet.http_front import listen
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
 from fleet.logs import reopen_log_file, setup_logging
 from fleet.stats import worker_row
+from fleet.uploads import UploadPolicy
 from fleet.worker import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -160,6 +161,7 @@ class Supervisor:
             f"{self.runtime_dir}/dispatch",
             pull_from_mongrel2=config.dispatch == "broker",
             on_ready=self._worker_ready,
+            upload_policy=UploadPolicy.of(config),
         )
         self.stats_socket: zmq.Socket | None = None
         if stats_endpoint:
@@ -325,6 +327,7 @@ class Supervisor:
         if config.logger != self.config.logger:
             setup_logging(self.log_level, self.log_file, config.logger)
         self.config = config
+        self.dispatcher.upload_policy = UploadPolicy.of(config)
         self.target = config.processes
         self.spec_json = self.worker_spec(config).to_json()
         self.reload()

@@ -21,6 +21,7 @@ import stat
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from fleet.config import HandlerConfig
 from fleet.mongrel2 import Request
 
 START_HEADER = "x-mongrel2-upload-start"
@@ -54,6 +55,10 @@ class UploadPolicy:
     chroot: str | None  # --mongrel2-chroot: the dir Mongrel2 chroots into (its cwd when not root); None: uploads refused
     temp_store: str = "/tmp/mongrel2.upload.XXXXXX"  # Mongrel2's upload.temp_store, a path inside the chroot
     content_length_limit: int = 20480  # Mongrel2's limits.content_length
+
+    @classmethod
+    def of(cls, config: HandlerConfig) -> UploadPolicy:
+        return cls(config.mongrel2_chroot, config.upload_store, config.content_length_limit)
 
     def __post_init__(self) -> None:
         name = os.path.basename(self.temp_store)
@@ -151,6 +156,24 @@ def open_upload(done: UploadDone) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def discard_upload(request: Request, policy: UploadPolicy) -> str | None:
+    """Delete the file of an upload-done request that no worker will serve (its
+    worker died, or it was shed): Mongrel2 never deletes it. Only a file that
+    passes the same checks as one about to be served is deleted, so a forged
+    message cannot delete anything else. Returns the path deleted, if any."""
+    try:
+        upload = check_upload(request, policy)
+    except UploadRejected:
+        return None
+    if not isinstance(upload, UploadDone):
+        return None  # not an upload, or only its start: the done message follows
+    try:
+        os.unlink(upload.real_path)
+    except FileNotFoundError:
+        return None
+    return upload.real_path
 
 
 def _body_framing(request: Request, policy: UploadPolicy) -> tuple[bool, int | None]:

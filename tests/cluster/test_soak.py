@@ -51,11 +51,8 @@ def test_two_minute_soak(network: Network, tmp_path, record_property) -> None:
     assert bad == [], f"{len(bad)} failures not explained by the SIGKILL: {bad[:10]} {report.summary()}"
     # What the kill may cost: the requests in flight on that worker, at most one per client.
     assert report.failed + run.uploads["failed"] <= plan.clients + 1, (report.summary(), run.uploads)
-    # Known bug (not fixed here): an upload in flight on a SIGKILLed worker gets its 502 from
-    # the dispatcher, but nobody deletes its temp file (30-minute soak: 1 file, 1 upload 502).
-    # Any other leftover file is a new leak.
-    upload_502s = run.uploads["failures"].get("502", 0)
-    assert len(run.upload_files_left) <= upload_502s, (run.upload_files_left, run.uploads)
+    # Even an upload in flight on the killed worker: the dispatcher deletes its file with the 502.
+    assert run.upload_files_left == [], (run.upload_files_left, run.uploads)
     assert not left, f"processes of the run still alive after teardown: {left}"
     assert not in_namespaces, in_namespaces
     for role, start in summary["start"].items():

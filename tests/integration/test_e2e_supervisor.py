@@ -22,6 +22,7 @@ from urllib.parse import quote
 import pytest
 from apps import HELLO
 from fleet_harness import (
+    CONTENT_LENGTH,
     FleetMaster,
     Harness,
     fleet_cli,
@@ -30,6 +31,7 @@ from fleet_harness import (
     master_args,
     ready_pids,
     request,
+    upload_files,
     wait_for,
     wait_log,
     wait_workers,
@@ -179,6 +181,25 @@ def test_sigkilled_worker_under_load_is_replaced_and_its_requests_get_502(harnes
     assert set(report.failures) <= {502}, report.summary()
     assert report.failed <= 6, f"more failures than requests in flight: {report.summary()}"
     assert replaced_after < 10, f"replacement ready only after {replaced_after:.1f} s"
+
+
+def test_a_worker_killed_mid_upload_leaves_no_temp_file(harness: Harness, tmp_path: Path) -> None:
+    """Mongrel2 never deletes an upload file and the worker that would have is
+    gone: the dispatcher deletes it when it answers the 502."""
+    server, master = serve(harness)
+    wait_workers(master, 2)
+    record = tmp_path / "slow.txt"
+    body = os.urandom(CONTENT_LENGTH * 5)  # over limits.content_length: a temp file
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(request, server, "POST", f"/t/slow?s=30&record={quote(str(record))}", body,
+                             {"Content-Type": "application/octet-stream"}, 40)
+        wait_for(record.exists, 20, what="the upload to reach the app")
+        assert len(upload_files(server)) == 1  # the app holds it open
+        os.kill(int(record.read_text().split()[1]), signal.SIGKILL)
+        resp = future.result(timeout=45)
+    assert resp.status == 502, f"{resp.status} {resp.body[:200]!r}\n{log_text(master)[-3000:]}"
+    wait_for(lambda: upload_files(server) == [], 10, what="the upload temp file to be deleted")
+    assert "which no worker will serve" in log_text(master)
 
 
 @pytest.mark.slow

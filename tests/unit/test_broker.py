@@ -91,8 +91,12 @@ def test_a_dead_worker_leaves_orphans_to_answer(broker: Broker) -> None:
     broker.request(0, b"m2", b"2", raw(2))
     broker.request(0, b"m2", b"2", raw(2, "/pipelined"))
     orphans = broker.worker_gone(10)
-    assert sorted(orphans, key=lambda o: o.conn_id) == [
-        Orphan(0, b"m2", b"1", running=True), Orphan(0, b"m2", b"2", running=True)]
+    assert sorted(orphans, key=lambda o: (o.conn_id, o.behind)) == [
+        Orphan(0, b"m2", b"1", running=True), Orphan(0, b"m2", b"2", running=True),
+        # Pipelined behind conn 2's request: it dies with the connection closed for that one.
+        Orphan(0, b"m2", b"2", behind=True)]
+    # Each carries its request, so that an upload file nobody will serve can be deleted.
+    assert {o.raw for o in orphans} == {raw(1), raw(2), raw(2, "/pipelined")}
     assert broker.holder_of(0, b"1") is None and broker.threads == {}
     # Nothing of the dead worker's is handed out again.
     assert broker.request(0, b"m2", b"3", raw(3)) is None
@@ -115,6 +119,7 @@ def test_backlog_is_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(BacklogFull) as full:
         broker.request(0, b"m2", b"3", raw(3))
     assert full.value.orphan == Orphan(0, b"m2", b"3")
+    assert full.value.orphan.raw == raw(3)
 
 
 def test_take_waiting_empties_backlog_and_parked(broker: Broker) -> None:

@@ -19,6 +19,7 @@ from fleet.uploads import (
     UploadRejected,
     UploadStarted,
     check_upload,
+    discard_upload,
     open_upload,
 )
 
@@ -302,3 +303,40 @@ def test_open_upload_is_blocking_and_cloexec(policy: UploadPolicy) -> None:
     with open_upload(check_upload(upload_request(), policy)) as f:
         assert os.get_blocking(f.fileno())
         assert not os.get_inheritable(f.fileno())
+
+
+# --- discarding the upload of a request no worker will serve -----------------------
+
+
+def test_discard_deletes_a_genuine_done_upload(policy: UploadPolicy, chroot: Path) -> None:
+    path = chroot / "tmp" / NAME
+    assert discard_upload(upload_request(), policy) == str(path.resolve())
+    assert not path.exists()
+    assert discard_upload(upload_request(), policy) is None  # already gone: nothing to do
+
+
+def test_discard_leaves_a_start_message_alone(policy: UploadPolicy, chroot: Path) -> None:
+    """Mongrel2 may still be writing it; the done message follows to a worker."""
+    assert discard_upload(upload_request(done=None), policy) is None
+    assert (chroot / "tmp" / NAME).exists()
+
+
+def test_discard_leaves_ordinary_requests_alone(policy: UploadPolicy) -> None:
+    request = Request(b"s", b"1", b"/t/", {"METHOD": "POST", "content-length": "3"}, b"abc")
+    assert discard_upload(request, policy) is None
+
+
+def test_discard_never_deletes_what_a_forged_message_names(policy: UploadPolicy, chroot: Path) -> None:
+    outside = chroot / "etc" / "passwd"
+    outside.parent.mkdir()
+    outside.write_text("root:x:0:0")
+    inside_but_wrong_name = chroot / "tmp" / "precious.txt"
+    inside_but_wrong_name.write_bytes(DATA)
+    forged = [upload_request("etc/passwd", "etc/passwd", content_length="10"),
+              upload_request("tmp/../etc/passwd", "tmp/../etc/passwd", content_length="10"),
+              upload_request("tmp/precious.txt", "tmp/precious.txt"),
+              upload_request(body=b"inline"),
+              upload_request(content_length="100")]  # not the file's size
+    for request in forged:
+        assert discard_upload(request, policy) is None
+    assert outside.exists() and inside_but_wrong_name.exists() and (chroot / "tmp" / NAME).exists()
