@@ -25,8 +25,10 @@ heartbeat so the hosts send it their heartbeats too. A datagram heard twice
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -45,8 +47,11 @@ HEARTBEAT_INTERVAL = 1.0
 ANNOUNCE_INTERVAL = 1.0
 CONFIG_REQUEST_INTERVAL = 1.0
 MASTER_LOST_AFTER = 3  # announce intervals
-# Rejected datagrams are logged at most this often per source address.
+# Rejected datagrams are logged at most once per source address in this
+# interval, and for at most REJECT_LOG_SOURCES sources in it: UDP source
+# addresses are spoofable, so neither the memory nor the log may grow with them.
 REJECT_LOG_INTERVAL = 60.0
+REJECT_LOG_SOURCES = 32
 DEFAULT_CLUSTER_NAME = "fleet"
 # Rolling reloads: at most this many nodes reload at once (each one gracefully,
 # so its own capacity never drops either)...
@@ -149,7 +154,7 @@ class ClusterAgent:
         self.rejected = 0
         self.rejected_by_reason: dict[str, int] = {}
         self.other_cluster = 0
-        self._reject_logged: dict[str, float] = {}
+        self._reject_log = RejectLog()
         self._next_heartbeat = self._next_announce = self._next_request = 0.0
         self._last_served: tuple[float, int] | None = None
         self._master_seen: float | None = None
@@ -326,11 +331,14 @@ class ClusterAgent:
             self.rejected += 1
             reason = type(error).__name__
             self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
-            last = self._reject_logged.get(source)
-            if last is None or now - last >= REJECT_LOG_INTERVAL:
-                self._reject_logged[source] = now
+            verdict = self._reject_log.verdict(source, now)
+            if verdict is Verdict.LOG:
                 log.warning("cluster: dropped a datagram from %s: %s: %s (%d dropped so far; "
                             "logged once a minute per source)", source, type(error).__name__, error, self.rejected)
+            elif verdict is Verdict.LOG_TOO_MANY:
+                log.warning("cluster: dropping datagrams from more than %d sources this minute; "
+                            "not logging further sources until the next (%d dropped so far)",
+                            REJECT_LOG_SOURCES, self.rejected)
             return None
         return message
 
@@ -387,3 +395,37 @@ class ClusterAgent:
     def close(self) -> None:
         self.channel.close()
 
+
+class Verdict(enum.Enum):
+    LOG = "log this one"
+    LOG_TOO_MANY = "say that further sources go unlogged"
+    QUIET = "log nothing"
+
+
+class RejectLog:
+    """Which dropped datagrams to log: the first from each source in an
+    interval, for at most ``max_sources`` sources, then one line saying the
+    rest go unlogged until the next interval. Remembers at most
+    ``max_sources`` addresses."""
+
+    def __init__(self, interval: float = REJECT_LOG_INTERVAL, max_sources: int = REJECT_LOG_SOURCES) -> None:
+        self.interval = interval
+        self.max_sources = max_sources
+        self._since = -math.inf
+        self._logged: set[str] = set()
+        self._told_too_many = False
+
+    def verdict(self, source: str, now: float) -> Verdict:
+        if now - self._since >= self.interval:
+            self._since = now
+            self._logged.clear()
+            self._told_too_many = False
+        if source in self._logged:
+            return Verdict.QUIET
+        if len(self._logged) < self.max_sources:
+            self._logged.add(source)
+            return Verdict.LOG
+        if not self._told_too_many:
+            self._told_too_many = True
+            return Verdict.LOG_TOO_MANY
+        return Verdict.QUIET

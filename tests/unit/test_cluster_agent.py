@@ -8,7 +8,7 @@ import time
 import pytest
 
 from fleet import cluster_protocol as proto
-from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
+from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, RejectLog, ReloadRequested, Verdict
 from fleet.multicast import Group
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}
@@ -147,3 +147,21 @@ def test_a_cut_node_table_keeps_the_dead_hosts(options) -> None:
     finally:
         master.close()
         observer.close()
+
+
+def test_reject_log_is_bounded_however_many_sources_are_spoofed() -> None:
+    """UDP sources are spoofable: 10,000 of them in a minute give 32 lines and one summary."""
+    reject_log = RejectLog(interval=60.0, max_sources=32)
+    verdicts = [reject_log.verdict(f"10.0.{i // 256}.{i % 256}", 1000.0 + i / 1000) for i in range(10_000)]
+    assert verdicts[:32] == [Verdict.LOG] * 32
+    assert verdicts[32] is Verdict.LOG_TOO_MANY
+    assert set(verdicts[33:]) == {Verdict.QUIET}
+    assert len(reject_log._logged) == 32
+
+
+def test_reject_log_logs_a_source_once_an_interval() -> None:
+    reject_log = RejectLog(interval=60.0, max_sources=32)
+    assert reject_log.verdict("10.0.0.1", 0.0) is Verdict.LOG
+    assert reject_log.verdict("10.0.0.1", 59.0) is Verdict.QUIET
+    assert reject_log.verdict("10.0.0.2", 59.0) is Verdict.LOG
+    assert reject_log.verdict("10.0.0.1", 60.0) is Verdict.LOG  # a new interval
