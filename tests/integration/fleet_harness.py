@@ -281,8 +281,10 @@ def request(server: Mongrel2, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def raw_exchange(server: Mongrel2, data: bytes, timeout: float = HTTP_TIMEOUT) -> tuple[bytes, bool]:
-    """Send raw bytes, read until the server closes; (bytes, closed_by_server)."""
+def raw_exchange(server: Mongrel2, data: bytes, timeout: float = HTTP_TIMEOUT,
+                 until: bytes | None = None) -> tuple[bytes, bool]:
+    """Send raw bytes, read until the server closes (or ``until`` has arrived);
+    (bytes, closed_by_server)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as sock:
         sock.sendall(data)
         chunks = []
@@ -295,6 +297,8 @@ def raw_exchange(server: Mongrel2, data: bytes, timeout: float = HTTP_TIMEOUT) -
             if not chunk:
                 return b"".join(chunks), True
             chunks.append(chunk)
+            if until is not None and until in b"".join(chunks):
+                return b"".join(chunks), False
         return b"".join(chunks), False
 
 
