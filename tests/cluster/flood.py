@@ -21,6 +21,10 @@ The mixes (`forge(kind, ...)` is pure: random generator and captures in, bytes o
 - unsigned: the same, unsigned;
 - bad_timestamp: signed with the REAL key (an insider, or a datagram held back), timestamps
   outside the ±30 s window; the MAC passes, so this is what exercises the freshness check.
+
+With --spoof-sources N every datagram leaves through a raw socket with a source
+address forged from N addresses of the test bridge's own /24 (.100 up), as an
+attacker spoofing UDP sources would send it; still only to the group, TTL 1, on --iface.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import os
 import random
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -133,11 +138,42 @@ def capture(channel: Channel, seconds: float, limit: int = 200) -> list[bytes]:
     return got
 
 
-def send(channel: Channel, data: bytes, errors: Counter, kind: str) -> bool:
+class SpoofingSender:
+    """Sends UDP datagrams to the group from forged source addresses (raw IPv4, IP_HDRINCL)."""
+
+    FIRST_HOST = 100  # the forged sources: .100, .101, ... of --iface's /24
+
+    def __init__(self, group: Group, iface: str, sources: int) -> None:
+        if not 0 < sources <= 150:
+            raise ValueError("--spoof-sources must be 1..150")
+        prefix = iface.rsplit(".", 1)[0]
+        self.sources = [socket.inet_aton(f"{prefix}.{self.FIRST_HOST + i}") for i in range(sources)]
+        self.group = group
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.socket.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
+        self.socket.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+        self.socket.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        self.next = 0
+
+    def sendto(self, data: bytes, address: tuple[str, int]) -> None:
+        source = self.sources[self.next % len(self.sources)]
+        self.next += 1
+        udp = struct.pack("!HHHH", 40000 + self.next % 1000, address[1], 8 + len(data), 0)  # no checksum
+        # The kernel fills in the total length, id and header checksum (raw(7), IP_HDRINCL).
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 1, socket.IPPROTO_UDP, 0,
+                         source, socket.inet_aton(address[0]))
+        self.socket.sendto(ip + udp + data, (address[0], 0))
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def send(channel: Channel, data: bytes, errors: Counter, kind: str, through=None) -> bool:
     """Send one datagram; a full send buffer is waited out briefly (we count what really left)."""
+    sock = through or channel.socket
     for _ in range(200):
         try:
-            channel.socket.sendto(data, (channel.group.address, channel.group.port))
+            sock.sendto(data, (channel.group.address, channel.group.port))
             return True
         except BlockingIOError:
             time.sleep(0.001)
@@ -160,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=25.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--mixes", default=",".join(MIXES), help="comma-separated subset of the mixes")
+    parser.add_argument("--spoof-sources", type=int, default=0, help="forge the source from N addresses")
     args = parser.parse_args(argv)
     if not 0 < args.count <= 200_000 or not 0 < args.seconds <= 120:
         print("flood: error: --count must be 1..200000 and --seconds 0..120", file=sys.stderr)
@@ -167,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed if args.seed is not None else os.urandom(8))
     channel = Channel(Group.parse(args.group), args.iface, ttl=1, loop=False)
     channel.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    spoofer = SpoofingSender(channel.group, args.iface, args.spoof_sources) if args.spoof_sources else None
     captured = capture(channel, args.capture)
     forger = Forger(rng, args.cluster, captured, proto.parse_key_file(Path(args.real_key_file).read_text()),
                     args.hostnames.split(","))
@@ -188,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(delay)
         kind = rng.choices(kinds, weights)[0]
         data = forger.forge(kind, time.time())
-        if not send(channel, data, errors, kind):
+        if not send(channel, data, errors, kind, spoofer):
             continue
         sent[kind] += 1
         bytes_sent += len(data)
@@ -198,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             del captured[:-400]
     took = time.monotonic() - start
     channel.close()
+    if spoofer is not None:
+        spoofer.close()
     print(json.dumps({"captured": len(captured), "sent": sum(sent.values()), "by_mix": dict(sent),
                       "send_errors": dict(errors), "bytes": bytes_sent, "seconds": round(took, 2)}))
     return 0

@@ -9,6 +9,9 @@ flood here; bench/hostile.py runs the same scenario longer, for the figures.
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +19,9 @@ from pathlib import Path
 import netns
 import pytest
 from netns import Network
-from scenario import HostilePlan, ServingCluster, run_hostile
+from scenario import FLOOD, HostilePlan, ServingCluster, run_hostile, udp_counters
 
+from fleet.cluster import REJECT_LOG_SOURCES
 from fleet.cluster_protocol import MAX_DATAGRAM
 from fleet.multicast import Channel, Group
 
@@ -109,3 +113,42 @@ def test_a_flooding_host_gets_nothing_accepted_and_serving_goes_on(serving: Serv
     assert load["failed"] == 0 and load["hung"] == 0 and load["unfinished"] == 0, load
     assert result["generations"]["after"] == result["generations"]["before"], result["generations"]
     assert set(result["states_after"].values()) == {"ready"}, result["states_after"]
+
+
+@pytest.mark.slow
+def test_spoofed_sources_neither_flood_the_log_nor_its_memory(network: Network, tmp_path: Path,
+                                                              record_property) -> None:
+    """UDP sources are spoofable: 3,000 datagrams from 150 forged addresses give one log line
+    for each of the first 32 sources and one saying the rest go unlogged (fleet.cluster.RejectLog)."""
+    cluster = ServingCluster(network, tmp_path)
+    try:
+        cluster.start_mongrel2()
+        cluster.start_master(processes=1)
+        before = cluster.stats(1)["cluster"]
+        udp_before = udp_counters(cluster.h1)
+        attacker = network.host(3)
+        done = attacker.exec(
+            [sys.executable, str(FLOOD), "--group", cluster.group, "--iface", attacker.address,
+             "--cluster", cluster.name, "--real-key-file", str(cluster.key), "--capture", "0.1",
+             "--count", "3000", "--seconds", "3", "--mixes", "garbage,bad_mac,unsigned",
+             "--spoof-sources", "150"], timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        sent = json.loads(done.stdout.splitlines()[-1])
+        time.sleep(1.0)
+        after = cluster.stats(1)["cluster"]
+        kernel_drops = udp_counters(cluster.h1).get("RcvbufErrors", 0) - udp_before.get("RcvbufErrors", 0)
+        log = cluster.master.log_text()
+        cluster.get()  # still serving (it checks for a 200)
+    finally:
+        problems = cluster.close()
+    assert not problems, problems
+    counted = (after["rejected"] - before["rejected"]) + (after["other_cluster"] - before["other_cluster"])
+    logged = re.findall(r"dropped a datagram from (\S+):", log)
+    figure(record_property, "spoofed", {"sent": sent["sent"], "counted": counted, "kernel_drops": kernel_drops,
+                                        "log_lines": len(logged), "sources_logged": len(set(logged))})
+    assert sent["sent"] == 3000 and not sent["send_errors"], sent
+    assert counted + kernel_drops == sent["sent"], (counted, kernel_drops, sent)
+    assert not set(after["accepted_from"]) - set(before["accepted_from"]), after["accepted_from"]
+    assert len(logged) == REJECT_LOG_SOURCES == len(set(logged)), logged
+    assert all(source.startswith(attacker.address.rsplit(".", 1)[0] + ".1") for source in logged), logged
+    assert log.count(f"from more than {REJECT_LOG_SOURCES} sources") == 1, log[-3000:]
