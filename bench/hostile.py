@@ -65,13 +65,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=25.0)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--mixes", default="", help="flood.py --mixes (default: all)")
+    parser.add_argument("--spoof-sources", type=int, default=0,
+                        help="flood.py --spoof-sources: forge the source from N addresses (default: h4's own)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     reason = netns.unavailable_reason()
     if reason:
         print(f"hostile: cannot run: {reason}", file=sys.stderr)
         return 2
-    plan = scenario.HostilePlan(count=args.count, flood_seconds=args.seconds, mixes=args.mixes)
+    plan = scenario.HostilePlan(count=args.count, flood_seconds=args.seconds, mixes=args.mixes,
+                                spoof_sources=args.spoof_sources)
     results: dict = {"machine": platform.platform(), "python": platform.python_version(),
                      "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for i in range(args.runs):

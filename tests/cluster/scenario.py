@@ -388,6 +388,7 @@ class HostilePlan:
     clients: int = 4
     pause: float = 0.02
     mixes: str = ""  # flood.py --mixes; empty: all of them
+    spoof_sources: int = 0  # flood.py --spoof-sources: forge the source from this many addresses
 
 
 def udp_counters(host: Host) -> dict[str, int]:
@@ -455,7 +456,8 @@ def run_hostile(cluster: ServingCluster, attacker: Host, plan: HostilePlan, say=
             [sys.executable, str(FLOOD), "--group", cluster.group, "--iface", attacker.address,
              "--cluster", cluster.name, "--real-key-file", str(cluster.key), "--capture", str(plan.capture),
              "--count", str(plan.count), "--seconds", str(plan.flood_seconds),
-             *(["--mixes", plan.mixes] if plan.mixes else [])], flood_log)
+             *(["--mixes", plan.mixes] if plan.mixes else []),
+             *(["--spoof-sources", str(plan.spoof_sources)] if plan.spoof_sources else [])], flood_log)
         deadline = time.monotonic() + plan.capture + 30
         while "flooding" not in flood_log.read_text():
             if flood.poll() is not None or time.monotonic() > deadline:
@@ -479,12 +481,14 @@ def run_hostile(cluster: ServingCluster, attacker: Host, plan: HostilePlan, say=
     udp_after = {name: udp_counters(proc.host) for name, (_, proc) in victims.items()}
     status_after = cluster.wait_ready_hosts(3)
     per_victim = {}
+    # The attacker's own address or any it forged: every address but the victims'.
+    genuine = {proc.host.address for _, proc in victims.values()}
     for name in victims:
         b, a = counters_before[name], counters_after[name]
         base_wall, flood_wall = base_end - base_start, flood_end - flood_start
         per_victim[name] = {
-            "accepted_from_attacker": a["accepted_from"].get(attacker.address, 0)
-            - b["accepted_from"].get(attacker.address, 0),
+            "accepted_from_attacker": sum(count - b["accepted_from"].get(source, 0)
+                                          for source, count in a["accepted_from"].items() if source not in genuine),
             "accepted_genuine": a["accepted"] - b["accepted"],
             "rejected": a["rejected"] - b["rejected"],
             "rejected_by_reason": _delta(a["rejected_by_reason"], b["rejected_by_reason"]),
