@@ -245,6 +245,43 @@ def print_table(results: list[Result]) -> None:
               f"{r.max_ms:>8.1f} {r.checked:>9} {r.mismatches:>5} {errors:>7} {ratio:>9}  {cpu}")
 
 
+@dataclass
+class Rig:
+    """A work dir, a real Mongrel2 with one route to the handlers under test, and wrk's checking script."""
+
+    workdir: Path
+    route: HandlerRoute
+    server: Mongrel2
+    script: Path
+
+
+def make_rig(prefix: str) -> Rig:
+    """The set-up every wrk bench shares (the caller starts and stops the server)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    send, recv = tcp_pair()
+    route = HandlerRoute("/", send, recv, new_ident())
+    script = workdir / "check.lua"
+    script.write_text(WRK_SCRIPT)
+    return Rig(workdir, route, Mongrel2(workdir / "m2", [route]), script)
+
+
+def check_wrk_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--duration and --warmup in range, and wrk installed: one line to fix otherwise."""
+    if not 1 <= args.duration <= MAX_DURATION or not 1 <= args.warmup <= MAX_DURATION:
+        parser.error(f"--duration and --warmup must be 1..{MAX_DURATION} seconds")
+    if shutil.which("wrk") is None:
+        parser.error("wrk not found (apt-get install wrk)")
+
+
+def finish(workdir: Path, bad: bool, keep: bool = False) -> int:
+    """Keep the logs of a run that went wrong (or when asked), delete them otherwise; the exit code."""
+    if bad or keep:
+        print(f"logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
@@ -260,18 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (Mongrel2 and handler logs); kept anyway on failure")
     args = parser.parse_args(argv)
-    if not 1 <= args.duration <= MAX_DURATION or not 1 <= args.warmup <= MAX_DURATION:
-        parser.error(f"--duration and --warmup must be 1..{MAX_DURATION} seconds")
-    if shutil.which("wrk") is None:
-        parser.error("wrk not found (apt-get install wrk)")
+    check_wrk_args(parser, args)
 
-    workdir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    send, recv = tcp_pair()
-    route = HandlerRoute("/", send, recv, new_ident())
-    server = Mongrel2(workdir / "m2", [route])
-    script = workdir / "check.lua"
-    script.write_text(WRK_SCRIPT)
-    pool = contenders(route, args.processes, workdir)
+    rig = make_rig("fleet-bench-")
+    workdir, server, script = rig.workdir, rig.server, rig.script
+    pool = contenders(rig.route, args.processes, workdir)
     wanted = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(wanted) - set(pool)
     if unknown:
@@ -321,12 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
     }, indent=2) + "\n")
     print(f"wrote {args.json_out}", file=sys.stderr)
-    bad = failures or any(r.mismatches or sum(r.errors.values()) for r in results)
-    if bad or args.keep:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if bad else 0
+    bad = bool(failures) or any(r.mismatches or sum(r.errors.values()) for r in results)
+    return finish(workdir, bad, args.keep)
 
 
 if __name__ == "__main__":

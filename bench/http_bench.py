@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,17 +34,18 @@ sys.path.insert(0, str(BENCH))
 
 import psutil  # noqa: E402
 from handler_bench import (  # noqa: E402
-    MAX_DURATION,
-    WRK_SCRIPT,
     Contender,
     Result,
     _cpu,
     check_once,
+    check_wrk_args,
+    finish,
+    make_rig,
     median_run,
     run_wrk,
 )
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, free_port, new_ident, tcp_pair  # noqa: E402
+from fleet.mongrel2_runner import HandlerRoute, free_port  # noqa: E402
 
 BASELINE = "gunicorn-gthread"
 ALL = ("fleet-http", "gunicorn-gthread", "gunicorn-sync", "uwsgi-http", "uwsgi-http11-socket", "fleet-mongrel2")
@@ -143,18 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(ALL))
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    if not 1 <= args.duration <= MAX_DURATION:
-        parser.error(f"--duration must be 1..{MAX_DURATION} seconds")
-    if shutil.which("wrk") is None:
-        parser.error("wrk not found (apt-get install wrk)")
+    check_wrk_args(parser, args)
     json_out = args.json_out or BENCH / "results" / f"http_bench-p{args.processes}-t{args.app_threads}.json"
 
-    workdir = Path(tempfile.mkdtemp(prefix="fleet-http-bench-"))
-    send, recv = tcp_pair()
-    route = HandlerRoute("/", send, recv, new_ident())
-    server = Mongrel2(workdir / "m2", [route])
-    script = workdir / "check.lua"
-    script.write_text(WRK_SCRIPT)
+    rig = make_rig("fleet-http-bench-")
+    workdir, route, server, script = rig.workdir, rig.route, rig.server, rig.script
     pool = contenders(args.processes, args.app_threads, route, workdir)
     wanted = [n for n in args.only.split(",") if n in pool]
     missing = [n for n in args.only.split(",") if n not in pool]
@@ -200,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
     }, indent=2) + "\n")
     print(f"wrote {json_out}", file=sys.stderr)
-    bad = failures or any(r.mismatches or sum(r.errors.values()) for r in results)
-    if bad:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if bad else 0
+    return finish(workdir, bool(failures) or any(r.mismatches or sum(r.errors.values()) for r in results))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,10 +30,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from handler_bench import (  # noqa: E402
-    MAX_DURATION, READY_TIMEOUT, REPO, WRK_SCRIPT, Contender, Result, measure, median_run,
+    READY_TIMEOUT, REPO, Contender, Result, check_wrk_args, finish, make_rig, measure, median_run,
 )
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, free_port, new_ident, tcp_pair  # noqa: E402
+from fleet.mongrel2_runner import HandlerRoute, free_port  # noqa: E402
 
 CONTENDERS = ("no-logger", "live-collector", "dead-collector")
 
@@ -100,17 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=BENCH / "results" / "logger_bench.json")
     args = parser.parse_args(argv)
-    if not 1 <= args.duration <= MAX_DURATION or not 1 <= args.warmup <= MAX_DURATION:
-        parser.error(f"--duration and --warmup must be 1..{MAX_DURATION} seconds")
-    if shutil.which("wrk") is None:
-        parser.error("wrk not found (apt-get install wrk)")
+    check_wrk_args(parser, args)
 
-    workdir = Path(tempfile.mkdtemp(prefix="fleet-logger-bench-"))
-    send, recv = tcp_pair()
-    route = HandlerRoute("/", send, recv, new_ident())
-    server = Mongrel2(workdir / "m2", [route])
-    script = workdir / "check.lua"
-    script.write_text(WRK_SCRIPT)
+    rig = make_rig("fleet-logger-bench-")
+    workdir, route, server, script = rig.workdir, rig.route, rig.server, rig.script
     collector = LogCollector(f"tcp://127.0.0.1:{free_port()}", workdir)
     pool = contenders(route, args.processes, args.handler_threads, collector.endpoint,
                       f"tcp://127.0.0.1:{free_port()}", workdir)
@@ -171,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "ratio_to_floor is the ratio to the no-logger run of the same round",
         "results": [asdict(r) for r in results], "runs": [asdict(r) for r in runs], "collected": collected,
     }, indent=2) + "\n")
-    bad = any(r.mismatches or sum(r.errors.values()) for r in runs)
-    if bad:
-        print(f"errors: logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if bad else 0
+    return finish(workdir, any(r.mismatches or sum(r.errors.values()) for r in runs))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,10 +37,10 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
-from handler_bench import EXPECTED_BODY, Contender, check_once  # noqa: E402
+from handler_bench import EXPECTED_BODY, Contender, check_once, finish, make_rig  # noqa: E402
 from load import Load, Report  # noqa: E402
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
+from fleet.mongrel2_runner import HandlerRoute, Mongrel2  # noqa: E402
 
 MAX_DURATION = 600  # seconds of load per mode: a typo must not run for hours
 RELOAD_TIMEOUT = 60.0  # a reload that does not complete by then is reported and the run goes on
@@ -201,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or set(modes) - {"broker", "direct"}:
         parser.error("--dispatch: broker and/or direct")
 
-    workdir = Path(tempfile.mkdtemp(prefix="fleet-reload-bench-"))
-    send, recv = tcp_pair()
-    route = HandlerRoute("/", send, recv, new_ident())
-    server = Mongrel2(workdir / "m2", [route])
+    rig = make_rig("fleet-reload-bench-")
+    workdir, route, server = rig.workdir, rig.route, rig.server
     results: list[ModeResult] = []
     events: dict[str, list[dict]] = {}
     failures: dict[str, str] = {}
@@ -244,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     broker = [r for r in results if r.dispatch == "broker"]
     bad = bool(failures) or any(r.failed or r.hung or r.unfinished or r.reloads_completed < r.reloads_sent
                                 for r in broker)
-    if bad or args.keep:
-        print(f"logs kept in {workdir}", file=sys.stderr)
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 1 if bad else 0
+    return finish(workdir, bad, args.keep)
 
 
 if __name__ == "__main__":
