@@ -28,12 +28,14 @@ from fleet.config import Endpoint
 from fleet.http_response import error_response
 from fleet.mongrel2 import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
 from fleet.reply import Responder
-from fleet.uploads import UploadPolicy, discard_upload
+from fleet.uploads import DONE_HEADER, UploadPolicy, discard_upload
 
 log = logging.getLogger("fleet.dispatcher")
 
 # Only the first request of a flow-controlled connection carries this header.
 _FLOW_CONTROL = b"DOWNLOAD_CREDITS"
+# Mongrel2 lower-cases header names, so this is how every upload-done message spells it.
+_UPLOAD_DONE = DONE_HEADER.encode()
 # Messages taken from one socket before looking at the others, so neither
 # Mongrel2 nor the workers can starve each other.
 BATCH = 256
@@ -219,6 +221,8 @@ class Dispatcher:
         if self.upload_policy is None or self.upload_policy.chroot is None:
             return
         for orphan in orphans:
+            if _UPLOAD_DONE not in orphan.raw:
+                continue  # most orphans: no need to parse them (shedding 503s must stay cheap)
             try:
                 request = parse_message(orphan.raw)
                 path = discard_upload(request, self.upload_policy)
