@@ -28,12 +28,11 @@ def _unavailable() -> str | None:
     return _REASON[0]
 
 
-@pytest.fixture
-def network() -> Iterator[Network]:
+def _network(hosts: int) -> Iterator[Network]:
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
-    net = Network(hosts=3)
+    net = Network(hosts=hosts)
     net.create()
     try:
         yield net
@@ -41,6 +40,17 @@ def network() -> Iterator[Network]:
         problems = net.destroy()
         left = netns.leftover_namespaces(net.token)
     assert not problems and not left, f"cleanup: {problems}; namespaces left: {left}"
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    yield from _network(3)
+
+
+@pytest.fixture
+def network4() -> Iterator[Network]:
+    """Three hosts and one more (an attacker, an observer)."""
+    yield from _network(4)
 
 
 @pytest.fixture

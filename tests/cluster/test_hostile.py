@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import netns
 import pytest
 from netns import Network
 from scenario import FLOOD, HostilePlan, ServingCluster, run_hostile, udp_counters
@@ -31,21 +30,6 @@ SHORT = HostilePlan(baseline=5.0, flood_seconds=6.0, count=4000, capture=3.0, af
 def figure(record_property, name: str, value) -> None:
     print(f"\n[figure] {name} = {value}")
     record_property(name, value)
-
-
-@pytest.fixture
-def network4() -> Iterator[Network]:
-    reason = netns.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    net = Network(hosts=4)
-    net.create()
-    try:
-        yield net
-    finally:
-        problems = net.destroy()
-        left = netns.leftover_namespaces(net.token)
-    assert not problems and not left, f"cleanup: {problems}; namespaces left: {left}"
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
+from udp import free_udp_port
 
 from fleet import cluster_protocol as proto
 from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, RejectLog, ReloadRequested, Verdict
@@ -13,12 +13,6 @@ from fleet.multicast import Group
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}
 STATUS = HostStatus(state="ready", generation=1, workers_ready=2, workers_total=2, requests_served=10, rss=1 << 20)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

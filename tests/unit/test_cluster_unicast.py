@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import pytest
+from udp import free_udp_port
 
 from fleet import cluster_protocol as proto
 from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
@@ -16,12 +16,6 @@ CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app
 STATUS = HostStatus(state="ready", generation=1, workers_ready=2, workers_total=2, requests_served=10, rss=1 << 20)
 KEYRING = proto.Keyring([b"k" * 32])
 ANY_PORT = ("127.0.0.1", 0)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

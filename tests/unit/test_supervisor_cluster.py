@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 
 import pytest
+from udp import free_udp_port
 import zmq
 
 from fleet import cluster_protocol as proto
@@ -17,12 +17,6 @@ from fleet.supervisor import Supervisor
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 1, "threads": 1}
 STATUS = HostStatus(state="ready", generation=1, workers_ready=1, workers_total=1, requests_served=0, rss=1 << 20)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
