@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from fleet_harness import FleetMaster, Harness, master_args
 
-from fleet.mongrel2_runner import Mongrel2
+from fleet.cluster_protocol import keygen
+from fleet.mongrel2_runner import Mongrel2, free_port
 
 
 def _harness(basedir: Path) -> Iterator[Harness]:
@@ -50,3 +51,13 @@ def master(module_harness: Harness, m2: Mongrel2) -> FleetMaster:
 @pytest.fixture(params=["/t/", "/j/"], ids=["tnetstring", "json"])
 def prefix(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def cluster_args(tmp_path: Path) -> list[str]:
+    """A cluster of this test's own (group, port, name, key), on loopback only (TTL 1)."""
+    key = tmp_path / "cluster.key"
+    key.write_text(keygen())
+    key.chmod(0o600)
+    return ["--cluster", f"239.255.90.{free_port() % 250 + 1}:{free_port()}", "--cluster-iface", "127.0.0.1",
+            "--cluster-key-file", str(key), "--cluster-name", f"t{free_port()}"]

@@ -16,16 +16,6 @@ import pytest
 from fleet_harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
 
 from fleet.cluster_protocol import keygen
-from fleet.mongrel2_runner import free_port
-
-
-@pytest.fixture
-def cluster_args(tmp_path: Path) -> list[str]:
-    key = tmp_path / "cluster.key"
-    key.write_text(keygen())
-    key.chmod(0o600)
-    return ["--cluster", f"239.255.90.{free_port() % 250 + 1}:{free_port()}", "--cluster-iface", "127.0.0.1",
-            "--cluster-key-file", str(key), "--cluster-name", f"t{free_port()}"]
 
 
 def status(cluster_args: list[str]) -> dict:

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from fleet_harness import Harness, fleet_cli, master_args, request, wait_for, worker_pids
 
-from fleet.cluster_protocol import keygen
 from fleet.mongrel2_runner import free_port
 
 LINE = re.compile(r"^\S+Z (?P<host>\S+) \[(?P<pid>\d+)\] (?P<level>\w+) (?P<name>\S+): (?P<message>.*)$")
@@ -145,15 +144,6 @@ def test_a_dead_collector_fails_no_request_and_the_drop_count_arrives_later(harn
     assert local.count("request dead-") == 5000  # nothing lost in the host's own log
     assert "is unreachable or too slow: dropping log lines" in local
     assert line.message in local
-
-
-@pytest.fixture
-def cluster_args(tmp_path: Path) -> list[str]:
-    key = tmp_path / "cluster.key"
-    key.write_text(keygen())
-    key.chmod(0o600)
-    return ["--cluster", f"239.255.91.{free_port() % 250 + 1}:{free_port()}", "--cluster-iface", "127.0.0.1",
-            "--cluster-key-file", str(key), "--cluster-name", f"log{free_port()}"]
 
 
 @pytest.mark.slow
