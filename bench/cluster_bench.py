@@ -59,7 +59,7 @@ def first_served(cluster: FleetCluster, hostname: str, start: float, timeout: fl
 
 def import_cost(host: netns.Host) -> dict[str, float]:
     """Python start + `import fleet.cli` + the app, timed on the host (median of 3)."""
-    code = ("import time, sys; t0 = time.perf_counter(); import fleet.cli, fleet.supervisor, fleet.cluster; "
+    code = ("import time, sys; t0 = time.perf_counter(); import fleet.cli, fleet.supervisor.supervisor, fleet.cluster.agent; "
             "t1 = time.perf_counter(); sys.path.insert(0, %r); import hostapp; t2 = time.perf_counter(); "
             "print(t1 - t0, t2 - t1)") % str(netns.HERE)
     walls, fleet_imports, app_imports = [], [], []

@@ -46,7 +46,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HANDLERS = 3

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/handler_bench.py [--duration 10] [--connections 32] [--only floor,...]
 
-Starts one Mongrel2 (fleet.mongrel2_runner) with one route, then runs each
+Starts one Mongrel2 (fleet.dev.mongrel2) with one route, then runs each
 contender in turn against the same server: a warm-up, then `wrk` with a Lua
 script that checks every response body is exactly "Hello world!" and counts
 mismatches. Prints a table (requests/s, p50, p99, ratio to the floor) and writes
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
 
 EXPECTED_BODY = "Hello world!"
 MAX_DURATION = 120  # seconds per measured run; keeps a typo from running for hours

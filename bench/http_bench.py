@@ -45,7 +45,7 @@ from handler_bench import (  # noqa: E402
     run_wrk,
 )
 
-from fleet.mongrel2_runner import HandlerRoute, free_port  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, free_port  # noqa: E402
 
 BASELINE = "gunicorn-gthread"
 ALL = ("fleet-http", "gunicorn-gthread", "gunicorn-sync", "uwsgi-http", "uwsgi-http11-socket", "fleet-mongrel2")

@@ -33,7 +33,7 @@ from handler_bench import (  # noqa: E402
     READY_TIMEOUT, REPO, Contender, Result, check_wrk_args, finish, make_rig, measure, median_run,
 )
 
-from fleet.mongrel2_runner import HandlerRoute, free_port  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, free_port  # noqa: E402
 
 CONTENDERS = ("no-logger", "live-collector", "dead-collector")
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from micro import run_cases
 
-from fleet.environ import build_environ
-from fleet.http_response import ResponseFramer, error_response
-from fleet.mongrel2 import Request
+from fleet.wsgi.environ import build_environ
+from fleet.wsgi.response import ResponseFramer, error_response
+from fleet.mongrel2.codec import Request
 
 REQUEST = Request(
     sender=b"34f9ceee-cd52",

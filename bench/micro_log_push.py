@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fleet.logs import setup_logging  # noqa: E402
+from fleet.logs.local import setup_logging  # noqa: E402
 
 
 def run(lines: int, logger: str | None, local: Path) -> float:

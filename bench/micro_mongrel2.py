@@ -1,4 +1,4 @@
-"""Micro-benchmark of the Mongrel2 codec's per-request calls (fleet.mongrel2).
+"""Micro-benchmark of the Mongrel2 codec's per-request calls (fleet.mongrel2.codec).
 
     .venv/bin/python bench/micro_mongrel2.py [-n NUMBER] [-r REPEAT] [--profile]
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from micro import run_cases
 
-from fleet.mongrel2 import encode_response, parse_message, peek_route
+from fleet.mongrel2.codec import encode_response, parse_message, peek_route
 
 # Byte-identical to TNET_GET / TNET_POST / JSON_POST in tests/unit/test_mongrel2.py.
 TNET_GET = (

@@ -3,7 +3,7 @@
     .venv/bin/python bench/reload_bench.py [--duration 60] [--reloads 10] [--clients 8]
                                            [--dispatch broker,direct]
 
-Starts one real Mongrel2 (fleet.mongrel2_runner) with one route, then for each
+Starts one real Mongrel2 (fleet.dev.mongrel2) with one route, then for each
 dispatch mode in turn runs `fleet master -p 4 --threads 4` with the hello app
 (bench/hello_app.py) under a steady load from tests/integration/load.py
 (keep-alive clients, every body checked, a timeout per request), and sends
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from handler_bench import EXPECTED_BODY, Contender, check_once, finish, make_rig  # noqa: E402
 from load import Load, Report  # noqa: E402
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2  # noqa: E402
 
 MAX_DURATION = 600  # seconds of load per mode: a typo must not run for hours
 RELOAD_TIMEOUT = 60.0  # a reload that does not complete by then is reported and the run goes on

@@ -65,7 +65,7 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 
 import netns  # noqa: E402
-from fleet import cluster_protocol as proto  # noqa: E402
+from fleet.cluster import protocol as proto  # noqa: E402
 from netns import FleetCluster, FleetProc, Network  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "scale_bench.json"
@@ -383,8 +383,8 @@ def medians(rounds: list[dict]) -> dict:
 def decode_costs(hosts: int = 1000) -> dict:
     """CPU per received heartbeat (decode + replay guard + membership), the announce build, the
     rolling-turn check and one status table, with `hosts` hosts known."""
-    from fleet.cluster import ClusterAgent, ClusterOptions
-    from fleet.membership import Membership
+    from fleet.cluster.agent import ClusterAgent, ClusterOptions
+    from fleet.cluster.membership import Membership
     from fleet.multicast import Group
 
     keyring = proto.parse_key_file(proto.keygen())

@@ -64,7 +64,7 @@ def served(cluster: FleetCluster, hostname: str) -> bool:
 
 
 def log_gap(text: str, first: str, second: str) -> float:
-    """Seconds between the first log lines containing `first` and `second` (fleet.logs format)."""
+    """Seconds between the first log lines containing `first` and `second` (fleet.logs.local format)."""
     def stamp(marker: str) -> datetime.datetime:
         line = next(line for line in text.splitlines() if marker in line)
         return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fleet import __version__
-from fleet.cluster_cli import add_cluster_options
+from fleet.ctl import add_cluster_options
 from fleet.config import (
     DEFAULT_CONTENT_LENGTH,
     DEFAULT_HTTP_KEEPALIVE,
@@ -17,7 +17,7 @@ from fleet.config import (
     ConfigError,
 )
 from fleet.exitcodes import USAGE
-from fleet.log_push import parse_logger
+from fleet.logs.push import parse_logger
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_master(args)
         if args.command == "logs":
-            from fleet.log_collector import run_logs
+            from fleet.logs.collector import run_logs
 
             return run_logs(args)
         if args.command == "stats":
-            from fleet.stats import run_stats
+            from fleet.supervisor.figures import run_stats
 
             return run_stats(args)
-        from fleet import cluster_cli
+        from fleet import ctl as cluster_cli
 
         return getattr(cluster_cli, f"run_{args.command}")(args)
     except ConfigError as error:

@@ -9,8 +9,8 @@ import sys
 
 from fleet.config import ConfigError, Endpoint, HandlerConfig, HttpAddress, check_endpoint
 from fleet.exitcodes import APP_LOAD_FAILED
-from fleet.logs import setup_logging
-from fleet.supervisor import Supervisor
+from fleet.logs.local import setup_logging
+from fleet.supervisor.supervisor import Supervisor
 
 
 def config_from_args(args: argparse.Namespace) -> HandlerConfig:
@@ -70,7 +70,7 @@ def run_master(args: argparse.Namespace) -> int:
         check_endpoint(args.stats, "--stats")
     setup_logging(args.log_level, args.log_file, config.logger)
     agent = None
-    from fleet.cluster_cli import cluster_requested, make_agent
+    from fleet.ctl import cluster_requested, make_agent
 
     if cluster_requested(args):
         agent = make_agent(args, "master", config=config.to_dict())

@@ -16,7 +16,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from fleet.cluster_protocol import MAX_DATAGRAM
+from fleet.cluster.protocol import MAX_DATAGRAM
 
 # Read one byte more than the protocol allows, so an oversized datagram is
 # seen as oversized (recvfrom truncates silently) and dropped before parsing.

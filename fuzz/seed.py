@@ -14,9 +14,9 @@ from pathlib import Path
 
 import msgpack
 
-from fleet import cluster_protocol as cp
+from fleet.cluster import protocol as cp
 from fleet.config import Endpoint, HandlerConfig
-from fleet.mongrel2 import Request
+from fleet.mongrel2.codec import Request
 from fuzz import targets
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

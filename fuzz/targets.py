@@ -18,11 +18,12 @@ from pathlib import Path
 
 import tnetstring
 
-from fleet import cluster_protocol as cp
-from fleet import mongrel2, uploads
-from fleet.cluster_protocol import ClusterProtocolError, Keyring, ReplayGuard
-from fleet.mongrel2 import Control, Credits, Disconnect, ProtocolError, Request
-from fleet.uploads import UploadDone, UploadPolicy, UploadRejected, UploadStarted
+from fleet.cluster import protocol as cp
+from fleet.mongrel2 import codec as mongrel2
+from fleet.mongrel2 import uploads
+from fleet.cluster.protocol import ClusterProtocolError, Keyring, ReplayGuard
+from fleet.mongrel2.codec import Control, Credits, Disconnect, ProtocolError, Request
+from fleet.mongrel2.uploads import UploadDone, UploadPolicy, UploadRejected, UploadStarted
 
 # --- Mongrel2 requests -----------------------------------------------------------------
 

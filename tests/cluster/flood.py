@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fleet import cluster_protocol as proto  # noqa: E402
+from fleet.cluster import protocol as proto  # noqa: E402
 from fleet.multicast import Channel, Group  # noqa: E402
 
 UDP_MAX = 65507

@@ -371,7 +371,7 @@ class Observer:
     def __init__(self, cluster: FleetCluster, host: Host, transport: str | None = None) -> None:
         import threading
 
-        from fleet.cluster import ClusterAgent
+        from fleet.cluster.agent import ClusterAgent
 
         options = cluster.options(host, "observer", f"observer-{host.name}", transport=transport)
         self.agent = host.call(ClusterAgent, options, "observer")  # its socket lives in host's namespace
@@ -428,7 +428,7 @@ class FleetCluster:
     """Mongrel2 and `fleet master` on h1, `fleet node`s on the other hosts; all on one key."""
 
     def __init__(self, net: Network, workdir: Path) -> None:
-        from fleet.cluster_protocol import keygen
+        from fleet.cluster.protocol import keygen
 
         self.net = net
         self.workdir = workdir
@@ -473,7 +473,7 @@ class FleetCluster:
                 transport: str | None = None):
         """ClusterOptions as `fleet ROLE` on `host` would build them from the same flags."""
         from fleet.cli import build_parser
-        from fleet.cluster_cli import cluster_options
+        from fleet.ctl import cluster_options
 
         args = build_parser().parse_args(["status", *self.transport_args(host, transport),
                                           "--cluster-key-file", str(key or self.key),
@@ -483,7 +483,7 @@ class FleetCluster:
     # -- Mongrel2 ------------------------------------------------------------------
 
     def start_mongrel2(self):
-        from fleet.mongrel2_runner import HandlerRoute, Mongrel2, free_port, new_ident
+        from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, free_port, new_ident
 
         address = self.h1.address
         route = HandlerRoute("/t/", f"tcp://{address}:{free_port()}", f"tcp://{address}:{free_port()}",

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 from netns import HERE, FleetCluster, Host  # first: puts tests/integration (load.py) on sys.path
 
-from fleet.stats import fetch
+from fleet.supervisor.figures import fetch
 from load import FAILED, HUNG, OK, Load, Sample  # noqa: I001
 
 

@@ -7,7 +7,7 @@ import pytest
 from load import json_answers
 from netns import FleetCluster, FleetProc
 
-from fleet.mongrel2_runner import free_port
+from fleet.dev.mongrel2 import free_port
 
 
 def http_get(cluster: FleetCluster, address: str, port: int) -> dict:

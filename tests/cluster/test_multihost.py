@@ -130,8 +130,8 @@ def test_a_partitioned_node_is_dead_then_rejoins(cluster: FleetCluster, record_p
 
 def test_a_node_with_the_wrong_key_never_joins_and_forged_reloads_are_ignored(
         cluster: FleetCluster, record_property) -> None:
-    from fleet import cluster_protocol as proto
-    from fleet.cluster import ClusterAgent, ClusterOptions
+    from fleet.cluster import protocol as proto
+    from fleet.cluster.agent import ClusterAgent, ClusterOptions
     from fleet.multicast import Group
 
     cluster.start_mongrel2()

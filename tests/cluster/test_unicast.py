@@ -42,7 +42,7 @@ def test_a_bridge_that_drops_multicast_keeps_a_multicast_node_out(cluster: Fleet
 
 def test_a_seeds_only_cluster_serves_reports_and_reloads_without_multicast(
         cluster: FleetCluster, record_property) -> None:
-    from fleet.cluster import ClusterAgent
+    from fleet.cluster.agent import ClusterAgent
 
     cluster.net.drop_multicast()
     cluster.transport = SEEDS

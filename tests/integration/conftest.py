@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fleet_harness import FleetMaster, Harness, master_args
 
-from fleet.cluster_protocol import keygen
-from fleet.mongrel2_runner import Mongrel2, free_port
+from fleet.cluster.protocol import keygen
+from fleet.dev.mongrel2 import Mongrel2, free_port
 
 
 def _harness(basedir: Path) -> Iterator[Harness]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -7,7 +7,7 @@ import socket
 import pytest
 from fleet_harness import HERE, Harness, group_members
 
-from fleet.mongrel2_runner import free_port, tcp_pair
+from fleet.dev.mongrel2 import free_port, tcp_pair
 
 USAGE = 2
 APP_LOAD_FAILED = 4

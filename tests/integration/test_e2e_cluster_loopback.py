@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fleet_harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
 
-from fleet.cluster_protocol import keygen
+from fleet.cluster.protocol import keygen
 
 
 def status(cluster_args: list[str]) -> dict:

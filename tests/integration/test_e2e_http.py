@@ -28,7 +28,7 @@ from fleet_harness import (
 )
 from load import Load, json_answers
 
-from fleet.mongrel2_runner import Mongrel2, free_port
+from fleet.dev.mongrel2 import Mongrel2, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from fleet_harness import Harness, fleet_cli, master_args, request, wait_for, worker_pids
 
-from fleet.mongrel2_runner import free_port
+from fleet.dev.mongrel2 import free_port
 
 LINE = re.compile(r"^\S+Z (?P<host>\S+) \[(?P<pid>\d+)\] (?P<level>\w+) (?P<name>\S+): (?P<message>.*)$")
 COLLECTOR_TIMEOUT = 30.0

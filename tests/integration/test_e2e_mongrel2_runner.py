@@ -1,4 +1,4 @@
-"""The harness itself: fleet.mongrel2_runner runs a real Mongrel2 that raw pyzmq handlers can serve.
+"""The harness itself: fleet.dev.mongrel2 runs a real Mongrel2 that raw pyzmq handlers can serve.
 
 These tests do not involve `fleet master`, so they pass whatever state the
 master is in, and they show that failures elsewhere are not the harness's.
@@ -18,7 +18,7 @@ import tnetstring
 import zmq
 from fleet_harness import FLOOR_HANDLER, Harness, raw_exchange, request, split_response, upload_files
 
-from fleet.mongrel2_runner import (
+from fleet.dev.mongrel2 import (
     HandlerRoute,
     Mongrel2,
     Mongrel2Error,

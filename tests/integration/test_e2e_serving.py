@@ -22,7 +22,7 @@ from fleet_harness import (
     wait_for,
 )
 
-from fleet.mongrel2_runner import Mongrel2
+from fleet.dev.mongrel2 import Mongrel2
 
 pytestmark = pytest.mark.usefixtures("master")
 

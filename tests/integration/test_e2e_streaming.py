@@ -13,7 +13,7 @@ import apps
 import pytest
 from fleet_harness import raw_exchange, split_response, wait_for
 
-from fleet.mongrel2_runner import Mongrel2
+from fleet.dev.mongrel2 import Mongrel2
 
 pytestmark = pytest.mark.usefixtures("master")
 

@@ -39,7 +39,7 @@ from fleet_harness import (
 )
 from load import OK, Load
 
-from fleet.mongrel2_runner import Mongrel2, free_port
+from fleet.dev.mongrel2 import Mongrel2, free_port
 
 HELLO_PATH = "/t/hello"
 CLIENTS = 4

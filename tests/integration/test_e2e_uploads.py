@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from fleet_harness import CONTENT_LENGTH, request, upload_files, wait_for
 
-from fleet.mongrel2_runner import Mongrel2
+from fleet.dev.mongrel2 import Mongrel2
 
 pytestmark = pytest.mark.usefixtures("master")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleet import broker as broker_module
-from fleet.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
+from fleet.dispatch import broker as broker_module
+from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 
 
 class FakeClock:

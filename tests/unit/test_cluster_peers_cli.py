@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.cli import build_parser, main
-from fleet.cluster_cli import cluster_options
+from fleet.ctl import cluster_options
 from fleet.multicast import Group
 
 

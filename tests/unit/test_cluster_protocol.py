@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet import cluster_protocol as cp
-from fleet.cluster_protocol import (
+from fleet.cluster import protocol as cp
+from fleet.cluster.protocol import (
     Announce, BadSignature, ClusterProtocolError, ConfigRequest, Heartbeat, Keyring, Kind, Leave,
     Log, Malformed, Origin, Reload, Replayed, ReplayGuard, Stale, TooLarge, Unsigned,
     UnsupportedVersion, WrongCluster, decode, encode, keygen, parse_key_file,

@@ -8,8 +8,8 @@ import time
 import pytest
 from udp import free_udp_port
 
-from fleet import cluster_protocol as proto
-from fleet.cluster import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
+from fleet.cluster import protocol as proto
+from fleet.cluster.agent import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
 from fleet.multicast import Group
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}

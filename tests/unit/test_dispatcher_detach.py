@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 
-from fleet.dispatcher import _shut_down_sending, _tcp_address
+from fleet.dispatch.dispatcher import _shut_down_sending, _tcp_address
 
 
 def _connected_pair() -> tuple[socket.socket, socket.socket, int]:

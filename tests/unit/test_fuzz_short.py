@@ -45,8 +45,9 @@ def test_corpus_replays_without_crash(name: str, tmp_path: Path) -> None:
 
 def test_corpus_reaches_acceptance_and_every_refusal_kind(tmp_path: Path) -> None:
     """The seeds are not all refused at the first check: each target gets deep."""
-    from fleet import cluster_protocol as cp
-    from fleet import mongrel2, uploads
+    from fleet.cluster import protocol as cp
+    from fleet.mongrel2 import codec as mongrel2
+    from fleet.mongrel2 import uploads
 
     parsed = set()
     for path in _corpus("mongrel2"):
@@ -80,7 +81,9 @@ def test_corpus_reaches_acceptance_and_every_refusal_kind(tmp_path: Path) -> Non
 
 def test_targets_treat_other_exceptions_as_crashes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The oracle can fail: an untyped exception escapes each target."""
-    from fleet import cluster_protocol, mongrel2, uploads
+    from fleet.cluster import protocol as cluster_protocol
+    from fleet.mongrel2 import codec as mongrel2
+    from fleet.mongrel2 import uploads
 
     def boom(*args, **kwargs):
         raise KeyError("not a typed error")

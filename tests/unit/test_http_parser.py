@@ -1,11 +1,11 @@
-"""fleet.http_parser: client bytes in, Mongrel2-shaped requests and typed refusals out."""
+"""fleet.http.parser: client bytes in, Mongrel2-shaped requests and typed refusals out."""
 
 from __future__ import annotations
 
 import pytest
 
-from fleet.environ import build_environ
-from fleet.http_parser import (
+from fleet.wsgi.environ import build_environ
+from fleet.http.parser import (
     CONTINUE,
     NeedData,
     PeerClosed,

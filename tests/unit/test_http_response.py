@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet import http_response
-from fleet.http_response import ResponseError, ResponseFramer, error_response, http_date
+from fleet.wsgi import response as http_response
+from fleet.wsgi.response import ResponseError, ResponseFramer, error_response, http_date
 
 GET, HEAD = "GET", "HEAD"
 V11, V10 = "HTTP/1.1", "HTTP/1.0"

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet import wire
-from fleet.link import Inbox, LinkClosed, LinkServer, ThreadLink, decode, encode
+from fleet.dispatch import frames as wire
+from fleet.dispatch.link import Inbox, LinkClosed, LinkServer, ThreadLink, decode, encode
 
 messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=5), max_size=8)
 

@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O Mongrel2 codec (fleet.mongrel2).
+"""Tests for the sans-I/O Mongrel2 codec (fleet.mongrel2.codec).
 
 Captured bytes come from ../shared/mongrel2-protocol.md. Where the doc elides
 headers with "…" the messages were completed with the elided headers filled
@@ -16,8 +16,8 @@ import tnetstring
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fleet.mongrel2 as mongrel2
-from fleet.mongrel2 import (
+import fleet.mongrel2.codec as mongrel2
+from fleet.mongrel2.codec import (
     MAX_HEADERS_BYTES,
     MAX_TARGETS,
     Control,
@@ -568,7 +568,7 @@ def test_encode_ctl_rejects_bad_ids() -> None:
 
 
 def _reference_tnetstring_headers(data: bytes) -> dict:
-    """fleet.mongrel2's tnetstring HEADERS decoding before it had fast paths."""
+    """fleet.mongrel2.codec's tnetstring HEADERS decoding before it had fast paths."""
     try:
         decoded = tnetstring.loads(data)
     except Exception as e:
@@ -588,7 +588,7 @@ def _reference_tnetstring_headers(data: bytes) -> dict:
 
 
 def _reference_json_headers(payload: bytes) -> dict:
-    """fleet.mongrel2's json HEADERS decoding before it had fast paths."""
+    """fleet.mongrel2.codec's json HEADERS decoding before it had fast paths."""
     try:
         decoded = mongrel2._JSON.decode(payload.decode("latin-1"))
     except Exception as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.peers import PeerError, PeerTable, parse_address, parse_peer_file, parse_peer_list
+from fleet.cluster.peers import PeerError, PeerTable, parse_address, parse_peer_file, parse_peer_list
 
 
 def no_dns(name: str) -> str:

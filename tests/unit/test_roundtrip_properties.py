@@ -17,10 +17,10 @@ import tnetstring
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fleet import cluster_protocol as cp
-from fleet.cluster_protocol import Keyring, decode, encode
-from fleet.mongrel2 import Request, encode_ctl, parse_message
-from fleet.uploads import UploadDone, UploadPolicy, UploadStarted, check_upload
+from fleet.cluster import protocol as cp
+from fleet.cluster.protocol import Keyring, decode, encode
+from fleet.mongrel2.codec import Request, encode_ctl, parse_message
+from fleet.mongrel2.uploads import UploadDone, UploadPolicy, UploadStarted, check_upload
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NOW = 1_700_000_000.0

@@ -1,4 +1,4 @@
-"""Tests for Mongrel2 temp-file upload validation (fleet.uploads).
+"""Tests for Mongrel2 temp-file upload validation (fleet.mongrel2.uploads).
 
 Each test builds a fake chroot under tmp_path holding Mongrel2's temp store
 ``tmp/`` with a real upload file, then forges or mangles the upload headers.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.mongrel2 import Request
-from fleet.uploads import (
+from fleet.mongrel2.codec import Request
+from fleet.mongrel2.uploads import (
     UploadDone,
     UploadGone,
     UploadPolicy,

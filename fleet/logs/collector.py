@@ -11,7 +11,7 @@ from typing import BinaryIO
 import zmq
 
 from fleet.config import ConfigError, check_endpoint
-from fleet.log_push import MAX_LINE_BYTES
+from fleet.logs.push import MAX_LINE_BYTES
 
 # How often the loop looks at the signals it recorded.
 POLL_MS = 200

@@ -20,7 +20,7 @@ import select
 import socket
 
 from fleet.multicast import RECEIVE_SIZE, Channel, ChannelError, Group
-from fleet.peers import Address, PeerTable
+from fleet.cluster.peers import Address, PeerTable
 
 
 class UnicastSocket:

@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, BinaryIO, TextIO
 from urllib.parse import unquote_to_bytes
 
-from fleet.mongrel2 import HeaderValue, Request
+from fleet.mongrel2.codec import HeaderValue, Request
 
 WSGI_VERSION = (1, 0)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import zmq
 
-from fleet.mongrel2 import Credits, Disconnect, Event, encode_close, encode_response
+from fleet.mongrel2.codec import Credits, Disconnect, Event, encode_close, encode_response
 
 # Mongrel2 holds at most 16 undelivered messages per connection; keep well below.
 BURST_MESSAGES = 8

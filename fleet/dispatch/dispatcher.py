@@ -1,7 +1,7 @@
 """The per-host dispatcher's sockets: Mongrel2 in, worker threads out.
 
 It alone PULLs from each Mongrel2 and hands each request to a worker thread
-that asked for one (see fleet.broker for why). Replies do not come back
+that asked for one (see fleet.dispatch.broker for why). Replies do not come back
 through it: workers publish them straight to Mongrel2. It keeps its own XPUB
 per Mongrel2 to answer, itself, the clients of a worker that crashed (502) or
 requests it has to shed (503).
@@ -21,14 +21,14 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from fleet import wire
-from fleet.link import LinkServer
-from fleet.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
+from fleet.dispatch import frames as wire
+from fleet.dispatch.link import LinkServer
+from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.config import Endpoint
-from fleet.http_response import error_response
-from fleet.mongrel2 import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
-from fleet.reply import Responder
-from fleet.uploads import DONE_HEADER, UploadPolicy, discard_upload
+from fleet.wsgi.response import error_response
+from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
+from fleet.mongrel2.reply import Responder
+from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
 
 log = logging.getLogger("fleet.dispatcher")
 

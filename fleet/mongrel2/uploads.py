@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from fleet.config import HandlerConfig
-from fleet.mongrel2 import Request
+from fleet.mongrel2.codec import Request
 
 START_HEADER = "x-mongrel2-upload-start"
 DONE_HEADER = "x-mongrel2-upload-done"

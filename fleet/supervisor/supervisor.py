@@ -25,15 +25,15 @@ from dataclasses import asdict, dataclass
 import psutil
 import zmq
 
-from fleet.cluster import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.cluster.agent import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
 from fleet.config import ConfigError, HandlerConfig
-from fleet.dispatcher import Dispatcher
-from fleet.http_front import listen
+from fleet.dispatch.dispatcher import Dispatcher
+from fleet.http.front import listen
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
-from fleet.logs import reopen_log_file, setup_logging
-from fleet.stats import worker_row
-from fleet.uploads import UploadPolicy
-from fleet.worker import WorkerSpec
+from fleet.logs.local import reopen_log_file, setup_logging
+from fleet.supervisor.figures import worker_row
+from fleet.mongrel2.uploads import UploadPolicy
+from fleet.worker.worker import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
 

@@ -11,11 +11,11 @@ import socket
 import sys
 import time
 
-from fleet import cluster_protocol as proto
-from fleet.cluster import DEFAULT_CLUSTER_NAME, HEARTBEAT_INTERVAL, ClusterAgent, ClusterOptions
+from fleet.cluster import protocol as proto
+from fleet.cluster.agent import DEFAULT_CLUSTER_NAME, HEARTBEAT_INTERVAL, ClusterAgent, ClusterOptions
 from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
 from fleet.multicast import ChannelError, Group
-from fleet.peers import Address, PeerError, parse_address, parse_peer_file, parse_peer_list
+from fleet.cluster.peers import Address, PeerError, parse_address, parse_peer_file, parse_peer_list
 
 KEY_FILE_ENV = "FLEET_CLUSTER_KEY_FILE"
 # fleet status listens this many heartbeat intervals before it prints.
@@ -141,9 +141,9 @@ def _route_interface(address: str) -> str:
 def run_node(args: argparse.Namespace) -> int:
     """Wait for the master's configuration, then serve it; follow every change."""
     from fleet.exitcodes import RESTART
-    from fleet.logs import setup_logging
+    from fleet.logs.local import setup_logging
     from fleet.master import preflight_app
-    from fleet.supervisor import Supervisor
+    from fleet.supervisor.supervisor import Supervisor
 
     setup_logging(args.log_level, args.log_file)
     agent = make_agent(args, "node")
@@ -205,7 +205,7 @@ def local_overrides(args: argparse.Namespace, own_address: str):
 
 
 def _wait_for_config(agent: ClusterAgent, log, adapt) -> HandlerConfig | None:
-    from fleet.cluster import ApplyConfig
+    from fleet.cluster.agent import ApplyConfig
 
     while True:
         if agent.config is not None:
@@ -228,7 +228,7 @@ def _wait_for_config(agent: ClusterAgent, log, adapt) -> HandlerConfig | None:
 
 def _report_error(agent: ClusterAgent, problem: str, args: argparse.Namespace) -> None:
     """Heartbeat the error for a while instead of crash-looping, then ask again."""
-    from fleet.cluster import HostStatus
+    from fleet.cluster.agent import HostStatus
 
     status = HostStatus(state="degraded", generation=agent.generation, workers_ready=0, workers_total=0,
                         requests_served=0, rss=0, error=problem[:500])

@@ -3,7 +3,7 @@
 The supervisor binds the listening sockets once and every worker inherits
 them, so a reload never refuses a connection: old workers stop accepting,
 new ones already do. In each worker one I/O thread owns every idle
-connection: it accepts, reads and parses (fleet.http_parser) without ever
+connection: it accepts, reads and parses (fleet.http.parser) without ever
 blocking, enforces the time limits, and hands a complete request to the
 request threads through a HandOff (which wakes one idle thread). A slow
 client therefore costs a file descriptor, never a thread. The request
@@ -25,9 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.config import HttpAddress
-from fleet.http_parser import CONTINUE, NeedData, PeerClosed, Rejected, RequestReader, RequestReady, SendContinue
-from fleet.http_response import error_response
-from fleet.reply import ClientGone
+from fleet.http.parser import CONTINUE, NeedData, PeerClosed, Rejected, RequestReader, RequestReady, SendContinue
+from fleet.wsgi.response import error_response
+from fleet.mongrel2.reply import ClientGone
 
 log = logging.getLogger("fleet.http")
 

@@ -1,6 +1,6 @@
 """A short end-to-end demo: real Mongrel2, a fleet cluster, a few real HTTP requests.
 
-    python -m fleet.demo [--keep]
+    python -m fleet.dev.demo [--keep]
 
 Mongrel2 (in a temporary directory) routes `/` to a master serving
 werkzeug's test page (`werkzeug.testapp:test_app`, -p 2 --threads 4) over the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 
-from fleet.mongrel2_runner import HandlerRoute, Mongrel2, new_ident, tcp_pair
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
@@ -151,7 +151,7 @@ def run(workdir: Path) -> int:
                    "--cluster-iface", "127.0.0.1", "--cluster-key-file", str(key)]
         masters.append(Master("hello-master", [
             "--zeromq", f"{hello.send_spec},{hello.recv_spec}",
-            "--module", "fleet.demo:hello_app", "-p", "2", "--threads", "4", *common,
+            "--module", "fleet.dev.demo:hello_app", "-p", "2", "--threads", "4", *common,
             *cluster, "--node-name", "hello-master"], workdir))
         masters[-1].wait_ready()
         for name in ("node-1", "node-2"):
@@ -188,7 +188,7 @@ def run(workdir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fleet.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fleet.dev.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (Mongrel2 and master logs)")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@ commit): 29 + 28 µs of CPU per request (dispatcher + worker) over ipc://
 ROUTER/DEALER, 9 + 9 µs over a Unix stream socket, where the only wake-up is
 the peer's own thread. Mongrel2 still speaks ZeroMQ; only this hop changed.
 
-A message is a list of frames (bytes), the same frames as in fleet.wire:
+A message is a list of frames (bytes), the same frames as in fleet.dispatch.frames:
 
     u32 size of the rest | (u32 frame length | frame bytes)*
 
@@ -28,7 +28,7 @@ import socket
 import struct
 from collections import deque
 
-from fleet import wire
+from fleet.dispatch import frames as wire
 
 log = logging.getLogger("fleet.link")
 

@@ -15,8 +15,8 @@ import psutil
 import zmq
 
 if TYPE_CHECKING:
-    from fleet.broker import Broker
-    from fleet.supervisor import WorkerProcess
+    from fleet.dispatch.broker import Broker
+    from fleet.supervisor.supervisor import WorkerProcess
 
 
 def worker_state(worker: WorkerProcess, broker: Broker) -> str:

@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from typing import IO, Any
 
 from fleet.appload import WSGIApp
-from fleet.environ import build_environ
-from fleet.http_response import ResponseError, ResponseFramer, error_response
-from fleet.mongrel2 import Request
-from fleet.reply import ClientGone, Reply
+from fleet.wsgi.environ import build_environ
+from fleet.wsgi.response import ResponseError, ResponseFramer, error_response
+from fleet.mongrel2.codec import Request
+from fleet.mongrel2.reply import ClientGone, Reply
 
 log = logging.getLogger("fleet.worker")
 

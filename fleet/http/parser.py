@@ -6,7 +6,7 @@ Mongrel2 would have sent (METHOD, PATH, QUERY, ... plus lower-case client
 headers), so one WSGI layer serves both. One reader per connection; after a
 request, ``next_request()`` carries pipelined bytes over to the next one.
 
-h11 only frames requests here: responses are written by fleet.http_response,
+h11 only frames requests here: responses are written by fleet.wsgi.response,
 exactly as for Mongrel2. That is why each request gets a fresh h11
 connection (h11 would otherwise insist on sending the response itself).
 """
@@ -20,7 +20,7 @@ from typing import IO
 
 import h11
 
-from fleet.mongrel2 import HeaderValue, Request
+from fleet.mongrel2.codec import HeaderValue, Request
 
 # Bodies larger than this go to a temporary file instead of memory.
 SPOOL_LIMIT = 1 << 20

@@ -1,5 +1,5 @@
 """One log format for the master and its workers, on stderr or in a file,
-and with ``--logger`` also to a ZeroMQ collector (fleet.log_push)."""
+and with ``--logger`` also to a ZeroMQ collector (fleet.logs.push)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import zmq
 
 from fleet.config import ConfigError
-from fleet.log_push import PushHandler, parse_logger
+from fleet.logs.push import PushHandler, parse_logger
 
 FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 

@@ -15,7 +15,7 @@ touches workers itself.
   source.
 
 Datagrams travel by multicast, by unicast to a peer list (``--cluster-peers``,
-where multicast is dropped), or both (fleet.transport). With unicast, every
+where multicast is dropped), or both (fleet.cluster.transport). With unicast, every
 authenticated datagram that came by unicast teaches its source as a peer, the
 master lists those peers in its announces so seed-only hosts learn each
 other, and a short-lived observer (`fleet status`) says hello once per
@@ -35,11 +35,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet import cluster_protocol as proto
-from fleet.membership import ConfigConflicts, Membership
+from fleet.cluster import protocol as proto
+from fleet.cluster.membership import ConfigConflicts, Membership
 from fleet.multicast import Group
-from fleet.peers import DEFAULT_EXPIRE_INTERVALS, Address, PeerTable
-from fleet.transport import Transport
+from fleet.cluster.peers import DEFAULT_EXPIRE_INTERVALS, Address, PeerTable
+from fleet.cluster.transport import Transport
 
 log = logging.getLogger("fleet.cluster")
 

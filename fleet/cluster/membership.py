@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 
-from fleet.cluster_protocol import Announce, Heartbeat, Leave
+from fleet.cluster.protocol import Announce, Heartbeat, Leave
 
 SUSPECT_AFTER_INTERVALS = 1.5  # one heartbeat late, with room for jitter: shown as "lost"
 FORGET_AFTER_DEAD = 10  # a dead host stays listed for this many dead-timeouts, then goes

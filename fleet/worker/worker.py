@@ -3,7 +3,7 @@
 Started by the supervisor as ``python -m fleet.worker SPEC_JSON``. Everything
 process-wide (signals, sockets, the app import) happens here, after the spawn.
 
-In broker mode (the default) each thread has a Unix socket link (fleet.link) to the host's
+In broker mode (the default) each thread has a Unix socket link (fleet.dispatch.link) to the host's
 dispatcher and asks for requests with credits; in direct mode each thread
 PULLs straight from every Mongrel2 (uWSGI's way: faster to set up, but what
 Mongrel2 queued to a retiring worker is lost). Replies always go straight to
@@ -29,19 +29,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from fleet import wire
+from fleet.dispatch import frames as wire
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
-from fleet.broker import thread_credits
+from fleet.dispatch.broker import thread_credits
 from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
-from fleet.handler import serve
-from fleet.http_front import Exchange, HttpFront, HttpLimits, SocketReply, Waiter
-from fleet.http_response import error_response
-from fleet.link import LinkClosed, ThreadLink
-from fleet.logs import reopen_log_file, setup_logging
-from fleet.mongrel2 import Event, ProtocolError, Request, parse_message, peek_route
-from fleet.reply import ClientGone, Reply, Responder, no_control
-from fleet.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.wsgi.serve import serve
+from fleet.http.front import Exchange, HttpFront, HttpLimits, SocketReply, Waiter
+from fleet.wsgi.response import error_response
+from fleet.dispatch.link import LinkClosed, ThreadLink
+from fleet.logs.local import reopen_log_file, setup_logging
+from fleet.mongrel2.codec import Event, ProtocolError, Request, parse_message, peek_route
+from fleet.mongrel2.reply import ClientGone, Reply, Responder, no_control
+from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 
 log = logging.getLogger("fleet.worker")
 

@@ -1,0 +1,1 @@
+"""The cluster: signed datagrams, membership, peers, transports and one host's agent."""

@@ -1,0 +1,1 @@
+"""Logging: the local log, ``--logger zeromq:`` and the ``fleet logs`` collector."""

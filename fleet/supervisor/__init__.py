@@ -1,0 +1,1 @@
+"""The per-host supervisor (gunicorn's arbiter) and the figures it keeps."""

@@ -1,0 +1,1 @@
+"""A worker process: T threads running the application (``python -m fleet.worker``)."""

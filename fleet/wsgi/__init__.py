@@ -1,0 +1,1 @@
+"""WSGI: the environ, HTTP/1.x response framing, and one request through the application."""
