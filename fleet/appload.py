@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fleet.config import parse_app_spec
+from fleet.config import HandlerConfig, parse_app_spec
+from fleet.exitcodes import APP_LOAD_FAILED
 
 WSGIApp = Callable[..., Iterable[bytes]]
 
@@ -48,8 +50,6 @@ def load_app(spec: str, pythonpath: Iterable[str] = ()) -> WSGIApp:
 
 def check_main(argv: list[str]) -> int:
     """``python -m fleet.appload SPEC [PATH...]``: the master's pre-flight import check."""
-    from fleet.exitcodes import APP_LOAD_FAILED
-
     try:
         load_app(argv[0], argv[1:])
     except AppLoadError as error:
@@ -57,6 +57,18 @@ def check_main(argv: list[str]) -> int:
         return APP_LOAD_FAILED
     return 0
 
+
+def preflight_app(config: HandlerConfig) -> str | None:
+    """Import the app in a throwaway process (check_main): a clear error before any
+    worker starts, without loading the app (and its side effects) into the supervisor."""
+    check = subprocess.run(
+        [sys.executable, "-m", "fleet.appload", config.app, *config.pythonpath],
+        capture_output=True, text=True,
+    )
+    if check.returncode == 0:
+        return None
+    lines = [line for line in check.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"fleet: error: importing {config.app!r} failed"
 
 
 def app_version(spec: str) -> str | None:

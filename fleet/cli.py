@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fleet import __version__
-from fleet.ctl import add_cluster_options
+from fleet import __version__, ctl
+from fleet.cluster.options import add_cluster_options
 from fleet.config import (
     DEFAULT_CONTENT_LENGTH,
     DEFAULT_HTTP_KEEPALIVE,
@@ -17,7 +17,10 @@ from fleet.config import (
     ConfigError,
 )
 from fleet.exitcodes import USAGE
+from fleet.logs.collector import run_logs
 from fleet.logs.push import parse_logger
+from fleet.master import run_master
+from fleet.node import run_node
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     master = commands.add_parser("master", help="serve an application as a Mongrel2 handler")
     add_handler_options(master)
     add_supervisor_options(master)
-    add_cluster_options(master, required=False)
+    add_cluster_options(master)
     master.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
     node = commands.add_parser("node", help="serve what the cluster's master announces")
-    add_cluster_options(node, required=True)
+    add_cluster_options(node)
     node.add_argument("-p", "--processes", type=_positive_int, metavar="N",
                       help="override the master's process count on this host (a bigger box)")
     node.add_argument("--threads", type=_positive_int, metavar="T", help="override the master's thread count")
@@ -138,14 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_supervisor_options(node)
     node.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
     status = commands.add_parser("status", help="show every host of the cluster")
-    add_cluster_options(status, required=True)
+    add_cluster_options(status)
     status.add_argument("--json", action="store_true", help="print JSON (a stable interface for scripts)")
     reload = commands.add_parser("reload", help="rolling graceful reload of every host; waits and reports")
-    add_cluster_options(reload, required=True)
+    add_cluster_options(reload)
     reload.add_argument("--batch", type=_positive_int, metavar="K", help="workers replaced at a time on each host")
     reload.add_argument("--timeout", type=_seconds, default=60.0, metavar="SECONDS")
     log = commands.add_parser("log", help="put a line in every host's log")
-    add_cluster_options(log, required=True)
+    add_cluster_options(log)
     log.add_argument("--level", choices=("debug", "info", "warning", "error", "critical"), default="info")
     log.add_argument("message")
     commands.add_parser("keygen", help="print a new random cluster key (for --cluster-key-file)")
@@ -161,24 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = {"master": run_master, "node": run_node, "status": ctl.run_status, "reload": ctl.run_reload,
+            "log": ctl.run_log, "keygen": ctl.run_keygen, "logs": run_logs, "stats": ctl.run_stats}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "master":
-            from fleet.master import run_master
-
-            return run_master(args)
-        if args.command == "logs":
-            from fleet.logs.collector import run_logs
-
-            return run_logs(args)
-        if args.command == "stats":
-            from fleet.supervisor.figures import run_stats
-
-            return run_stats(args)
-        from fleet import ctl as cluster_cli
-
-        return getattr(cluster_cli, f"run_{args.command}")(args)
+        return COMMANDS[args.command](args)
     except ConfigError as error:
         print(f"fleet: error: {error}", file=sys.stderr)
         return USAGE

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
+from fleet.appload import preflight_app
+from fleet.cluster.options import cluster_requested, make_agent
 from fleet.config import ConfigError, Endpoint, HandlerConfig, HttpAddress, check_endpoint
 from fleet.exitcodes import APP_LOAD_FAILED
 from fleet.logs.local import setup_logging
@@ -47,19 +48,6 @@ def config_from_args(args: argparse.Namespace) -> HandlerConfig:
     )
 
 
-def preflight_app(config: HandlerConfig) -> str | None:
-    """Import the app in a throwaway process: a clear error before any worker starts,
-    without loading the app (and its side effects) into the supervisor."""
-    check = subprocess.run(
-        [sys.executable, "-m", "fleet.appload", config.app, *config.pythonpath],
-        capture_output=True, text=True,
-    )
-    if check.returncode == 0:
-        return None
-    lines = [line for line in check.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"fleet: error: importing {config.app!r} failed"
-
-
 def run_master(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     problem = preflight_app(config)
@@ -69,11 +57,7 @@ def run_master(args: argparse.Namespace) -> int:
     if args.stats:
         check_endpoint(args.stats, "--stats")
     setup_logging(args.log_level, args.log_file, config.logger)
-    agent = None
-    from fleet.ctl import cluster_requested, make_agent
-
-    if cluster_requested(args):
-        agent = make_agent(args, "master", config=config.to_dict())
+    agent = make_agent(args, "master", config=config.to_dict()) if cluster_requested(args) else None
     try:
         return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file,
                           cluster=agent).run()

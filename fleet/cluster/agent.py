@@ -32,6 +32,7 @@ import math
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,6 +282,21 @@ class ClusterAgent:
             event = self.take(*received, now)
             if event is not None:
                 events.append(event)
+
+    def converse(self, seconds: float, status: HostStatus | None = None, *,
+                 until: Callable[[], bool] | None = None,
+                 pause: float = 0.02) -> list[ApplyConfig | ReloadRequested]:
+        """Receive and tick for `seconds`, or until `until()` holds: for a command,
+        or a node between supervisors, outside the supervisor's loop. Returns the events."""
+        deadline = time.monotonic() + seconds
+        events: list[ApplyConfig | ReloadRequested] = []
+        while True:
+            now = time.time()
+            events += self.receive(now)
+            self.tick(now, status)
+            if (until is not None and until()) or time.monotonic() >= deadline:
+                return events
+            time.sleep(pause)
 
     def take(self, datagram: bytes, source: Address, by_unicast: bool,
              now: float) -> ApplyConfig | ReloadRequested | None:

@@ -1,8 +1,8 @@
 """Unicast peers of a cluster: the seed list a host starts from, and the peers it learns.
 
-Pure, `now` passed in. Where multicast is dropped (clouds, most VPNs), a host
-sends each cluster datagram to every peer in this table instead of (or as
-well as) the group. Seeds come from ``--cluster-peers`` and never expire.
+Pure: `now` and the resolver of host names are passed in. Where multicast is
+dropped (clouds, most VPNs), a host sends each cluster datagram to every peer
+in this table instead of (or as well as) the group. Seeds come from ``--cluster-peers`` and never expire.
 Learned peers come from two places, both authenticated: the source of an
 admitted datagram that arrived by unicast, and the ``peers`` list of the
 master's announces (so seed-only nodes learn each other). A learned peer not
@@ -13,7 +13,6 @@ master stopped listing it. The table refuses to grow past ``max_peers``.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable, Iterable
 
 Address = tuple[str, int]
@@ -28,7 +27,8 @@ class PeerError(ValueError):
 
 def parse_address(text: str, option: str = "--cluster-peers",
                   resolve: Callable[[str], str] | None = None) -> Address:
-    """HOST:PORT, HOST an IPv4 address or a name (resolved once, now, to IPv4)."""
+    """HOST:PORT, HOST an IPv4 address, or a name that ``resolve`` turns into one
+    (the caller's resolver: this module does no I/O)."""
     host, sep, port_text = text.strip().rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise PeerError(f"{option} {text!r}: expected HOST:PORT such as 10.0.0.2:1717")
@@ -41,7 +41,9 @@ def parse_address(text: str, option: str = "--cluster-peers",
         address = None
     if address is None:
         try:
-            host = (resolve or _resolve_ipv4)(host)
+            if resolve is None:
+                raise OSError("no resolver given")
+            host = resolve(host)
         except OSError as error:
             raise PeerError(f"{option} {text!r}: cannot resolve {host!r} to an IPv4 address: "
                             f"{getattr(error, 'strerror', None) or error}") from None
@@ -50,13 +52,6 @@ def parse_address(text: str, option: str = "--cluster-peers",
         raise PeerError(f"{option} {text!r}: {address} is not a host's address (for a multicast group "
                         "use --cluster)")
     return (str(address), port)
-
-
-def _resolve_ipv4(name: str) -> str:
-    infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"no IPv4 address for {name}")
-    return infos[0][4][0]
 
 
 def parse_peer_list(text: str, resolve: Callable[[str], str] | None = None) -> list[Address]:

@@ -1,22 +1,30 @@
-"""Worker figures: collected in the master, shown by ``fleet stats``.
+"""The master's figures: what ``fleet stats`` shows, built and rendered in one place.
 
-The master answers a request on its ``--stats`` endpoint with one JSON object;
-the same figures are what cluster heartbeats carry.
+The master answers a request on its ``--stats`` endpoint with one JSON object
+(``master_figures``); ``render_table`` is what ``fleet stats`` prints of it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-import psutil
-import zmq
+from fleet.dispatch.broker import Broker
+from fleet.supervisor.process import WorkerProcess
 
-if TYPE_CHECKING:
-    from fleet.dispatch.broker import Broker
-    from fleet.supervisor.supervisor import WorkerProcess
+
+@dataclass
+class Counters:
+    """What the master has done since it started."""
+
+    reloads: int = 0
+    failed_reloads: int = 0
+    respawns: int = 0
+    harakiri_kills: int = 0
+    recycled_max_requests: int = 0
+    recycled_rss: int = 0
+    answered_502: int = 0
+    answered_504: int = 0
 
 
 def worker_state(worker: WorkerProcess, broker: Broker) -> str:
@@ -28,14 +36,7 @@ def worker_state(worker: WorkerProcess, broker: Broker) -> str:
 
 
 def worker_row(worker: WorkerProcess, broker: Broker, threads: int) -> dict[str, Any]:
-    rss = cpu = None
-    if worker.psutil is not None:
-        try:
-            with worker.psutil.oneshot():
-                rss = worker.psutil.memory_info().rss
-                cpu = worker.psutil.cpu_percent(None)
-        except psutil.Error:
-            pass
+    rss, cpu = worker.usage()
     counters = broker.counters.get(worker.pid)
     age = broker.oldest_request_age(worker.pid)
     return {
@@ -51,18 +52,32 @@ def worker_row(worker: WorkerProcess, broker: Broker, threads: int) -> dict[str,
     }
 
 
-def fetch(endpoint: str, timeout: float) -> dict[str, Any] | None:
-    context = zmq.Context.instance()
-    socket = context.socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    try:
-        socket.connect(endpoint)
-        socket.send(b"stats")
-        if not socket.poll(int(timeout * 1000)):
-            return None
-        return json.loads(socket.recv())
-    finally:
-        socket.close()
+def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], broker: Broker, threads: int,
+                   counters: Counters, cluster: dict[str, Any] | None) -> dict[str, Any]:
+    rows = sorted((worker_row(w, broker, threads) for w in workers), key=lambda row: row["pid"])
+    figures = {
+        "pid": pid,
+        "generation": generation,
+        "workers": rows,
+        "totals": {
+            "workers": len(rows),
+            "ready": sum(row["state"] in ("ready", "busy") for row in rows),
+            "busy": sum(row["state"] == "busy" for row in rows),
+            "requests": sum(row["requests"] for row in rows),
+            "rss": sum(row["rss"] or 0 for row in rows),
+            "backlog": broker.backlog,
+        },
+        "reloads": counters.reloads,
+        "failed_reloads": counters.failed_reloads,
+        "respawns": counters.respawns,
+        "harakiri_kills": counters.harakiri_kills,
+        "recycles": {"max_requests": counters.recycled_max_requests, "rss": counters.recycled_rss},
+        "answered_502": counters.answered_502,
+        "answered_504": counters.answered_504,
+    }
+    if cluster is not None:
+        figures["cluster"] = cluster
+    return figures
 
 
 def render_table(stats: dict[str, Any]) -> str:
@@ -80,12 +95,3 @@ def render_table(stats: dict[str, Any]) -> str:
     lines.append(f"{'total':>8} {'':>4} {totals['ready']:>2} ready  {totals['requests']:>9} "
                  f"{totals['busy']:>6} {'':>7} {totals['rss'] / 1048576:>8.1f}   backlog {totals['backlog']}")
     return "\n".join(lines)
-
-
-def run_stats(args: argparse.Namespace) -> int:
-    stats = fetch(args.stats, args.timeout)
-    if stats is None:
-        print(f"fleet: error: no master answered on {args.stats} within {args.timeout:g} s", file=sys.stderr)
-        return 1
-    print(json.dumps(stats, indent=2) if args.json else render_table(stats))
-    return 0

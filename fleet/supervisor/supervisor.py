@@ -7,33 +7,34 @@ requests it held are answered (502) in the same pass that reaps it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import json
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import psutil
 import zmq
 
-from fleet.cluster.agent import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.cluster.agent import ClusterAgent, HostStatus
 from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatch.dispatcher import Dispatcher
-from fleet.http.front import listen
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
+from fleet.http.front import listen
 from fleet.logs.local import reopen_log_file, setup_logging
-from fleet.supervisor.figures import worker_row
 from fleet.mongrel2.uploads import UploadPolicy
-from fleet.worker.worker import WorkerSpec
+from fleet.supervisor.figures import Counters, master_figures
+from fleet.supervisor.process import WorkerProcess, describe_exit
+from fleet.supervisor.rollout import Rollout
+from fleet.worker.spec import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
 
@@ -59,6 +60,12 @@ REPLY_FLUSH = 0.3
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
 
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+)
+
+
 def listen_all(config: HandlerConfig) -> list[socket.socket]:
     """The --http sockets, or one clear line saying why one cannot be had."""
     listeners: list[socket.socket] = []
@@ -70,48 +77,6 @@ def listen_all(config: HandlerConfig) -> list[socket.socket]:
                 listener.close()
             raise ConfigError(f"--http {address}: cannot listen there: {error.strerror or error}") from None
     return listeners
-
-
-HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
-)
-
-
-@dataclass
-class WorkerProcess:
-    process: subprocess.Popen
-    generation: int
-    started_at: float
-    max_requests: int = 0  # this worker's recycle point, jitter included; 0: never
-    ready: bool = False
-    retiring: bool = False
-    retire_deadline: float | None = None
-    replace_reason: str | None = None  # set: start a successor, then retire this one
-    harakiri: bool = False  # killed, or being killed, for holding a request too long
-    harakiri_at: float = 0.0
-    quiet_since: float | None = None  # since when only its stuck threads hold requests
-    killed: bool = False
-    psutil: psutil.Process | None = None
-    app_version: str | None = None  # the application's __version__, as the worker loaded it
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-@dataclass
-class Counters:
-    """What the master has done since it started, for `fleet stats`."""
-
-    reloads: int = 0
-    failed_reloads: int = 0
-    respawns: int = 0
-    harakiri_kills: int = 0
-    recycled_max_requests: int = 0
-    recycled_rss: int = 0
-    answered_502: int = 0
-    answered_504: int = 0
 
 
 class Supervisor:
@@ -126,20 +91,13 @@ class Supervisor:
         cluster_generation: int = 1,
         adapt_config: Callable[[HandlerConfig], HandlerConfig] = lambda config: config,
     ) -> None:
-        self.adapt_config = adapt_config
         self.config = config
         # Bound once here and inherited by every worker: a reload never refuses a connection.
         self.http_listeners = listen_all(config)
         self.log_file = log_file
-        self.cluster = cluster
-        # The cluster generation this host's workers run, and the one a reload
-        # is moving them to: heartbeats report the first, so `fleet reload`
-        # sees a host on the new generation only once it really is.
-        self.cluster_generation = cluster_generation
-        self.pending_cluster_generation: int | None = None
-        self.rollout: tuple[ApplyConfig, float] | None = None  # a change waiting for our turn
-        self.last_error: str | None = None
         self.log_level = log_level
+        self.cluster = cluster
+        self.rollout = Rollout(cluster, self, cluster_generation, adapt_config) if cluster is not None else None
         self.target = config.processes
         self.generation = 1
         self.reloading: int | None = None  # the generation a reload is moving to
@@ -174,17 +132,32 @@ class Supervisor:
         return WorkerSpec(config, f"{self.runtime_dir}/dispatch", os.getpid(), self.log_level, self.log_file,
                           http_fds=tuple(listener.fileno() for listener in self.http_listeners))
 
+    @property
+    def stopping(self) -> bool:
+        return self.stopping_since is not None
+
     # -- the loop ------------------------------------------------------------
 
     def run(self) -> int:
-        wake_read, wake_write = socket.socketpair()
-        wake_read.setblocking(False)
-        wake_write.setblocking(False)
-        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        poller = self._open()
+        try:
+            self.manage_workers()
+            self._loop(poller)
+        finally:
+            self._close()
+        log.info("master %d stopped", os.getpid())
+        return self.exit_code
+
+    def _open(self) -> zmq.Poller:
+        """Signals, the wake-up socket and every socket the loop polls."""
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             signal.signal(signum, self._queue_signal)
         poller = zmq.Poller()
-        poller.register(wake_read, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         self.dispatcher.register(poller)
         if self.stats_socket is not None:
             poller.register(self.stats_socket, zmq.POLLIN)
@@ -198,58 +171,79 @@ class Supervisor:
             self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints) or "none",
             ", ".join(self.config.http) or "none",
         )
+        return poller
+
+    def _loop(self, poller: zmq.Poller) -> None:
         next_tick = next_sample = 0.0
+        busy = False
+        while True:
+            if not busy:  # nothing came last pass: sleep until something does
+                self.wait(poller)
+            busy = self.dispatcher.pump() > 0
+            # Process management runs on a signal or once a tick, not on
+            # every message: this loop is also the dispatcher's hot path.
+            now = time.monotonic()
+            if not self.signals and now < next_tick:
+                continue
+            next_tick = now + TICK
+            sample = now >= next_sample
+            if sample:
+                next_sample = now + SAMPLE_INTERVAL
+            if not self.supervise(sample):
+                return
+
+    def supervise(self, sample: bool) -> bool:
+        """One pass of process management; False once a stop has finished."""
         try:
-            self.manage_workers()
-            busy = False
-            while True:
-                if not busy:  # nothing came last pass: sleep until something does
-                    self.wait(poller)
-                busy = self.dispatcher.pump() > 0
-                # Process management runs on a signal or once a tick, not on
-                # every message: this loop is also the dispatcher's hot path.
-                now = time.monotonic()
-                if not self.signals and now < next_tick:
-                    continue
-                next_tick = now + TICK
-                try:
-                    wake_read.recv(4096)
-                except BlockingIOError:
-                    pass
-                self.handle_signals()
-                self.reap_workers()
-                self.answer_stats()
-                self.dispatcher.watch_connections()
-                if self.cluster is not None:
-                    try:
-                        self.talk_to_cluster()
-                    except Exception:  # the cluster must never take serving down with it
-                        log.exception("cluster: internal error; serving goes on")
-                if self.stopping_since is not None:
-                    if not self.workers:
-                        break
-                    self.kill_late_workers()
-                    continue
-                if now >= next_sample:
-                    next_sample = now + SAMPLE_INTERVAL
-                    self.check_limits()
-                self.murder_workers()
-                self.manage_workers()
-        finally:
-            self.kill_all()
-            if self.cluster is not None and self.cluster.role == "master":
-                self.cluster.leave()
-            if self.stats_socket is not None:
-                self.stats_socket.close()
-            self.dispatcher.close()
-            self.close_http()
-            self.context.term()
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-            signal.set_wakeup_fd(-1)
-            wake_read.close()
-            wake_write.close()
-        log.info("master %d stopped", os.getpid())
-        return self.exit_code
+            self._wake_read.recv(4096)
+        except BlockingIOError:
+            pass
+        self.handle_signals()
+        self.reap_workers()
+        self.answer_stats()
+        self.dispatcher.watch_connections()
+        if self.rollout is not None:
+            self._guard_cluster(lambda: self.rollout.talk(time.time(), self.host_status()))
+        if self.stopping:
+            if not self.workers:
+                return False
+            self.kill_late_workers()
+            return True
+        if sample:
+            self.check_limits()
+        self.murder_workers()
+        self.manage_workers()
+        return True
+
+    def _close(self) -> None:
+        self.kill_all()
+        if self.cluster is not None and self.cluster.role == "master":
+            self.cluster.leave()
+        if self.stats_socket is not None:
+            self.stats_socket.close()
+        self.dispatcher.close()
+        self.close_http()
+        self.context.term()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        signal.set_wakeup_fd(-1)
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def wait(self, poller: zmq.Poller) -> None:
+        """Sleep until something arrives, at most a tick. A cluster datagram is read
+        at once: left unread, it keeps the socket readable and poll() returning
+        straight away, a busy loop until the next tick (one per heartbeat heard)."""
+        ready = dict(poller.poll(TICK * 1000))
+        if self.rollout is not None and self.cluster.fileno() in ready:
+            self._guard_cluster(lambda: self.rollout.receive(time.time()))
+
+    def _guard_cluster(self, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception:  # the cluster must never take serving down with it
+            log.exception("cluster: internal error; serving goes on")
+
+    # -- signals ---------------------------------------------------------------
 
     def _queue_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)  # no logging here: just queue the signal
@@ -287,14 +281,14 @@ class Supervisor:
     def handle_usr1(self) -> None:
         reopen_log_file()
         for worker in self.workers.values():
-            _signal(worker.process, signal.SIGUSR1)
+            worker.signal(signal.SIGUSR1)
         log.info("USR1: log files reopened")
 
     # -- reloads -------------------------------------------------------------
 
     def reload(self) -> None:
         """Start a new generation; its workers replace the old ones as they get ready."""
-        if self.stopping_since is not None:
+        if self.stopping:
             return
         self.generation += 1
         self.reloading = self.generation
@@ -314,13 +308,13 @@ class Supervisor:
             if worker.generation == failed and not worker.retiring:
                 self.retire_worker(worker)
         log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
-        self.last_error = f"reload failed: {why}"[:500]
-        self.pending_cluster_generation = None
+        if self.rollout is not None:
+            self.rollout.reload_failed(why)
 
-    def apply_config(self, config: HandlerConfig, cluster_generation: int) -> bool:
-        """A new configuration from the cluster. Returns False if it cannot be
-        applied in place (other Mongrel2 endpoints or dispatch mode): the
-        caller then stops this supervisor and starts one with the new config."""
+    def apply_config(self, config: HandlerConfig) -> bool:
+        """Take a new configuration from the cluster for the next generation. False if it
+        cannot be applied in place (other Mongrel2 endpoints, dispatch mode or --http):
+        the supervisor must then be restarted with it."""
         if (config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch
                 or config.http != self.config.http):
             return False
@@ -330,99 +324,31 @@ class Supervisor:
         self.dispatcher.upload_policy = UploadPolicy.of(config)
         self.target = config.processes
         self.spec_json = self.worker_spec(config).to_json()
-        self.reload()
-        self.pending_cluster_generation = cluster_generation
         return True
 
-    def wait(self, poller: zmq.Poller) -> None:
-        """Sleep until something arrives, at most a tick. A cluster datagram is read
-        at once: left unread, it keeps the socket readable and poll() returning
-        straight away, a busy loop until the next tick (one per heartbeat heard)."""
-        ready = dict(poller.poll(TICK * 1000))
-        if self.cluster is not None and self.cluster.fileno() in ready:
-            try:
-                self.receive_from_cluster(time.time())
-            except Exception:  # the cluster must never take serving down with it
-                log.exception("cluster: internal error; serving goes on")
-
-    # -- the cluster -----------------------------------------------------------
-
-    def talk_to_cluster(self) -> None:
-        now = time.time()
-        self.receive_from_cluster(now)
-        self.roll_when_our_turn()
-        if (self.cluster.role == "master" and self.pending_cluster_generation is None
-                and self.cluster.generation > self.cluster_generation):
-            # Restarted with the configuration the fleet already runs: take its generation.
-            self.cluster_generation = self.cluster.generation
-        self.cluster.tick(now, self.host_status())
-
-    def receive_from_cluster(self, now: float) -> None:
-        for event in self.cluster.receive(now):
-            if isinstance(event, ReloadRequested) and self.stopping_since is None:
-                log.info("cluster: reload to generation %d requested", event.generation)
-                self.reload()
-                self.pending_cluster_generation = event.generation
-                self.cluster.set_generation(event.generation)
-            elif isinstance(event, ApplyConfig) and self.stopping_since is None:
-                self.on_cluster_config(event)
-
-    def on_cluster_config(self, event: ApplyConfig) -> None:
-        """Nodes take turns (rolling); the change waits in `self.rollout` until ours."""
-        self.rollout = (event, time.monotonic())
-        self.roll_when_our_turn()
-
-    def roll_when_our_turn(self) -> None:
-        if self.rollout is None or self.stopping_since is not None:
-            return
-        event, since = self.rollout
-        waited = time.monotonic() - since
-        if not self.cluster.may_roll(event.generation, time.time()) and waited < ROLL_TIMEOUT:
-            return
-        self.rollout = None
-        if waited >= ROLL_TIMEOUT:
-            log.warning("cluster: nodes ahead have not finished their reload in %.0f s; going anyway", waited)
-        try:
-            config = self.adapt_config(HandlerConfig.from_dict(event.config))
-        except (ConfigError, TypeError, KeyError) as error:
-            log.error("cluster: refused a configuration: %s", error)
-            self.last_error = f"bad configuration: {error}"[:500]
-            return
-        if config == self.config and event.generation != self.cluster_generation:
-            log.info("cluster: generation %d: reloading", event.generation)
-            self.reload()
-            self.pending_cluster_generation = event.generation
-        elif config != self.config:
-            log.info("cluster: new configuration (generation %d)", event.generation)
-            if not self.apply_config(config, event.generation):
-                log.info("cluster: the Mongrel2 endpoints or dispatch mode changed: restarting the supervisor")
-                self.exit_code = RESTART
-                self.stop(graceful=True)
+    def restart(self) -> None:
+        """Stop gracefully so that `fleet node` starts a supervisor with the new configuration."""
+        self.exit_code = RESTART
+        self.stop(graceful=True)
 
     def host_status(self) -> HostStatus:
         live = [w for w in self.workers.values() if not w.retiring]
         ready = sum(w.ready for w in live)
-        if self.stopping_since is not None:
+        last_error = self.rollout.last_error if self.rollout is not None else None
+        if self.stopping:
             state = "degraded"
         elif not self.announced_ready:
             state = "starting"
         else:
-            state = "ready" if ready >= self.target and self.last_error is None else "degraded"
-        rss = 0
-        for worker in self.workers.values():
-            if worker.psutil is not None:
-                try:
-                    rss += worker.psutil.memory_info().rss
-                except psutil.Error:
-                    pass
+            state = "ready" if ready >= self.target and last_error is None else "degraded"
+        rss = sum(worker.rss() or 0 for worker in self.workers.values())
         served = sum(c.served for c in self.dispatcher.broker.counters.values())
-        # During a reload old and new workers are both ready for a moment.
-        ready = min(ready, self.target)
         versions = Counter(w.app_version for w in live if w.ready and w.generation == self.generation)
-        version = versions.most_common(1)[0][0] if versions else None
-        return HostStatus(state=state, generation=self.cluster_generation, workers_ready=ready,
-                          workers_total=self.target, requests_served=served, rss=rss, error=self.last_error,
-                          app_version=version)
+        return HostStatus(state=state, generation=self.rollout.generation if self.rollout else self.generation,
+                          # during a reload old and new workers are both ready for a moment
+                          workers_ready=min(ready, self.target), workers_total=self.target,
+                          requests_served=served, rss=rss, error=last_error,
+                          app_version=versions.most_common(1)[0][0] if versions else None)
 
     # -- workers -------------------------------------------------------------
 
@@ -452,10 +378,8 @@ class Supervisor:
         if self.reloading is not None and not outgoing and len(ready) >= self.target:
             log.info("reload complete: generation %d, %d worker(s) ready", self.generation, len(ready))
             self.reloading = None
-            if self.pending_cluster_generation is not None:
-                self.cluster_generation = self.pending_cluster_generation
-                self.pending_cluster_generation = None
-                self.last_error = None
+            if self.rollout is not None:
+                self.rollout.reload_complete()
 
     def spawn_worker(self) -> None:
         process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json],
@@ -478,7 +402,7 @@ class Supervisor:
             return
         worker.retiring = True
         worker.retire_deadline = time.monotonic() + self.config.graceful_timeout
-        _signal(worker.process, signal.SIGTERM)
+        worker.signal(signal.SIGTERM)
 
     def _worker_ready(self, pid: int, app_version: str | None = None) -> None:
         worker = self.workers.get(pid)
@@ -503,30 +427,36 @@ class Supervisor:
                 pid, self.config.harakiri if worker.harakiri else 0.0)
             self.counters.answered_502 += answered_502
             self.counters.answered_504 += answered_504
-            lifetime = time.monotonic() - worker.started_at
-            if (worker.retiring and not worker.harakiri) or self.stopping_since is not None:
-                log.info("worker %d exited (%s)", pid, _describe(code))
+            if (worker.retiring and not worker.harakiri) or self.stopping:
+                log.info("worker %d exited (%s)", pid, describe_exit(code))
                 continue
             answered = f"; answered {answered_502} request(s) with 502" if answered_502 else ""
             if answered_504:
                 answered += f" and {answered_504} with 504"
-            log.error("worker %d died (%s) after %.1f s%s", pid, _describe(code), lifetime, answered)
-            if worker.harakiri:
-                continue
-            self.counters.respawns += 1
-            if not worker.ready and self.reloading == worker.generation:
-                self.reload_failed(f"new worker {pid} {_describe(code)} before it was ready")
-                continue
-            if code == APP_LOAD_FAILED and not self.announced_ready:
-                log.error("the application cannot be loaded; stopping")
-                self.exit_code = APP_LOAD_FAILED
-                self.stop(graceful=False)
-                return
-            if lifetime < FLAP_WINDOW and not worker.ready:
-                self.flaps += 1
-                delay = min(BACKOFF_FIRST * 2 ** (self.flaps - 1), BACKOFF_CAP)
-                self.respawn_at = time.monotonic() + delay
-                log.warning("worker flapping (%d quick deaths in a row): next spawn in %.1f s", self.flaps, delay)
+            lifetime = time.monotonic() - worker.started_at
+            log.error("worker %d died (%s) after %.1f s%s", pid, describe_exit(code), lifetime, answered)
+            if not worker.harakiri:
+                self._after_death(worker, code, lifetime)
+                if self.stopping:
+                    return
+
+    def _after_death(self, worker: WorkerProcess, code: int, lifetime: float) -> None:
+        """A worker died unasked: count it, fail a reload it was part of, stop if the
+        application cannot load at all, and back off if workers keep dying young."""
+        self.counters.respawns += 1
+        if not worker.ready and self.reloading == worker.generation:
+            self.reload_failed(f"new worker {worker.pid} {describe_exit(code)} before it was ready")
+            return
+        if code == APP_LOAD_FAILED and not self.announced_ready:
+            log.error("the application cannot be loaded; stopping")
+            self.exit_code = APP_LOAD_FAILED
+            self.stop(graceful=False)
+            return
+        if lifetime < FLAP_WINDOW and not worker.ready:
+            self.flaps += 1
+            delay = min(BACKOFF_FIRST * 2 ** (self.flaps - 1), BACKOFF_CAP)
+            self.respawn_at = time.monotonic() + delay
+            log.warning("worker flapping (%d quick deaths in a row): next spawn in %.1f s", self.flaps, delay)
 
     # -- limits ----------------------------------------------------------------
 
@@ -538,7 +468,7 @@ class Supervisor:
                 log.warning("worker %d still busy %.0f s after it was asked to retire: SIGKILL",
                             worker.pid, self.config.graceful_timeout)
                 worker.harakiri = worker.killed = True  # its clients get 504: they waited past the grace period
-                _signal(worker.process, signal.SIGKILL)
+                worker.signal(signal.SIGKILL)
             if worker.harakiri:
                 if not worker.killed:
                     self._finish_harakiri(worker, now)
@@ -565,7 +495,7 @@ class Supervisor:
         flushed = worker.quiet_since is not None and now - worker.quiet_since >= REPLY_FLUSH
         if flushed or now - worker.harakiri_at >= HARAKIRI_GRACE:
             worker.killed = True
-            _signal(worker.process, signal.SIGKILL)
+            worker.signal(signal.SIGKILL)
 
     def check_limits(self) -> None:
         """Recycle workers past --max-requests or --reload-on-rss, gracefully."""
@@ -576,12 +506,9 @@ class Supervisor:
             if worker.max_requests and served is not None and served.served >= worker.max_requests:
                 worker.replace_reason = f"served {served.served} requests (--max-requests)"
                 self.counters.recycled_max_requests += 1
-            elif self.config.reload_on_rss and worker.psutil is not None:
-                try:
-                    rss = worker.psutil.memory_info().rss
-                except psutil.Error:
-                    continue
-                if rss > self.config.reload_on_rss * 1024 * 1024:
+            elif self.config.reload_on_rss:
+                rss = worker.rss()
+                if rss is not None and rss > self.config.reload_on_rss * 1024 * 1024:
                     worker.replace_reason = f"RSS {rss / 1048576:.0f} MB over --reload-on-rss"
                     self.counters.recycled_rss += 1
             if worker.replace_reason is not None:
@@ -600,34 +527,14 @@ class Supervisor:
             self.stats_socket.send(json.dumps(self.stats()).encode())
 
     def stats(self) -> dict:
-        rows = [worker_row(w, self.dispatcher.broker, self.config.threads) for w in self.workers.values()]
-        counters = asdict(self.counters)
-        return {
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "workers": sorted(rows, key=lambda row: row["pid"]),
-            "totals": {
-                "workers": len(rows),
-                "ready": sum(row["state"] in ("ready", "busy") for row in rows),
-                "busy": sum(row["state"] == "busy" for row in rows),
-                "requests": sum(row["requests"] for row in rows),
-                "rss": sum(row["rss"] or 0 for row in rows),
-                "backlog": self.dispatcher.broker.backlog,
-            },
-            "reloads": counters.pop("reloads"),
-            "failed_reloads": counters.pop("failed_reloads"),
-            "respawns": counters.pop("respawns"),
-            "harakiri_kills": counters.pop("harakiri_kills"),
-            "recycles": {"max_requests": counters.pop("recycled_max_requests"),
-                         "rss": counters.pop("recycled_rss")},
-            **counters,
-            **({"cluster": self.cluster.counters()} if self.cluster is not None else {}),
-        }
+        return master_figures(pid=os.getpid(), generation=self.generation, workers=list(self.workers.values()),
+                              broker=self.dispatcher.broker, threads=self.config.threads, counters=self.counters,
+                              cluster=self.cluster.counters() if self.cluster is not None else None)
 
     # -- stopping ----------------------------------------------------------------
 
     def stop(self, graceful: bool) -> None:
-        if self.stopping_since is not None and graceful:
+        if self.stopping and graceful:
             return
         now = time.monotonic()
         self.stopping_since = now
@@ -646,7 +553,7 @@ class Supervisor:
             log.info("quick stop")
             for worker in self.workers.values():
                 worker.retiring = True
-                _signal(worker.process, signal.SIGQUIT)
+                worker.signal(signal.SIGQUIT)
 
     def close_http(self) -> None:
         for listener in self.http_listeners:
@@ -671,13 +578,13 @@ class Supervisor:
         if self.stop_deadline is not None and time.monotonic() >= self.stop_deadline:
             for worker in self.workers.values():
                 log.warning("worker %d did not stop in time: SIGKILL", worker.pid)
-                _signal(worker.process, signal.SIGKILL)
+                worker.signal(signal.SIGKILL)
             self.stop_deadline = None
 
     def kill_all(self) -> None:
         """Last resort on the way out: nothing we spawned may outlive us."""
         for worker in self.workers.values():
-            _signal(worker.process, signal.SIGKILL)
+            worker.signal(signal.SIGKILL)
         for worker in self.workers.values():
             try:
                 worker.process.wait(5)
@@ -685,19 +592,3 @@ class Supervisor:
                 pass
             self.dispatcher.worker_gone(worker.pid)
         self.workers.clear()
-
-
-def _signal(process: subprocess.Popen, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except ProcessLookupError:
-        pass
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"

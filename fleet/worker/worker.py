@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import io
-import json
 import logging
 import os
 import resource
@@ -32,8 +31,8 @@ import zmq
 from fleet.dispatch import frames as wire
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
 from fleet.dispatch.broker import thread_credits
-from fleet.config import HandlerConfig
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
+from fleet.worker.spec import WorkerSpec
 from fleet.wsgi.serve import serve
 from fleet.http.front import Exchange, HttpFront, HttpLimits, SocketReply, Waiter
 from fleet.wsgi.response import error_response
@@ -51,34 +50,6 @@ POLL_INTERVAL_MS = 250
 # itself ready anyway (Mongrel2 may simply not be running yet).
 SUBSCRIBE_WAIT = 5.0
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    config: HandlerConfig
-    dispatch_endpoint: str
-    parent_pid: int
-    log_level: str = "info"
-    log_file: str | None = None
-    http_fds: tuple[int, ...] = ()  # the supervisor's --http listening sockets, inherited
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "config": self.config.to_dict(),
-                "dispatch_endpoint": self.dispatch_endpoint,
-                "parent_pid": self.parent_pid,
-                "log_level": self.log_level,
-                "log_file": self.log_file,
-                "http_fds": list(self.http_fds),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        data = json.loads(text)
-        return cls(HandlerConfig.from_dict(data["config"]), data["dispatch_endpoint"], data["parent_pid"],
-                   data["log_level"], data.get("log_file"), tuple(data.get("http_fds", ())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -473,7 +473,7 @@ class FleetCluster:
                 transport: str | None = None):
         """ClusterOptions as `fleet ROLE` on `host` would build them from the same flags."""
         from fleet.cli import build_parser
-        from fleet.ctl import cluster_options
+        from fleet.cluster.options import cluster_options
 
         args = build_parser().parse_args(["status", *self.transport_args(host, transport),
                                           "--cluster-key-file", str(key or self.key),

@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 from netns import HERE, FleetCluster, Host  # first: puts tests/integration (load.py) on sys.path
 
-from fleet.supervisor.figures import fetch
+from fleet.ctl import fetch_stats
 from load import FAILED, HUNG, OK, Load, Sample  # noqa: I001
 
 
@@ -58,7 +58,7 @@ class ServingCluster(FleetCluster):
 
     def stats(self, index: int, timeout: float = 3.0) -> dict | None:
         """`fleet stats` of the fleet process on host `index` (ipc: reachable from any namespace)."""
-        return fetch(self.stats_endpoint(self.net.host(index)), timeout)
+        return fetch_stats(self.stats_endpoint(self.net.host(index)), timeout)
 
     def upload_files(self) -> list[Path]:
         return sorted((self.m2.chroot / "tmp").glob("mongrel2.upload.*"))

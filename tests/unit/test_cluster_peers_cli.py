@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleet.cli import build_parser, main
-from fleet.ctl import cluster_options
+from fleet.cluster.options import cluster_options
 from fleet.multicast import Group
 
 

@@ -87,7 +87,7 @@ def test_http_alone_is_enough_to_serve_and_travels_in_the_config() -> None:
 def test_a_node_serves_the_masters_http_ports_on_its_own_address() -> None:
     import argparse
 
-    from fleet.ctl import local_overrides
+    from fleet.node import local_overrides
 
     config = HandlerConfig(endpoints=(), app="app", http=("198.18.0.1:8080", "0.0.0.0:8081"))
     inherit = local_overrides(argparse.Namespace(processes=None, threads=None, mongrel2_chroot=None, http=None),

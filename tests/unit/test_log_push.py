@@ -285,7 +285,7 @@ def test_collector_refuses_an_endpoint_in_use_in_one_line() -> None:
 def test_the_logger_travels_in_the_configuration_and_a_nodes_own_wins() -> None:
     import argparse
 
-    from fleet.ctl import local_overrides
+    from fleet.node import local_overrides
     from fleet.config import Endpoint, HandlerConfig
 
     announced = HandlerConfig.from_dict(HandlerConfig(
