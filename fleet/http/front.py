@@ -25,15 +25,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fleet.config import HttpAddress
+from fleet.exitcodes import CRASHED
 from fleet.http.parser import CONTINUE, NeedData, PeerClosed, Rejected, RequestReader, RequestReady, SendContinue
 from fleet.wsgi.response import error_response
-from fleet.mongrel2.reply import ClientGone
 
 log = logging.getLogger("fleet.http")
 
 LISTEN_BACKLOG = 1024
 RECV_SIZE = 64 * 1024
-WRITE_PIECE = 256 * 1024  # each piece of a response must leave within --http-timeout
 ACCEPT_BATCH = 16  # connections accepted per wake-up, so reading is not starved
 TICK = 0.25  # the I/O thread looks at deadlines and the retire flag this often
 # After the last response, how long unread client bytes are drained before the
@@ -142,48 +141,6 @@ class HandOff:
             return self.items.popleft() if self.items else None
 
 
-class SocketReply:
-    """The outgoing side of one HTTP request: the same calls as fleet.reply.Reply,
-    written straight to the client's socket. Every write must make progress
-    within ``timeout``, so a client that stops reading frees the thread."""
-
-    def __init__(self, sock: socket.socket, conn_id: bytes, timeout: float) -> None:
-        self.sock = sock
-        self.conn_id = conn_id
-        self.gone = False
-        self.close_requested = False
-        self.bytes_sent = 0
-        self.messages_sent = 0
-        sock.settimeout(timeout)
-
-    def send(self, data: bytes) -> None:
-        if self.gone:
-            raise ClientGone(self.conn_id)
-        if not data:
-            return
-        view = memoryview(data)
-        try:
-            # In pieces: sendall's timeout covers a whole call, and a big body
-            # to a slow but reading client must not count as no progress.
-            for start in range(0, len(view), WRITE_PIECE):
-                self.sock.sendall(view[start:start + WRITE_PIECE])
-        except OSError as error:  # includes the timeout
-            self.gone = True
-            raise ClientGone(self.conn_id) from error
-        self.bytes_sent += len(data)
-        self.messages_sent += 1
-
-    def finish(self, tail: bytes = b"", close: bool = False) -> None:
-        if self.gone:
-            return
-        if tail:
-            try:
-                self.send(tail)
-            except ClientGone:
-                return
-        self.close_requested = close
-
-
 @dataclass
 class HttpLimits:
     keepalive: float  # idle seconds between requests; 0 closes after each response
@@ -261,7 +218,7 @@ class HttpFront:
                 self._loop_once()
         except Exception:
             log.exception("the HTTP I/O thread crashed; the worker exits so it is replaced")
-            os._exit(70)
+            os._exit(CRASHED)
         finally:
             self._close_everything()
             self.finished.set()  # request threads look at it at least every TICK

@@ -1,12 +1,5 @@
-"""Sending one response to one Mongrel2 connection within Mongrel2's limits.
-
-Mongrel2 kills a connection that has more than 16 undelivered messages
-(DELIVER_OUTSTANDING_MSGS), so a fast generator must not become a burst of
-tiny messages: after a short burst, chunks are coalesced and sent at most one
-message per PACE_INTERVAL. With ``download.flow_control=1`` Mongrel2 tells us
-how many bytes it will accept (DOWNLOAD_CREDITS) and the limit becomes bytes,
-so we send exactly what the credits allow and wait for more.
-"""
+"""Sending one response to one Mongrel2 connection within Mongrel2's limits
+(fleet.mongrel2.pacing has the limits and the arithmetic; this module sends and waits)."""
 
 from __future__ import annotations
 
@@ -16,20 +9,11 @@ from collections.abc import Callable
 import zmq
 
 from fleet.mongrel2.codec import Credits, Disconnect, Event, encode_close, encode_response
+from fleet.mongrel2.pacing import PACE_INTERVAL, CreditWindow, Pacer
+from fleet.wsgi.serve import ClientGone
 
-# Mongrel2 holds at most 16 undelivered messages per connection; keep well below.
-BURST_MESSAGES = 8
-# After a burst, at most one message per interval (500 messages 1 ms apart were
-# all delivered in the protocol measurements).
-PACE_INTERVAL = 0.001
-# Coalesced data is sent without waiting for the pace once this much is buffered.
-MAX_BUFFERED = 1 << 20
 # How long a flow-controlled response waits for Mongrel2 to return credits.
 CREDIT_WAIT = 60.0
-
-
-class ClientGone(Exception):
-    """The client disconnected; stop producing the response."""
 
 
 class Responder:
@@ -67,7 +51,8 @@ def no_control(timeout: float) -> list[Event]:
 
 
 class Reply:
-    """The outgoing side of one request: framed bytes in, paced Mongrel2 messages out."""
+    """The outgoing side of one request: framed bytes in, paced Mongrel2 messages out
+    (a fleet.wsgi.serve.ReplyChannel)."""
 
     def __init__(
         self,
@@ -82,7 +67,7 @@ class Reply:
         self.responder = responder
         self.sender = sender
         self.conn_id = conn_id
-        self.credits = credits
+        self.credits = CreditWindow(credits) if credits is not None else None
         self.poll_control = poll_control
         self.clock = clock
         self.gone = False
@@ -90,8 +75,7 @@ class Reply:
         self.messages_sent = 0
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._tokens = float(BURST_MESSAGES)
-        self._last = clock()
+        self._pacer = Pacer(clock())
 
     def send(self, data: bytes) -> None:
         """Queue data; it leaves now if the pace allows, else with the next message."""
@@ -100,7 +84,7 @@ class Reply:
         if data:
             self._buffer.append(data)
             self._buffered += len(data)
-        if self._refill() >= 1 or self._buffered >= MAX_BUFFERED:
+        if self._pacer.may_flush(self.clock(), self._buffered):
             self._flush()
 
     def finish(self, tail: bytes = b"", close: bool = False) -> None:
@@ -130,18 +114,11 @@ class Reply:
         if isinstance(event, Disconnect):
             self.gone = True
         elif isinstance(event, Credits) and self.credits is not None:
-            self.credits += event.credits
-
-    def _refill(self) -> float:
-        now = self.clock()
-        self._tokens = min(BURST_MESSAGES, self._tokens + (now - self._last) / PACE_INTERVAL)
-        self._last = now
-        return self._tokens
+            self.credits.grant(event.credits)
 
     def _wait_token(self) -> None:
-        while self._refill() < 1:
+        while not self._pacer.take(self.clock()):
             time.sleep(PACE_INTERVAL)
-        self._tokens -= 1
 
     def _flush(self) -> None:
         if not self._buffered:
@@ -150,20 +127,19 @@ class Reply:
         self._buffer.clear()
         self._buffered = 0
         while data:
-            piece = data
+            size = len(data)
             if self.credits is not None:
                 self._wait_credits()
-                piece = data[: self.credits]
-                self.credits -= len(piece)
+                size = self.credits.take(size)
+            piece, data = data[:size], data[size:]
             self._wait_token()
             self.responder.send(encode_response(self.sender, [self.conn_id], piece))
             self.bytes_sent += len(piece)
             self.messages_sent += 1
-            data = data[len(piece):]
 
     def _wait_credits(self) -> None:
         deadline = self.clock() + CREDIT_WAIT
-        while self.credits is not None and self.credits <= 0:
+        while not self.credits.open:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 self.gone = True

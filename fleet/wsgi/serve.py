@@ -10,21 +10,41 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from fleet.appload import WSGIApp
+from fleet.mongrel2.codec import Request
 from fleet.wsgi.environ import build_environ
 from fleet.wsgi.response import ResponseError, ResponseFramer, error_response
-from fleet.mongrel2.codec import Request
-from fleet.mongrel2.reply import ClientGone, Reply
 
 log = logging.getLogger("fleet.worker")
+
+
+class ClientGone(Exception):
+    """The client disconnected; stop producing the response."""
+
+
+class ReplyChannel(Protocol):
+    """The outgoing side of one request, as serve() uses it. Two kinds implement
+    it: fleet.mongrel2.reply.Reply (paced Mongrel2 messages) and
+    fleet.http.reply.SocketReply (writes to a client's socket)."""
+
+    conn_id: bytes
+    gone: bool  # the client has gone: nothing more can reach it
+    bytes_sent: int
+    messages_sent: int
+
+    def send(self, data: bytes) -> None:
+        """Send (or queue) framed response bytes; ClientGone if the client left."""
+
+    def finish(self, tail: bytes = b"", close: bool = False) -> None:
+        """Send the rest and ``tail``; close the connection afterwards if asked."""
 
 
 class _Response:
     """start_response's state for one request."""
 
-    def __init__(self, framer: ResponseFramer, reply: Reply) -> None:
+    def __init__(self, framer: ResponseFramer, reply: ReplyChannel) -> None:
         self.framer = framer
         self.reply = reply
         self.status: str | None = None
@@ -61,7 +81,7 @@ class _Response:
 def serve(
     app: WSGIApp,
     request: Request,
-    reply: Reply,
+    reply: ReplyChannel,
     *,
     body: IO[bytes],
     content_length: int | None,
@@ -114,7 +134,7 @@ def serve(
                 log.exception("the application's iterable failed to close")
 
 
-def _fail(request: Request, reply: Reply, response: _Response, error: Exception) -> bool:
+def _fail(request: Request, reply: ReplyChannel, response: _Response, error: Exception) -> bool:
     where = f"{request.headers.get('METHOD')} {request.path.decode('latin-1')}"
     if isinstance(error, ResponseError):
         log.error("application broke HTTP in %s: %s", where, error)

@@ -1,0 +1,227 @@
+"""Where a request thread's next piece of work comes from: one source per dispatch mode.
+
+A request thread has one shape in both modes (fleet.worker.worker):
+
+    while (work := source.next()) is not FINISHED:
+        serve work (a Message from Mongrel2, or an Exchange from --http)
+
+``next()`` returns None when nothing came for POLL_INTERVAL_MS, so the
+thread looks at its retire flag that often. Once the worker retires, a source
+takes no more Mongrel2 work, hands out the --http requests its worker has
+already received, then returns FINISHED.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from fleet.config import Endpoint
+from fleet.dispatch import frames
+from fleet.dispatch.link import LinkClosed, ThreadLink
+from fleet.http.front import Exchange, HttpFront, Waiter
+from fleet.mongrel2.codec import Event, ProtocolError, parse_message
+from fleet.mongrel2.reply import no_control
+
+log = logging.getLogger("fleet.worker")
+
+# How often a thread blocked on its sockets looks at the retire flag.
+POLL_INTERVAL_MS = 250
+
+
+@dataclass(slots=True)
+class Message:
+    """A message from Mongrel2 for this thread."""
+
+    index: int  # which Mongrel2 endpoint it came from
+    raw: bytes
+    credits: int | None  # the connection's download credits, from the dispatcher (flow control)
+
+
+class _Finished:
+    def __repr__(self) -> str:
+        return "FINISHED"
+
+
+FINISHED = _Finished()  # the source is exhausted: the thread ends
+
+Work = Message | Exchange | None
+
+
+class HttpShare:
+    """A thread's part in its worker's --http hand-off: its own wake-up, polled
+    beside the thread's other sockets (the I/O thread wakes one idle thread)."""
+
+    def __init__(self, front: HttpFront) -> None:
+        self.front = front
+        self.waiter = Waiter()
+        self._alone = select.poll()
+        self._alone.register(self.waiter.fileno(), select.POLLIN)
+
+    def wait(self, poll: Callable[[int], list]) -> tuple[Exchange | None, list]:
+        """An exchange if one is waiting; else ``poll`` (which must include the
+        waiter's fd) up to POLL_INTERVAL_MS. Returns (exchange or None, what poll returned)."""
+        handoff = self.front.handoff
+        exchange = handoff.take_or_wait(self.waiter)
+        if exchange is not None:
+            return exchange, []
+        ready = poll(POLL_INTERVAL_MS)
+        return handoff.stop_waiting(self.waiter), ready
+
+    def drain(self) -> Exchange | None | _Finished:
+        """After leaving Mongrel2's side: the requests already received, then FINISHED."""
+        if self.front.finished.is_set() and not len(self.front.handoff):
+            return FINISHED
+        return self.wait(self._alone.poll)[0]
+
+    def close(self) -> None:
+        self.waiter.close()
+
+
+class BrokerSource:
+    """Broker mode: the requests the dispatcher hands this thread over its link,
+    for the credits the thread asked; DONE reports each one finished."""
+
+    honours_credits = True  # the dispatcher keeps flow-control balances per connection
+
+    def __init__(self, path: str, ident: bytes, credits: int, http: HttpShare | None,
+                 retiring: threading.Event) -> None:
+        self.link = ThreadLink(path, ident, POLL_INTERVAL_MS / 1000)
+        self.ident = ident
+        self.http = http
+        self.retiring = retiring
+        self.retire_sent = False
+        self.draining = False  # the dispatcher acknowledged the retire: only --http is left
+        self.pending: deque[list[bytes]] = deque()  # requests read while looking for control messages
+        self.link.send([frames.CREDIT, b"%d" % credits])
+        if http is not None:
+            self._poll = select.poll()
+            self._poll.register(self.link.socket, select.POLLIN)
+            self._poll.register(http.waiter.fileno(), select.POLLIN)
+
+    def next(self) -> Work | _Finished:
+        if self.draining:
+            return self.http.drain() if self.http is not None else FINISHED
+        if self.retiring.is_set() and not self.retire_sent:
+            self.link.send([frames.RETIRE])
+            self.retire_sent = True
+        try:
+            received = self._receive()
+        except LinkClosed:
+            log.warning("the dispatcher closed the link; thread %s stops", self.ident.decode())
+            return FINISHED
+        if received is None or isinstance(received, Exchange):
+            return received
+        head = received[0]
+        if head == frames.RETIRED:
+            self.draining = True
+            self.link.close()
+            return None
+        if head[:1] != frames.REQUEST:
+            return None  # a control message for a request already finished
+        return Message(head[1], received[1], int(received[2]) if len(received) > 2 else None)
+
+    def done(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
+        """The request of (index, conn_id) is finished: one more credit, unless retiring."""
+        kind = frames.DONE_LAST if self.retire_sent else frames.DONE
+        reply = [frames.tagged(kind, index), conn_id]
+        if sent is not None:  # a flow-controlled connection: bytes sent, "c" if closed
+            reply.append(b"%d%s" % (sent, b"c" if closed else b""))
+        self.link.send(reply)
+
+    def poll_control(self, timeout: float) -> list[Event]:
+        """Read what has arrived (mid-response); keep requests for later, return control events."""
+        events: list[Event] = []
+        if not self.link.poll(timeout):
+            return events
+        while (received := self.link.take()) is not None:
+            if received[0][:1] == frames.CONTROL:
+                try:
+                    events.append(parse_message(received[1]))
+                except ProtocolError as error:
+                    log.warning("dropped a malformed control message: %s", error)
+            else:
+                self.pending.append(received)
+        return events
+
+    def close(self) -> None:
+        self.link.close()
+        if self.http is not None:
+            self.http.close()
+
+    def _receive(self) -> list[bytes] | Exchange | None:
+        if self.pending:
+            return self.pending.popleft()
+        if self.http is None or self.link.messages:
+            return self.link.receive()  # blocks up to POLL_INTERVAL_MS
+        exchange, ready = self.http.wait(self._poll.poll)
+        if exchange is not None:
+            return exchange
+        if any(fd != self.http.waiter.fileno() for fd, _ in ready):
+            return self.link.receive()
+        return None
+
+
+class DirectSource:
+    """Direct mode (uWSGI's way): the thread PULLs from every Mongrel2 itself."""
+
+    honours_credits = False  # Mongrel2 sends credit grants to any handler, not to the one streaming
+    poll_control = staticmethod(no_control)  # nobody can send this thread a disconnect
+
+    def __init__(self, context: zmq.Context, endpoints: tuple[Endpoint, ...], http: HttpShare | None,
+                 retiring: threading.Event) -> None:
+        self.http = http
+        self.retiring = retiring
+        self.pulls: list[zmq.Socket] = []
+        self.poller = zmq.Poller()
+        for endpoint in endpoints:
+            pull = context.socket(zmq.PULL)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.setsockopt(zmq.RCVTIMEO, POLL_INTERVAL_MS)
+            pull.connect(endpoint.send_spec)
+            self.pulls.append(pull)
+            self.poller.register(pull, zmq.POLLIN)
+        if http is not None:
+            self.poller.register(http.waiter.fileno(), zmq.POLLIN)
+        self.queue: deque[Message | Exchange] = deque()
+
+    def next(self) -> Work | _Finished:
+        if self.queue:
+            return self.queue.popleft()
+        if self.retiring.is_set():
+            self._close_pulls()
+            return self.http.drain() if self.http is not None else FINISHED
+        if self.http is None and len(self.pulls) == 1:  # the common case: a blocking receive, no poll
+            try:
+                return Message(0, self.pulls[0].recv(), None)
+            except zmq.Again:
+                return None
+        if self.http is None:
+            exchange, ready = None, self.poller.poll(POLL_INTERVAL_MS)
+        else:
+            exchange, ready = self.http.wait(self.poller.poll)
+        if exchange is not None:
+            self.queue.append(exchange)
+        for sock, _ in ready:
+            if not isinstance(sock, int):  # an int is the waiter's fd
+                self.queue.append(Message(self.pulls.index(sock), sock.recv(), None))
+        return self.queue.popleft() if self.queue else None
+
+    def done(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
+        """Nobody to tell: Mongrel2 does not track handlers' requests."""
+
+    def close(self) -> None:
+        self._close_pulls()
+        if self.http is not None:
+            self.http.close()
+
+    def _close_pulls(self) -> None:
+        for pull in self.pulls:
+            pull.close()
+        self.pulls = []
