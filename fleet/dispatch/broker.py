@@ -16,8 +16,8 @@ a bounded backlog.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # A thread holds at most this many requests: the one it serves and the next,
@@ -90,7 +90,8 @@ class WorkerCounters:
 
 
 class Broker:
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        """``clock``: monotonic seconds (the dispatcher passes time.monotonic)."""
         self.clock = clock
         self.threads: dict[bytes, Thread] = {}
         self.holder: dict[ConnKey, bytes] = {}

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from fleet.dispatch import frames as wire
+from fleet.dispatch.frames import CONTROL, CREDIT, DONE, DONE_LAST, READY, REQUEST, RETIRE, RETIRED, ident_pid, tagged
 from fleet.dispatch.link import LinkServer
 from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.config import Endpoint
@@ -54,7 +54,7 @@ class Dispatcher:
         on_ready: Callable[[int, str | None], None],
         upload_policy: UploadPolicy | None = None,
     ) -> None:
-        self.broker = Broker()
+        self.broker = Broker(time.monotonic)
         # Where this host's Mongrel2 writes uploads: the files of requests we
         # answer ourselves are ours to delete. The supervisor keeps it current.
         self.upload_policy = upload_policy
@@ -143,7 +143,7 @@ class Dispatcher:
                 self.credits.forget(key)
         holder = self.broker.holder_of(index, conn_id)
         if holder is not None:
-            self._send(Assignment(holder, index, conn_id, raw), wire.CONTROL)
+            self._send(Assignment(holder, index, conn_id, raw), CONTROL)
 
     def _open_credits(self, index: int, raw: bytes) -> None:
         try:
@@ -154,13 +154,13 @@ class Dispatcher:
         if credits is not None:
             self.credits.opened((index, request.conn_id), credits)
 
-    def _send(self, assignment: Assignment, kind: bytes = wire.REQUEST) -> None:
-        frames = [wire.tagged(kind, assignment.index), assignment.raw]
-        if kind == wire.REQUEST:
+    def _send(self, assignment: Assignment, kind: bytes = REQUEST) -> None:
+        frames = [tagged(kind, assignment.index), assignment.raw]
+        if kind == REQUEST:
             balance = self.credits.get((assignment.index, assignment.conn_id))
             if balance is not None:
                 frames.append(b"%d" % balance)
-        if not self.links.send(assignment.ident, frames) and kind == wire.REQUEST:
+        if not self.links.send(assignment.ident, frames) and kind == REQUEST:
             self.broker.unreachable(assignment)
 
     # -- workers -> dispatcher ---------------------------------------------
@@ -178,20 +178,20 @@ class Dispatcher:
                 continue
             head = frames[0]
             kind = head[:1]
-            if kind == wire.DONE or kind == wire.DONE_LAST:
+            if kind == DONE or kind == DONE_LAST:
                 if len(frames) > 2:  # a flow-controlled response: bytes sent, "c" if closed
                     report = frames[2]
                     self.credits.spent((head[1], frames[1]), int(report.rstrip(b"c")), report.endswith(b"c"))
-                assignments = broker.done(ident, head[1], frames[1], credit=kind == wire.DONE)
-            elif kind == wire.CREDIT:
-                assignments = broker.credit(ident, wire.ident_pid(ident), int(frames[1]))
-            elif kind == wire.RETIRE:
+                assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE)
+            elif kind == CREDIT:
+                assignments = broker.credit(ident, ident_pid(ident), int(frames[1]))
+            elif kind == RETIRE:
                 broker.retire(ident)
-                self._reply(ident, wire.RETIRED)
+                self._reply(ident, RETIRED)
                 continue
-            elif kind == wire.READY:
+            elif kind == READY:
                 version = frames[1].decode("utf-8", "replace") if len(frames) > 1 and frames[1] else None
-                self.on_ready(wire.ident_pid(ident), version)
+                self.on_ready(ident_pid(ident), version)
                 continue
             else:
                 log.warning("unknown frame %r from worker thread %r", kind, ident)

@@ -27,6 +27,9 @@ thread -> dispatcher
 
 from __future__ import annotations
 
+import struct
+from collections import deque
+
 REQUEST = b"Q"
 CONTROL = b"C"
 RETIRED = b"!"
@@ -59,3 +62,58 @@ _INDEX_BYTES = [bytes((i,)) for i in range(256)]
 def tagged(kind: bytes, index: int) -> bytes:
     """A kind byte followed by the endpoint index: one frame instead of two."""
     return kind + _INDEX_BYTES[index]
+
+
+_U32 = struct.Struct("!I")
+_pack = _U32.pack
+_unpack_from = _U32.unpack_from
+
+
+def encode(frames: list[bytes]) -> bytes:
+    parts = [b""]
+    size = 0
+    for frame in frames:
+        parts.append(_pack(len(frame)))
+        parts.append(frame)
+        size += 4 + len(frame)
+    parts[0] = _pack(size)
+    return b"".join(parts)
+
+
+def decode(data: bytes | bytearray, out: list | deque) -> int:
+    """Append every complete message in data to out; returns the bytes used."""
+    pos = 0
+    end_of_data = len(data)
+    while end_of_data - pos >= 4:
+        end = pos + 4 + _unpack_from(data, pos)[0]
+        if end > end_of_data:
+            break
+        frames = []
+        i = pos + 4
+        while i < end:
+            length = _unpack_from(data, i)[0]
+            i += 4
+            frames.append(bytes(data[i:i + length]))
+            i += length
+        out.append(frames)
+        pos = end
+    return pos
+
+
+class Inbox:
+    """Bytes in, whole messages out; keeps an incomplete tail for the next read."""
+
+    __slots__ = ("tail",)
+
+    def __init__(self) -> None:
+        self.tail = bytearray()
+
+    def feed(self, data: bytes, out: list | deque) -> None:
+        if self.tail:
+            self.tail += data
+            used = decode(self.tail, out)
+            del self.tail[:used]
+        else:
+            used = decode(data, out)  # the usual case: no copy
+            if used < len(data):
+                self.tail += data[used:]

@@ -8,9 +8,7 @@ commit): 29 + 28 µs of CPU per request (dispatcher + worker) over ipc://
 ROUTER/DEALER, 9 + 9 µs over a Unix stream socket, where the only wake-up is
 the peer's own thread. Mongrel2 still speaks ZeroMQ; only this hop changed.
 
-A message is a list of frames (bytes), the same frames as in fleet.dispatch.frames:
-
-    u32 size of the rest | (u32 frame length | frame bytes)*
+A message is a list of frames (bytes), encoded by fleet.dispatch.frames.
 
 Each thread connects once and first sends [HELLO, ident]. The dispatcher
 multiplexes every connection with one epoll, whose fd the supervisor's
@@ -28,65 +26,12 @@ import socket
 import struct
 from collections import deque
 
-from fleet.dispatch import frames as wire
+from fleet.dispatch.frames import HELLO, Inbox, encode
 
 log = logging.getLogger("fleet.link")
 
-_U32 = struct.Struct("!I")
-_pack = _U32.pack
-_unpack_from = _U32.unpack_from
 # One recv takes up to this much: many messages at once when a peer is ahead.
 RECV_SIZE = 1 << 18
-
-
-def encode(frames: list[bytes]) -> bytes:
-    parts = [b""]
-    size = 0
-    for frame in frames:
-        parts.append(_pack(len(frame)))
-        parts.append(frame)
-        size += 4 + len(frame)
-    parts[0] = _pack(size)
-    return b"".join(parts)
-
-
-def decode(data: bytes | bytearray, out: list | deque) -> int:
-    """Append every complete message in data to out; returns the bytes used."""
-    pos = 0
-    end_of_data = len(data)
-    while end_of_data - pos >= 4:
-        end = pos + 4 + _unpack_from(data, pos)[0]
-        if end > end_of_data:
-            break
-        frames = []
-        i = pos + 4
-        while i < end:
-            length = _unpack_from(data, i)[0]
-            i += 4
-            frames.append(bytes(data[i:i + length]))
-            i += length
-        out.append(frames)
-        pos = end
-    return pos
-
-
-class Inbox:
-    """Bytes in, whole messages out; keeps an incomplete tail for the next read."""
-
-    __slots__ = ("tail",)
-
-    def __init__(self) -> None:
-        self.tail = bytearray()
-
-    def feed(self, data: bytes, out: list | deque) -> None:
-        if self.tail:
-            self.tail += data
-            used = decode(self.tail, out)
-            del self.tail[:used]
-        else:
-            used = decode(data, out)  # the usual case: no copy
-            if used < len(data):
-                self.tail += data[used:]
 
 
 class LinkClosed(Exception):
@@ -104,7 +49,7 @@ class ThreadLink:
                                struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
         self.inbox = Inbox()
         self.messages: deque[list[bytes]] = deque()
-        self.send([wire.HELLO, ident])
+        self.send([HELLO, ident])
 
     def send(self, frames: list[bytes]) -> None:
         self.socket.sendall(encode(frames))
@@ -249,7 +194,7 @@ class LinkServer:
         ident = conn.ident
         for frames in messages:
             if ident is None:
-                if frames[0] == wire.HELLO and len(frames) == 2:
+                if frames[0] == HELLO and len(frames) == 2:
                     ident = conn.ident = frames[1]
                     old = self.by_ident.get(ident)
                     if old is not None and old is not conn:

@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -32,6 +33,8 @@ from fleet.wsgi.response import error_response
 log = logging.getLogger("fleet.http")
 
 LISTEN_BACKLOG = 1024
+# Request bodies larger than this go to a temporary file instead of memory.
+SPOOL_LIMIT = 1 << 20
 RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 16  # connections accepted per wake-up, so reading is not starved
 TICK = 0.25  # the I/O thread looks at deadlines and the retire flag this often
@@ -287,7 +290,7 @@ class HttpFront:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._next_id += 1
             reader = RequestReader(b"http-%d-%d" % (os.getpid(), self._next_id), _remote_addr(address),
-                                   max_body=self.limits.max_body)
+                                   max_body=self.limits.max_body, body_store=_spooled_body)
             self._own(Client(sock, reader, deadline=time.monotonic() + self.limits.timeout))
 
     def _own(self, client: Client) -> None:
@@ -406,6 +409,10 @@ class HttpFront:
         for listener in self.listeners:
             listener.close()
         self._epoll.close()
+
+
+def _spooled_body() -> tempfile.SpooledTemporaryFile:
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
 
 
 def _remote_addr(address) -> str:

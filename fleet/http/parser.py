@@ -14,7 +14,7 @@ connection (h11 would otherwise insist on sending the response itself).
 from __future__ import annotations
 
 import io
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -22,8 +22,6 @@ import h11
 
 from fleet.mongrel2.codec import HeaderValue, Request
 
-# Bodies larger than this go to a temporary file instead of memory.
-SPOOL_LIMIT = 1 << 20
 # h11's own default; beyond it a request head is refused with 431.
 DEFAULT_HEADER_LIMIT = 16 * 1024
 # A head may exceed the limit by less than this before it is refused.
@@ -75,8 +73,12 @@ class RequestReader:
     """Turns one connection's bytes into requests, one at a time, in order."""
 
     def __init__(self, conn_id: bytes, remote_addr: str, *, max_body: int,
-                 header_limit: int = DEFAULT_HEADER_LIMIT, scheme: str = "http") -> None:
+                 header_limit: int = DEFAULT_HEADER_LIMIT, scheme: str = "http",
+                 body_store: Callable[[], IO[bytes]] = io.BytesIO) -> None:
+        """``body_store`` makes the file a request body is written to, at its first
+        byte (the caller's choice: --http spools big bodies to disk)."""
         self.conn_id = conn_id
+        self.body_store = body_store
         self.remote_addr = remote_addr
         self.max_body = max_body
         self.header_limit = header_limit
@@ -158,7 +160,7 @@ class RequestReader:
                     self._discard_body()
                     return Rejected(413, f"the body is over the limit of {self.max_body} bytes")
                 if self._body is None:  # made at the first byte: most requests have no body
-                    self._body = tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
+                    self._body = self.body_store()
                 self._body.write(event.data)
                 continue
             if isinstance(event, h11.EndOfMessage):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from email.utils import formatdate
+from datetime import datetime, timezone
 from functools import lru_cache
 from http import HTTPStatus
 
@@ -217,9 +217,15 @@ def _error_text(status: int) -> tuple[str, bytes]:
     return phrase, f"{status} {phrase}\n".encode("ascii")
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 @lru_cache(maxsize=1)
 def _http_date_for(second: int) -> str:
-    return formatdate(second, usegmt=True)
+    t = datetime.fromtimestamp(second, timezone.utc)
+    return (f"{_DAYS[t.weekday()]}, {t.day:02d} {_MONTHS[t.month - 1]} {t.year:04d} "
+            f"{t.hour:02d}:{t.minute:02d}:{t.second:02d} GMT")
 
 
 def http_date(now: float) -> str:

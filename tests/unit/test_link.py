@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleet.dispatch import frames as wire
-from fleet.dispatch.link import Inbox, LinkClosed, LinkServer, ThreadLink, decode, encode
+from fleet.dispatch.frames import Inbox, decode, encode
+from fleet.dispatch.link import LinkClosed, LinkServer, ThreadLink
 
 messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=5), max_size=8)
 
