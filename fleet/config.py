@@ -51,13 +51,41 @@ class Endpoint:
         return cls(parts[0], parts[1])
 
 
+def parse_host_port(text: str, where: str, *, example: str, form: str = "HOST:PORT",
+                    host_required: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port): the one parser of every HOST:PORT fleet takes.
+
+    An IPv6 host is written in brackets and returned without them; the host may
+    be empty (``:8080``) unless ``host_required``. ``where`` starts each error
+    message (the option and the text as given), ``example`` shows the form.
+    """
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or (host_required and not host):
+        raise ConfigError(f"{where}: expected {form} such as {example}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}: port {port} is out of range 1-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ConfigError(f"{where}: write an IPv6 address in brackets, e.g. [::1]:{port}")
+    return host, port
+
+
+def tcp_host_port(spec: str) -> tuple[str, int] | None:
+    """(host, port) of a ``tcp://HOST:PORT`` ZeroMQ endpoint; None for another transport."""
+    if not spec.startswith("tcp://"):
+        return None
+    try:
+        return parse_host_port(spec.removeprefix("tcp://"), spec, example="tcp://127.0.0.1:9999")
+    except ConfigError:
+        return None
+
+
 def check_endpoint(spec: str, option: str) -> None:
     """Refuse anything ZeroMQ would reject later, far from the user's command line."""
-    match = _TCP_ENDPOINT.match(spec)
-    if match:
-        port = int(match.group(2))
-        if not 0 < port < 65536:
-            raise ConfigError(f"{option} {spec!r}: port {port} is out of range 1-65535")
+    if _TCP_ENDPOINT.match(spec):
+        parse_host_port(spec.removeprefix("tcp://"), f"{option} {spec!r}", example="tcp://127.0.0.1:9999")
         return
     if _IPC_ENDPOINT.match(spec):
         return
@@ -75,16 +103,7 @@ class HttpAddress:
 
     @classmethod
     def parse(cls, text: str) -> HttpAddress:
-        host, colon, port_text = text.rpartition(":")
-        if not colon or not port_text.isdigit():
-            raise ConfigError(f"--http {text!r}: expected HOST:PORT such as 127.0.0.1:8080 or :8080")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise ConfigError(f"--http {text!r}: port {port} is out of range 1-65535")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ConfigError(f"--http {text!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
+        host, port = parse_host_port(text, f"--http {text!r}", example="127.0.0.1:8080 or :8080")
         if host == "*":
             host = ""
         return cls(host or "0.0.0.0", port)

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from fleet.cluster.protocol import MAX_DATAGRAM
+from fleet.config import ConfigError, parse_host_port
 
 # Read one byte more than the protocol allows, so an oversized datagram is
 # seen as oversized (recvfrom truncates silently) and dropped before parsing.
@@ -47,18 +48,17 @@ class Group:
 
     @classmethod
     def parse(cls, text: str) -> Group:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise ChannelError(f"--cluster {text!r}: expected GROUP:PORT such as 225.1.1.1:1717")
+        try:
+            host, port = parse_host_port(text, f"--cluster {text!r}", example="225.1.1.1:1717", form="GROUP:PORT",
+                                         host_required=True)
+        except ConfigError as error:
+            raise ChannelError(str(error)) from None
         try:
             address = ipaddress.IPv4Address(host)
         except ValueError:
             raise ChannelError(f"--cluster {text!r}: {host!r} is not an IPv4 address") from None
         if not address.is_multicast:
             raise ChannelError(f"--cluster {text!r}: {host} is not a multicast address (224.0.0.0/4)")
-        port = int(port_text)
-        if not 0 < port < 65536:
-            raise ChannelError(f"--cluster {text!r}: port {port} is out of range 1-65535")
         return cls(str(address), port)
 
     def __str__(self) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable
 
+from fleet.config import ConfigError, parse_host_port
+
 Address = tuple[str, int]
 
 MAX_PEERS = 256  # seeds included; a unicast fleet sends every datagram to each of them
@@ -29,12 +31,10 @@ def parse_address(text: str, option: str = "--cluster-peers",
                   resolve: Callable[[str], str] | None = None) -> Address:
     """HOST:PORT, HOST an IPv4 address, or a name that ``resolve`` turns into one
     (the caller's resolver: this module does no I/O)."""
-    host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise PeerError(f"{option} {text!r}: expected HOST:PORT such as 10.0.0.2:1717")
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise PeerError(f"{option} {text!r}: port {port} is out of range 1-65535")
+    try:
+        host, port = parse_host_port(text.strip(), f"{option} {text!r}", example="10.0.0.2:1717", host_required=True)
+    except ConfigError as error:
+        raise PeerError(str(error)) from None
     try:
         address = ipaddress.IPv4Address(host)
     except ValueError:

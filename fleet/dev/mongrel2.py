@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from fleet.config import tcp_host_port
+
 MONGREL2_BIN = "mongrel2"
 M2SH_BIN = "m2sh"
 LOOPBACK = "127.0.0.1"
@@ -126,11 +128,11 @@ def _quote(value: object) -> str:
 
 def _tcp_host_port(spec: str) -> tuple[str, int] | None:
     """(host, port) of a tcp://HOST:PORT spec (a wildcard host as loopback), None for other transports."""
-    match = re.match(r"^tcp://([^:]+):(\d+)$", spec)
-    if not match:
+    address = tcp_host_port(spec)
+    if address is None:
         return None
-    host = match.group(1)
-    return (LOOPBACK if host in ("*", "0.0.0.0") else host), int(match.group(2))
+    host, port = address
+    return (LOOPBACK if host in ("*", "0.0.0.0") else host), port
 
 
 def _accepts(port: int, host: str = LOOPBACK) -> bool:

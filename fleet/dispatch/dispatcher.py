@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from fleet.dispatch.frames import CONTROL, CREDIT, DONE, DONE_LAST, READY, REQUEST, RETIRE, RETIRED, ident_pid, tagged
 from fleet.dispatch.link import LinkServer
 from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
-from fleet.config import Endpoint
+from fleet.config import Endpoint, tcp_host_port
 from fleet.wsgi.response import error_response
 from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
 from fleet.mongrel2.reply import Responder
@@ -330,9 +330,11 @@ def _shut_down_sending(fd: int, spec: str) -> None:
 
 def _tcp_address(spec: str) -> tuple[str, int] | None:
     """(host, port) of a tcp://HOST:PORT spec with a numeric IPv4 host, else None (not checked)."""
-    host, _, port = spec.removeprefix("tcp://").rpartition(":")
-    try:
-        socket.inet_aton(host)
-        return host, int(port)
-    except (OSError, ValueError):
+    address = tcp_host_port(spec)
+    if address is None:
         return None
+    try:
+        socket.inet_aton(address[0])
+    except OSError:
+        return None
+    return address
