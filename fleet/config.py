@@ -159,7 +159,8 @@ class HandlerConfig:
         if self.dispatch not in DISPATCH_MODES:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
         if self.harakiri and self.dispatch == "direct":
-            raise ConfigError("--harakiri needs --dispatch broker: only the dispatcher knows how long a request has run")
+            raise ConfigError("--harakiri needs --dispatch broker: "
+                              "only the dispatcher knows how long a request has run")
         if self.content_length_limit < 0:
             raise ConfigError("--mongrel2-content-length must not be negative")
         addresses = [HttpAddress.parse(text) for text in self.http]

@@ -38,9 +38,9 @@ from typing import Any
 
 from fleet.cluster import protocol as proto
 from fleet.cluster.membership import ConfigConflicts, Membership
-from fleet.multicast import Group
 from fleet.cluster.peers import DEFAULT_EXPIRE_INTERVALS, Address, PeerTable
 from fleet.cluster.transport import Transport
+from fleet.multicast import Group
 
 log = logging.getLogger("fleet.cluster")
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import select
 import socket
 
-from fleet.multicast import RECEIVE_SIZE, Channel, ChannelError, Group
 from fleet.cluster.peers import Address, PeerTable
+from fleet.multicast import RECEIVE_SIZE, Channel, ChannelError, Group
 
 
 class UnicastSocket:

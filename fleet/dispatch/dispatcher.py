@@ -21,14 +21,22 @@ from collections.abc import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from fleet.config import Endpoint, tcp_host_port
+from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.dispatch.frames import CONTROL, CREDIT, DONE, DONE_LAST, READY, REQUEST, RETIRE, RETIRED, ident_pid, tagged
 from fleet.dispatch.link import LinkServer
-from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
-from fleet.config import Endpoint, tcp_host_port
-from fleet.wsgi.response import error_response
-from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message, peek_route
+from fleet.mongrel2.codec import (
+    Credits,
+    Disconnect,
+    ProtocolError,
+    encode_close,
+    encode_response,
+    parse_message,
+    peek_route,
+)
 from fleet.mongrel2.reply import Responder
 from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
+from fleet.wsgi.response import error_response
 
 log = logging.getLogger("fleet.dispatcher")
 

@@ -52,7 +52,8 @@ class UploadGone(UploadRejected):
 class UploadPolicy:
     """Where and when Mongrel2 writes uploads, as configured on that server."""
 
-    chroot: str | None  # --mongrel2-chroot: the dir Mongrel2 chroots into (its cwd when not root); None: uploads refused
+    # --mongrel2-chroot: the dir Mongrel2 chroots into (its cwd when not root); None: uploads refused
+    chroot: str | None
     temp_store: str = "/tmp/mongrel2.upload.XXXXXX"  # Mongrel2's upload.temp_store, a path inside the chroot
     content_length_limit: int = 20480  # Mongrel2's limits.content_length
 

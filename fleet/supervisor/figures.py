@@ -84,7 +84,8 @@ def render_table(stats: dict[str, Any]) -> str:
     lines = [f"master {stats['pid']}  generation {stats['generation']}  "
              f"reloads {stats['reloads']} (failed {stats['failed_reloads']})  respawns {stats['respawns']}  "
              f"harakiri {stats['harakiri_kills']}  502s {stats['answered_502']}  504s {stats['answered_504']}"]
-    lines.append(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'busy':>6} {'age s':>7} {'rss MB':>8} {'cpu %':>6}")
+    lines.append(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'busy':>6} {'age s':>7} "
+                 f"{'rss MB':>8} {'cpu %':>6}")
     for row in stats["workers"]:
         age = f"{row['request_age']:.1f}" if row["request_age"] is not None else "-"
         rss = f"{row['rss'] / 1048576:.1f}" if row["rss"] is not None else "-"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from http import HTTPStatus
 
@@ -223,7 +223,7 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 @lru_cache(maxsize=1)
 def _http_date_for(second: int) -> str:
-    t = datetime.fromtimestamp(second, timezone.utc)
+    t = datetime.fromtimestamp(second, UTC)
     return (f"{_DAYS[t.weekday()]}, {t.day:02d} {_MONTHS[t.month - 1]} {t.year:04d} "
             f"{t.hour:02d}:{t.minute:02d}:{t.second:02d} GMT")
 

@@ -1,0 +1,1 @@
+"""WSGI applications the tests serve (fleet finds them with --pythonpath tests/apps)."""
