@@ -16,8 +16,8 @@ import msgpack
 
 from fleet.cluster import protocol as cp
 from fleet.config import Endpoint, HandlerConfig
-from fleet.mongrel2.codec import Request
 from fuzz import targets
+from tests.support.encoders import encode_json_request, encode_tnetstring_request
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -50,10 +50,8 @@ MONGREL2 = {
         b"18:/t/hello?a=1&b=two,7:VERSION,8:HTTP/1.1,4:PATH,8:/t/hello,4:host,14:127.0.0.1:6780,"
         b"10:user-agent,11:curl/7.88.1,6:accept,3:*/*,15:x-forwarded-for,9:127.0.0.1,}0:,"
     ),
-    "tnet-post": targets.encode_tnetstring_request(
-        Request(TNET_UUID, b"5", b"/t/form", POST_HEADERS, b"name=value&x=1")),
-    "json-post": targets.encode_json_request(
-        Request(JSON_UUID, b"9", b"/j/form", POST_HEADERS, b"name=value&x=1")),
+    "tnet-post": encode_tnetstring_request(TNET_UUID, b"5", b"/t/form", POST_HEADERS, b"name=value&x=1"),
+    "json-post": encode_json_request(JSON_UUID, b"9", b"/j/form", POST_HEADERS, b"name=value&x=1"),
     "tnet-disconnect": TNET_UUID + b' 4 @* 16:6:METHOD,4:JSON,}21:{"type":"disconnect"},',
     "json-disconnect": JSON_UUID + b' 9 @* 17:{"METHOD":"JSON"},21:{"type":"disconnect"},',
     "tnet-credits": TNET_UUID
@@ -65,19 +63,17 @@ MONGREL2 = {
     "other-control": TNET_UUID + b' 3 @* 16:6:METHOD,4:JSON,}16:{"type":"other"},',
     "client-at-t": TNET_UUID + b" 1 @t 70:4:PATH,2:@t,6:METHOD,4:JSON,7:PATTERN,2:@t,"
     b'11:REMOTE_ADDR,9:127.0.0.1,}21:{"type":"disconnect"},',
-    "upload-start": targets.encode_tnetstring_request(
-        Request(TNET_UUID, b"43", b"/t/up", UPLOAD_HEADERS, b"")),
-    "upload-done-json": targets.encode_json_request(Request(
-        JSON_UUID, b"43", b"/t/up",
-        {**UPLOAD_HEADERS, "x-mongrel2-upload-done": "tmp/mongrel2.upload.LJoc1e"}, b"")),
+    "upload-start": encode_tnetstring_request(TNET_UUID, b"43", b"/t/up", UPLOAD_HEADERS, b""),
+    "upload-done-json": encode_json_request(
+        JSON_UUID, b"43", b"/t/up", {**UPLOAD_HEADERS, "x-mongrel2-upload-done": "tmp/mongrel2.upload.LJoc1e"}, b""),
     "json-raw-control-latin1": JSON_UUID
     + b' 7 /j/x 37:{"METHOD":"GET","x-t":"a\tb\xe9","\xff":"\x00"},0:,',
     "json-u-escape": JSON_UUID + b' 7 /j/x %d:%s,0:,' % (len(U_ESCAPED), U_ESCAPED),
     "websocket": TNET_UUID
     + b" 8 /ws 49:6:METHOD,9:WEBSOCKET,5:FLAGS,4:0x81,4:PATH,3:/ws,}8:hello ws,",
-    "tnet-http10": targets.encode_tnetstring_request(Request(
-        TNET_UUID, b"2147483647", b"/t/k", {"METHOD": "GET", "VERSION": "HTTP/1.0",
-                                            "connection": "keep-alive", "n": "1"}, b"")),
+    "tnet-http10": encode_tnetstring_request(
+        TNET_UUID, b"2147483647", b"/t/k",
+        {"METHOD": "GET", "VERSION": "HTTP/1.0", "connection": "keep-alive", "n": "1"}, b""),
     # Refusals, one per framing step, so the fuzzer starts on both sides of each check.
     "bad-trailing-garbage": _tnet(b"/t", b"6:METHOD,3:GET,") + b"x",
     "bad-body-length-lies": _tnet(b"/t", b"6:METHOD,3:GET,")[:-3] + b"5:abc,",

@@ -10,20 +10,18 @@ through the same functions.
 
 from __future__ import annotations
 
-import hmac
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-import tnetstring
-
 from fleet.cluster import protocol as cp
+from fleet.cluster.protocol import ClusterProtocolError, Keyring, ReplayGuard
 from fleet.mongrel2 import codec as mongrel2
 from fleet.mongrel2 import uploads
-from fleet.cluster.protocol import ClusterProtocolError, Keyring, ReplayGuard
 from fleet.mongrel2.codec import Control, Credits, Disconnect, ProtocolError, Request
 from fleet.mongrel2.uploads import UploadDone, UploadPolicy, UploadRejected, UploadStarted
+from tests.support.encoders import ENCODERS, message_of
 
 # --- Mongrel2 requests -----------------------------------------------------------------
 
@@ -60,8 +58,8 @@ def mongrel2_request(data: bytes) -> None:
         event.sender, event.conn_id, event.path, event.headers, event.body
     ), "fast path and step-by-step framing disagree"
     _check_request_accessors(event)
-    for encode in (encode_tnetstring_request, encode_json_request):
-        again = mongrel2.parse_message(encode(event))
+    for encode in ENCODERS:
+        again = mongrel2.parse_message(message_of(event, encode))
         assert again == event, (encode.__name__, again, event)
 
 
@@ -74,51 +72,14 @@ def _check_request_accessors(request: Request) -> None:
             text.encode("latin-1")  # PEP 3333: every str must be latin-1
         request.header(name)
     assert type(request.method) is str
-    request.version
-    request.upload_start
-    request.upload_done
-    request.download_credits
-    request.is_jssocket
-    request.is_websocket
+    # Every accessor must work on every request the codec accepts.
+    _ = (request.version, request.upload_start, request.upload_done, request.download_credits,
+         request.is_jssocket, request.is_websocket)
     request.should_close()
 
 
 def _latin1(text: str) -> bytes:
     return text.encode("latin-1")
-
-
-def encode_tnetstring_request(request: Request) -> bytes:
-    """The request as Mongrel2 writes it with protocol='tnetstring'."""
-    items = b"".join(
-        tnetstring.dumps(_latin1(k))
-        + tnetstring.dumps([_latin1(x) for x in v] if type(v) is list else _latin1(v))
-        for k, v in request.headers.items()
-    )
-    return b"%s %s %s %d:%s}%d:%s," % (
-        request.sender, request.conn_id, request.path, len(items), items,
-        len(request.body), request.body,
-    )
-
-
-def _json_string(text: str) -> bytes:
-    """Mongrel2 escapes only '"' and '\\' and writes every other byte raw."""
-    return b'"' + _latin1(text).replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def encode_json_request(request: Request) -> bytes:
-    """The request as Mongrel2 writes it with protocol='json' (its default)."""
-    items = []
-    for key, value in request.headers.items():
-        if type(value) is list:
-            encoded = b"[" + b",".join(_json_string(v) for v in value) + b"]"
-        else:
-            encoded = _json_string(value)
-        items.append(_json_string(key) + b":" + encoded)
-    payload = b"{" + b",".join(items) + b"}"
-    return b"%s %s %s %d:%s,%d:%s," % (
-        request.sender, request.conn_id, request.path, len(payload), payload,
-        len(request.body), request.body,
-    )
 
 
 # --- uploads ---------------------------------------------------------------------------

@@ -8,16 +8,13 @@ left in the namespaces, and deletes the namespaces, also when the test fails.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import netns  # noqa: E402
-from netns import FleetCluster, Network  # noqa: E402
+from tests.support import netns
+from tests.support.netns import FleetCluster, Network  # noqa: E402
 
 _REASON: list[str | None] = []
 

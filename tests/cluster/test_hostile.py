@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import Network
-from scenario import FLOOD, HostilePlan, ServingCluster, run_hostile, udp_counters
 
 from fleet.cluster.agent import REJECT_LOG_SOURCES
 from fleet.cluster.protocol import MAX_DATAGRAM
 from fleet.multicast import Channel, Group
+from tests.support.netns import Network
+from tests.support.scenario import FLOOD, HostilePlan, ServingCluster, run_hostile, udp_counters
 
 SHORT = HostilePlan(baseline=5.0, flood_seconds=6.0, count=4000, capture=3.0, after=3.0)
 

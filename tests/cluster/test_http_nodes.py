@@ -4,10 +4,10 @@ HTTP port on its own address (or its own --http), beside the Mongrel2 handlers."
 from __future__ import annotations
 
 import pytest
-from load import json_answers
-from netns import FleetCluster, FleetProc
 
 from fleet.dev.mongrel2 import free_port
+from tests.support.load import json_answers
+from tests.support.netns import FleetCluster, FleetProc
 
 
 def http_get(cluster: FleetCluster, address: str, port: int) -> dict:

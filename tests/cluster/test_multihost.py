@@ -14,8 +14,9 @@ import threading
 import time
 
 import pytest
-from fleet_harness import wait_for
-from netns import FleetCluster
+
+from tests.support.harness import wait_for
+from tests.support.netns import FleetCluster
 
 DEAD_WITHIN = 3.0  # the spec: a host silent for 3 heartbeats is dead
 STATUS_LISTEN = 2.5  # `fleet status` listens this long before it prints

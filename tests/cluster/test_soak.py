@@ -12,8 +12,9 @@ after teardown.
 from __future__ import annotations
 
 import pytest
-from netns import Network
-from scenario import ServingCluster, SoakPlan, failures_outside_kills, orphans, run_soak, soak_summary
+
+from tests.support.netns import Network
+from tests.support.scenario import ServingCluster, SoakPlan, failures_outside_kills, orphans, run_soak, soak_summary
 
 FD_SLACK = 4  # a socket or file in the middle of being opened or closed when sampled
 

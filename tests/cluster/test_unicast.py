@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
-from fleet_harness import wait_for
-from netns import FleetCluster
+from tests.support.harness import wait_for
+from tests.support.netns import FleetCluster
 
 SEEDS = "seeds"
 

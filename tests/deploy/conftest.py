@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lab import Lab, unavailable_reason
+from tests.support.lab import Lab, unavailable_reason
 
 
 @pytest.fixture(scope="session")

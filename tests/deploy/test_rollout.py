@@ -26,10 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-
-from lab import Lab  # noqa: E402
-from wheels import APP_MODULE, REPO, build_app_wheel, build_fleet_wheels  # noqa: E402
+from tests.support.lab import Lab  # noqa: E402
+from tests.support.wheels import APP_MODULE, REPO, build_app_wheel, build_fleet_wheels  # noqa: E402
 
 PLAYBOOK_DIR = REPO / "deploy" / "ansible"
 VENV_BIN = Path(sys.executable).parent

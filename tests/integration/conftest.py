@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_harness import FleetMaster, Harness, master_args
 
 from fleet.cluster.protocol import keygen
 from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.support.harness import FleetMaster, Harness, master_args
 
 
 def _harness(basedir: Path) -> Iterator[Harness]:

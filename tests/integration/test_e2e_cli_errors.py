@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from fleet_harness import HERE, Harness, group_members
 
 from fleet.dev.mongrel2 import free_port, tcp_pair
+from tests.support.harness import APPS, Harness, group_members
 
 USAGE = 2
 APP_LOAD_FAILED = 4
@@ -51,7 +51,7 @@ def test_usage_errors(harness: Harness, args: list[str]) -> None:
         placeholders = {"ENDPOINT": _endpoint(), "TAKEN": f"127.0.0.1:{taken.getsockname()[1]}",
                         "FREE": f"127.0.0.1:{free_port()}"}
         args = [placeholders.get(a, a) for a in args]
-        code, lines = _run(harness, [*args, "--pythonpath", str(HERE)])
+        code, lines = _run(harness, [*args, "--pythonpath", str(APPS)])
     assert code == USAGE, lines
     assert len(lines) == 1, lines
     assert lines[0].startswith("fleet: error:"), lines
@@ -68,7 +68,7 @@ def test_usage_errors(harness: Harness, args: list[str]) -> None:
         "not-a-package"])
 def test_app_load_errors(harness: Harness, module: str) -> None:
     code, lines = _run(harness, ["--zeromq", _endpoint(), "--module", module,
-                                 "--pythonpath", str(HERE), "-p", "2"])
+                                 "--pythonpath", str(APPS), "-p", "2"])
     assert code == APP_LOAD_FAILED, lines
     assert len(lines) == 1, lines
     assert lines[0].startswith("fleet:"), lines

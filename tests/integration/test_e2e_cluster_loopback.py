@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from fleet_harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
 
 from fleet.cluster.protocol import keygen
+from tests.support.harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
 
 
 def status(cluster_args: list[str]) -> dict:
@@ -82,7 +82,7 @@ def test_fleet_log_reaches_every_host(harness: Harness, cluster_args: list[str])
     node = harness.node(cluster_args + ["--node-name", "n1"])
     assert fleet_cli("log", *cluster_args, "hello from the test").returncode == 0
     for proc in (master, node):
-        wait_for(lambda: "hello from the test" in proc.stderr_text(), 10, what="the log line")
+        wait_for(lambda proc=proc: "hello from the test" in proc.stderr_text(), 10, what="the log line")
 
 
 def test_keygen_makes_a_key_the_cluster_accepts(tmp_path: Path) -> None:
@@ -100,7 +100,8 @@ def test_two_masters_with_different_configurations_are_reported(harness: Harness
     one = harness.master(master_args(server, processes=1, threads=1) + cluster_args + ["--node-name", "m1"])
     two = harness.master(master_args(server, processes=2, threads=1) + cluster_args + ["--node-name", "m2"])
     for master in (one, two):
-        wait_for(lambda: "CONFLICT" in master.stderr_text(), 15, what="a configuration conflict in the log")
+        wait_for(lambda master=master: "CONFLICT" in master.stderr_text(), 15,
+                 what="a configuration conflict in the log")
     assert "processes" in one.stderr_text().split("CONFLICT", 1)[1].splitlines()[0]
 
 

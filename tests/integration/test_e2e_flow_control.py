@@ -14,9 +14,10 @@ import http.client
 import socket
 import time
 
-import apps
 import pytest
-from fleet_harness import Harness, master_args
+
+from tests.apps import apps
+from tests.support.harness import Harness, master_args
 
 STREAM_BODY = b"".join(apps.stream_chunk(i) for i in range(apps.STREAM_CHUNKS))
 BIG_DIGEST = hashlib.sha256(apps.big_body()).digest()

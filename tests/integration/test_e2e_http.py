@@ -16,7 +16,10 @@ import subprocess
 import time
 
 import pytest
-from fleet_harness import (
+
+from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.support.harness import (
+    APPS,
     FleetMaster,
     Harness,
     dechunk,
@@ -26,9 +29,7 @@ from fleet_harness import (
     wait_log,
     worker_pids,
 )
-from load import Load, json_answers
-
-from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.support.load import Load, json_answers
 
 pytestmark = pytest.mark.slow
 
@@ -207,7 +208,7 @@ def test_http_and_mongrel2_load_together_on_the_same_workers(both) -> None:
 
 def test_a_reload_under_http_load_loses_nothing(harness: Harness) -> None:
     port = free_port()
-    master = harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__),
+    master = harness.master(["--module", "apps:router", "--pythonpath", str(APPS),
                              "-p", "2", "--threads", "4", "--graceful-timeout", "10", *http_args(port)])
     before = worker_pids(master)
     load = Load(port, "/h/hello", expect=b"Hello world!", clients=8, max_duration=120).start()
@@ -229,7 +230,7 @@ def test_slow_clients_do_not_hold_the_only_thread(harness: Harness) -> None:
     """-p 1 --threads 1: five clients that never finish their request must not
     keep a sixth from being served (their 30 s limit is far off)."""
     port = free_port()
-    harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__), "-p", "1",
+    harness.master(["--module", "apps:router", "--pythonpath", str(APPS), "-p", "1",
                     "--threads", "1", "--http-timeout", "30", *http_args(port)[:2]])
     stalled = []
     try:
@@ -247,7 +248,7 @@ def test_slow_clients_do_not_hold_the_only_thread(harness: Harness) -> None:
 
 def test_a_client_too_slow_to_send_its_request_gets_408(harness: Harness) -> None:
     port = free_port()
-    master = harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__),
+    master = harness.master(["--module", "apps:router", "--pythonpath", str(APPS),
                              "--http-timeout", "1", *http_args(port)[:2]])
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(b"GET /h/hello HTTP/1.1\r\nHost: x\r\n")
@@ -260,7 +261,7 @@ def test_a_client_too_slow_to_send_its_request_gets_408(harness: Harness) -> Non
 
 def test_an_idle_keep_alive_connection_is_closed_after_the_keepalive(harness: Harness) -> None:
     port = free_port()
-    harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__),
+    harness.master(["--module", "apps:router", "--pythonpath", str(APPS),
                     "--http-keepalive", "1", *http_args(port)[:2]])
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(b"GET /h/hello HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -283,7 +284,7 @@ def test_direct_dispatch_serves_http_beside_mongrel2(harness: Harness) -> None:
 
 def test_http_without_mongrel2_stops_cleanly_on_term(harness: Harness) -> None:
     port = free_port()
-    master = harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__),
+    master = harness.master(["--module", "apps:router", "--pythonpath", str(APPS),
                              *http_args(port)[:2]])
     assert get(port, "/h/hello")[0] == 200
     assert master.stop() == []
@@ -295,7 +296,7 @@ def test_a_client_that_stops_reading_frees_the_thread(harness: Harness) -> None:
     """-p 1 --threads 1: a 10 MB answer to a client that never reads fills the
     socket buffers; after --http-timeout the thread gives up and serves others."""
     port = free_port()
-    master = harness.master(["--module", "apps:router", "--pythonpath", os.path.dirname(__file__), "-p", "1",
+    master = harness.master(["--module", "apps:router", "--pythonpath", str(APPS), "-p", "1",
                              "--threads", "1", "--http-timeout", "2", *http_args(port)[:2]])
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as stuck:
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -11,7 +11,8 @@ from urllib.parse import quote
 
 import psutil
 import pytest
-from fleet_harness import Harness, alive, group_members, master_args, request, wait_for
+
+from tests.support.harness import Harness, alive, group_members, master_args, request, wait_for
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fleet_harness import Harness, fleet_cli, master_args, request, wait_for, worker_pids
 
 from fleet.dev.mongrel2 import free_port
+from tests.support.harness import Harness, fleet_cli, master_args, request, wait_for, worker_pids
 
 LINE = re.compile(r"^\S+Z (?P<host>\S+) \[(?P<pid>\d+)\] (?P<level>\w+) (?P<name>\S+): (?P<message>.*)$")
 COLLECTOR_TIMEOUT = 30.0

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import tnetstring
 import zmq
-from fleet_harness import FLOOR_HANDLER, Harness, raw_exchange, request, split_response, upload_files
 
 from fleet.dev.mongrel2 import (
     HandlerRoute,
@@ -26,6 +25,7 @@ from fleet.dev.mongrel2 import (
     new_ident,
     tcp_pair,
 )
+from tests.support.harness import FLOOR_HANDLER, Harness, raw_exchange, request, split_response, upload_files
 
 
 def test_floor_handler_serves_both_protocols(harness: Harness) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from fleet_harness import (
+
+from fleet.dev.mongrel2 import Mongrel2
+from tests.support.harness import (
     FleetMaster,
     Harness,
     master_args,
@@ -21,8 +23,6 @@ from fleet_harness import (
     upload_files,
     wait_for,
 )
-
-from fleet.dev.mongrel2 import Mongrel2
 
 pytestmark = pytest.mark.usefixtures("master")
 

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-import apps
 import pytest
-from fleet_harness import raw_exchange, split_response, wait_for
 
 from fleet.dev.mongrel2 import Mongrel2
+from tests.apps import apps
+from tests.support.harness import raw_exchange, split_response, wait_for
 
 pytestmark = pytest.mark.usefixtures("master")
 

@@ -20,8 +20,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from apps import HELLO
-from fleet_harness import (
+
+from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.apps.apps import HELLO
+from tests.support.harness import (
     CONTENT_LENGTH,
     FleetMaster,
     Harness,
@@ -37,9 +39,7 @@ from fleet_harness import (
     wait_workers,
     worker_pids,
 )
-from load import OK, Load
-
-from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.support.load import OK, Load
 
 HELLO_PATH = "/t/hello"
 CLIENTS = 4

@@ -6,7 +6,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fleet_harness import Harness, master_args, request
+
+from tests.support.harness import Harness, master_args, request
 
 THREADS = 4
 

@@ -9,9 +9,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from fleet_harness import CONTENT_LENGTH, request, upload_files, wait_for
 
 from fleet.dev.mongrel2 import Mongrel2
+from tests.support.harness import CONTENT_LENGTH, request, upload_files, wait_for
 
 pytestmark = pytest.mark.usefixtures("master")
 

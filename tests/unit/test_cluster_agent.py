@@ -5,11 +5,19 @@ from __future__ import annotations
 import time
 
 import pytest
-from udp import free_udp_port
 
 from fleet.cluster import protocol as proto
-from fleet.cluster.agent import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, RejectLog, ReloadRequested, Verdict
+from fleet.cluster.agent import (
+    ApplyConfig,
+    ClusterAgent,
+    ClusterOptions,
+    HostStatus,
+    RejectLog,
+    ReloadRequested,
+    Verdict,
+)
 from fleet.multicast import Group
+from tests.support.udp import free_udp_port
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}
 STATUS = HostStatus(state="ready", generation=1, workers_ready=2, workers_total=2, requests_served=10, rss=1 << 20)
@@ -127,11 +135,13 @@ def test_a_cut_node_table_keeps_the_dead_hosts(options) -> None:
         body = dict(role="node", state="ready", generation=1, workers_ready=1, workers_total=1,
                     requests_served=0, requests_per_second=0.0, rss=0, address=("127.0.0.1", 1))
         for name in names:
-            master.members.observe(origins[name].make(proto.Heartbeat, start, hostname=name, **body), ("127.0.0.1", 1), start)
+            heartbeat = origins[name].make(proto.Heartbeat, start, hostname=name, **body)
+            master.members.observe(heartbeat, ("127.0.0.1", 1), start)
         silent = max(names)  # "h9": last in the table's hostname order
         now = time.time()
         for name in (n for n in names if n != silent):
-            master.members.observe(origins[name].make(proto.Heartbeat, now, hostname=name, **body), ("127.0.0.1", 1), now)
+            heartbeat = origins[name].make(proto.Heartbeat, now, hostname=name, **body)
+            master.members.observe(heartbeat, ("127.0.0.1", 1), now)
         master.members.tick(now)
         master.announce(now)
         pump(observer)

@@ -13,9 +13,29 @@ from hypothesis import strategies as st
 
 from fleet.cluster import protocol as cp
 from fleet.cluster.protocol import (
-    Announce, BadSignature, ClusterProtocolError, ConfigRequest, Heartbeat, Keyring, Kind, Leave,
-    Log, Malformed, Origin, Reload, Replayed, ReplayGuard, Stale, TooLarge, Unsigned,
-    UnsupportedVersion, WrongCluster, decode, encode, keygen, parse_key_file,
+    Announce,
+    BadSignature,
+    ClusterProtocolError,
+    ConfigRequest,
+    Heartbeat,
+    Keyring,
+    Kind,
+    Leave,
+    Log,
+    Malformed,
+    Origin,
+    Reload,
+    Replayed,
+    ReplayGuard,
+    Stale,
+    TooLarge,
+    Unsigned,
+    UnsupportedVersion,
+    WrongCluster,
+    decode,
+    encode,
+    keygen,
+    parse_key_file,
 )
 from fleet.config import Endpoint, HandlerConfig
 

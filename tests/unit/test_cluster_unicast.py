@@ -6,11 +6,11 @@ import logging
 import time
 
 import pytest
-from udp import free_udp_port
 
 from fleet.cluster import protocol as proto
 from fleet.cluster.agent import ApplyConfig, ClusterAgent, ClusterOptions, HostStatus, ReloadRequested
 from fleet.multicast import Group
+from tests.support.udp import free_udp_port
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 2, "threads": 4}
 STATUS = HostStatus(state="ready", generation=1, workers_ready=2, workers_total=2, requests_served=10, rss=1 << 20)

@@ -11,9 +11,9 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import EnvironBuilder
 
+from fleet.mongrel2.codec import HeaderValue, Request
 from fleet.wsgi import environ as environ_module
 from fleet.wsgi.environ import build_environ, decode_path, parse_host, split_script_name
-from fleet.mongrel2.codec import HeaderValue, Request
 
 
 def make_request(path: str = "/t/hello", *, extra: dict[str, HeaderValue] | None = None,

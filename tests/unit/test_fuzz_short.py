@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from fuzz import targets
+from fuzz.run import DICTS
 
-from fuzz import targets  # noqa: E402
-from fuzz.run import DICTS  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 CORPUS = REPO / "fuzz" / "corpus"
 # Per target, after the corpus: about 1-4 s each on the shared 2-core machine.

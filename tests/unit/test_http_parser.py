@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.wsgi.environ import build_environ
 from fleet.http.parser import (
     CONTINUE,
     NeedData,
@@ -14,6 +13,7 @@ from fleet.http.parser import (
     RequestReady,
     SendContinue,
 )
+from fleet.wsgi.environ import build_environ
 
 
 def reader(max_body: int = 1000, header_limit: int = 16 * 1024) -> RequestReader:

@@ -18,8 +18,8 @@ import zmq
 
 from fleet.config import ConfigError
 from fleet.logs.collector import Collector, clean_line
-from fleet.logs.push import MAX_LINE_BYTES, PushHandler, parse_logger
 from fleet.logs.local import setup_logging
+from fleet.logs.push import MAX_LINE_BYTES, PushHandler, parse_logger
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (\S+) \[(\d+)\] (\w+) (\S+): (.*)$", re.S)
 WAIT_MS = 10_000  # generous: a missing line fails the test, it never just slows it
@@ -285,8 +285,8 @@ def test_collector_refuses_an_endpoint_in_use_in_one_line() -> None:
 def test_the_logger_travels_in_the_configuration_and_a_nodes_own_wins() -> None:
     import argparse
 
-    from fleet.node import local_overrides
     from fleet.config import Endpoint, HandlerConfig
+    from fleet.node import local_overrides
 
     announced = HandlerConfig.from_dict(HandlerConfig(
         endpoints=(Endpoint("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),), app="app",

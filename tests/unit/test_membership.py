@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fleet.cluster.protocol import Announce, Heartbeat, Leave
 from fleet.cluster.membership import ChangeKind, ConfigConflicts, Membership, config_digest
+from fleet.cluster.protocol import Announce, Heartbeat, Leave
 
 CLUSTER = "prod"
 START = 1_700_000_000.0

@@ -31,54 +31,7 @@ from fleet.mongrel2.codec import (
     parse_message,
     peek_route,
 )
-
-# --- test-side encoders: requests exactly as Mongrel2 writes them ------------------
-
-
-def netstring(data: bytes) -> bytes:
-    return b"%d:%s," % (len(data), data)
-
-
-def _b(text: str) -> bytes:
-    return text.encode("latin-1")
-
-
-def encode_tnetstring_request(
-    sender: bytes, conn_id: bytes, path: bytes, headers: dict, body: bytes
-) -> bytes:
-    """protocol='tnetstring': HEADERS is a tnetstring dict of bytes (lists for repeats).
-
-    Items are dumped one by one to keep Mongrel2's key order: tnetstring3's
-    ``dumps`` of a whole dict writes the items in reverse order.
-    """
-    items = b"".join(
-        tnetstring.dumps(_b(k)) + tnetstring.dumps([_b(x) for x in v] if isinstance(v, list) else _b(v))
-        for k, v in headers.items()
-    )
-    return b"%s %s %s %d:%s}%s" % (sender, conn_id, path, len(items), items, netstring(body))
-
-
-def _json_string(text: str) -> bytes:
-    """Mongrel2 escapes only '"' and '\\'; every other byte is written raw."""
-    return b'"' + _b(text).replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def encode_json_request(
-    sender: bytes, conn_id: bytes, path: bytes, headers: dict, body: bytes
-) -> bytes:
-    """protocol='json': HEADERS is a netstring holding Mongrel2's (maybe invalid) JSON."""
-    items = []
-    for key, value in headers.items():
-        if isinstance(value, list):
-            encoded = b"[" + b",".join(_json_string(v) for v in value) + b"]"
-        else:
-            encoded = _json_string(value)
-        items.append(_json_string(key) + b":" + encoded)
-    payload = b"{" + b",".join(items) + b"}"
-    return b"%s %s %s %s%s" % (sender, conn_id, path, netstring(payload), netstring(body))
-
-
-ENCODERS = [encode_tnetstring_request, encode_json_request]
+from tests.support.encoders import ENCODERS, encode_json_request, encode_tnetstring_request, netstring
 
 # --- captured messages ---------------------------------------------------------------
 
@@ -554,7 +507,8 @@ def test_encode_ctl(key: str, args: dict, expected: bytes) -> None:
     assert raw == expected
     assert REPLY.fullmatch(raw) is not None
     payload = raw.split(b", ", 1)[1]
-    assert tnetstring.loads(payload) == [b"ctl", {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in args.items()}]
+    expected = {k.encode(): (v.encode() if isinstance(v, str) else v) for k, v in args.items()}
+    assert tnetstring.loads(payload) == [b"ctl", expected]
 
 
 def test_encode_ctl_rejects_bad_ids() -> None:
@@ -641,7 +595,8 @@ def test_fast_paths_match_reference(raw: bytes) -> None:
 def test_reference_switch_really_disables_fast_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     _disable_fast_paths(monkeypatch)
-    monkeypatch.setattr(mongrel2, "_split_checked", lambda raw: calls.append(raw) or (b"s", b"1", b"/", {"METHOD": "GET"}, b""))
+    monkeypatch.setattr(mongrel2, "_split_checked",
+                        lambda raw: calls.append(raw) or (b"s", b"1", b"/", {"METHOD": "GET"}, b""))
     parse_message(TNET_GET)
     assert calls == [TNET_GET]
 

@@ -6,7 +6,6 @@ import shutil
 import time
 
 import pytest
-from udp import free_udp_port
 import zmq
 
 from fleet.cluster import protocol as proto
@@ -14,6 +13,7 @@ from fleet.cluster.agent import ClusterAgent, ClusterOptions, HostStatus
 from fleet.config import Endpoint, HandlerConfig
 from fleet.multicast import Group
 from fleet.supervisor.supervisor import Supervisor
+from tests.support.udp import free_udp_port
 
 CONFIG = {"endpoints": [["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]], "app": "app", "processes": 1, "threads": 1}
 STATUS = HostStatus(state="ready", generation=1, workers_ready=1, workers_total=1, requests_served=0, rss=1 << 20)
