@@ -1,6 +1,6 @@
 """fleet on three namespace hosts: join, failure detection, cluster reload.
 
-Topology (tests/cluster/netns.py): namespaces h1, h2, h3 on a private bridge
+Topology (tests/support/netns.py): namespaces h1, h2, h3 on a private bridge
 (198.18.0.0/24, nothing on the real interface); Mongrel2 and `fleet master`
 on h1, bare `fleet node`s on h2 and h3; HTTP from h1 through Mongrel2.
 Needs root.
@@ -18,7 +18,7 @@ Figures:
 - failed requests during each reload, under a bounded load (4 keep-alive
   clients through Mongrel2; target zero).
 
-    sudo .venv/bin/python bench/cluster_bench.py [--rounds 3]
+    sudo .venv/bin/python -m bench.cluster_bench [--rounds 3]
 
 Prints a table; writes bench/results/cluster_bench.json.
 """
@@ -26,8 +26,6 @@ Prints a table; writes bench/results/cluster_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import signal
 import statistics
 import sys
@@ -35,14 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
+from bench.common import REPO, RESULTS, spread, write_results
+from tests.support import netns
+from tests.support.harness import APPS
+from tests.support.netns import FleetCluster, Network
 
-import netns  # noqa: E402
-from netns import FleetCluster, Network  # noqa: E402
-
-RESULTS = REPO / "bench" / "results" / "cluster_bench.json"
+OUT = RESULTS / "cluster_bench.json"
 
 
 def first_served(cluster: FleetCluster, hostname: str, start: float, timeout: float = 30.0) -> float:
@@ -59,9 +55,10 @@ def first_served(cluster: FleetCluster, hostname: str, start: float, timeout: fl
 
 def import_cost(host: netns.Host) -> dict[str, float]:
     """Python start + `import fleet.cli` + the app, timed on the host (median of 3)."""
-    code = ("import time, sys; t0 = time.perf_counter(); import fleet.cli, fleet.supervisor.supervisor, fleet.cluster.agent; "
-            "t1 = time.perf_counter(); sys.path.insert(0, %r); import hostapp; t2 = time.perf_counter(); "
-            "print(t1 - t0, t2 - t1)") % str(netns.HERE)
+    code = ("import time, sys; t0 = time.perf_counter(); "
+            "import fleet.cli, fleet.supervisor.supervisor, fleet.cluster.agent; "
+            f"t1 = time.perf_counter(); sys.path.insert(0, {str(APPS)!r}); import hostapp; "  # as --pythonpath does
+            "t2 = time.perf_counter(); print(t1 - t0, t2 - t1)")
     walls, fleet_imports, app_imports = [], [], []
     for _ in range(3):
         t = time.monotonic()
@@ -78,15 +75,14 @@ def import_cost(host: netns.Host) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     reason = netns.unavailable_reason()
     if reason:
         print(f"cluster_bench: cannot run: {reason}", file=sys.stderr)
         return 2
 
-    results: dict = {"machine": platform.platform(), "python": platform.python_version(),
-                     "rounds": args.rounds, "topology": "h1: Mongrel2 + master -p 1 --threads 2; "
+    results: dict = {"rounds": args.rounds, "topology": "h1: Mongrel2 + master -p 1 --threads 2; "
                      "h2, h3: fleet node; netns on a bridge"}
     net = Network(hosts=3).create()
     cluster = FleetCluster(net, Path(tempfile.mkdtemp(prefix="cluster-bench-")))
@@ -152,7 +148,7 @@ def main() -> int:
 
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, "cluster_bench", args, results)
     print(f"\nwritten: {args.out}")
     return 0
 
@@ -162,21 +158,16 @@ def wait_all_ready(cluster: FleetCluster, timeout: float = 20.0) -> None:
                and all(h["state"] == "ready" for h in s.values()), timeout, what="three ready hosts")
 
 
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"median {statistics.median(values):.3f}  min {min(values):.3f}  max {max(values):.3f}  (n={len(values)})"
-
 
 def print_table(r: dict) -> None:
     imp = r.get("imports_on_h2", {})
     rows = [
-        ("node start -> first served request (s)", _fmt(r.get("node_start_to_first_served_s", []))),
+        ("node start -> first served request (s)", spread(r.get("node_start_to_first_served_s", []))),
         ("  of which python start + imports (s, wall)", str(imp.get("python_start_and_imports_wall_s"))),
         ("  fleet import / app import (s)", f"{imp.get('fleet_import_s')} / {imp.get('app_import_s')}"),
-        ("failure detection, observer (s)", _fmt(r.get("failure_detection_s", []))),
+        ("failure detection, observer (s)", spread(r.get("failure_detection_s", []))),
         ("fleet status right after (h3 state)", str(r.get("fleet_status_h3_state_after_detection"))),
-        ("fleet reload, 3 hosts (s)", _fmt([x["reload_s"] for x in r.get("reloads", [])])),
+        ("fleet reload, 3 hosts (s)", spread([x["reload_s"] for x in r.get("reloads", [])])),
         ("  exit codes", str([x["exit"] for x in r.get("reloads", [])])),
         ("  failed+hung requests per reload", str([x["failed"] + x["hung"] for x in r.get("reloads", [])])),
         ("  requests sent per run", str([x["sent"] for x in r.get("reloads", [])])),

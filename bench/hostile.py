@@ -1,6 +1,6 @@
 """Hostile network: a fourth host floods the cluster's group while three hosts serve through Mongrel2.
 
-Topology (tests/cluster/netns.py, 4 namespace hosts on a private bridge):
+Topology (tests/support/netns.py, 4 namespace hosts on a private bridge):
 Mongrel2 + `fleet master -p 2 --threads 2` on h1, `fleet node`s on h2 and h3,
 the attacker on h4 (tests/cluster/flood.py: it joins the group, captures
 genuine datagrams for 4 s, then sends --count datagrams evenly over
@@ -16,10 +16,10 @@ reason; other cluster); kernel UDP counters in each victim namespace
 (RcvbufErrors: dropped before fleet saw them); failed/hung requests;
 p50/p99 in the baseline, flood and after windows of the same run; the
 victims' (master/node supervisor processes: they own the cluster socket)
-CPU% and RSS. The scenario is tests/cluster/scenario.py (run_hostile), the
+CPU% and RSS. The scenario is tests/support/scenario.py (run_hostile), the
 same code tests/cluster/test_hostile.py runs with a short flood.
 
-    sudo .venv/bin/python bench/hostile.py --runs 3
+    sudo .venv/bin/python -m bench.hostile --runs 3
 
 Writes bench/results/hostile.json.
 """
@@ -27,23 +27,17 @@ Writes bench/results/hostile.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
+from bench.common import RESULTS, write_results
+from tests.support import netns, scenario
+from tests.support.netns import Network
 
-import netns  # noqa: E402
-import scenario  # noqa: E402
-from netns import Network  # noqa: E402
-
-RESULTS = REPO / "bench" / "results" / "hostile.json"
+OUT = RESULTS / "hostile.json"
 
 
 def one_run(plan: scenario.HostilePlan, processes: int) -> dict:
@@ -67,7 +61,7 @@ def main() -> int:
     parser.add_argument("--mixes", default="", help="flood.py --mixes (default: all)")
     parser.add_argument("--spoof-sources", type=int, default=0,
                         help="flood.py --spoof-sources: forge the source from N addresses (default: h4's own)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     reason = netns.unavailable_reason()
     if reason:
@@ -75,8 +69,7 @@ def main() -> int:
         return 2
     plan = scenario.HostilePlan(count=args.count, flood_seconds=args.seconds, mixes=args.mixes,
                                 spoof_sources=args.spoof_sources)
-    results: dict = {"machine": platform.platform(), "python": platform.python_version(),
-                     "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
+    results: dict = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": []}
     for i in range(args.runs):
         run = one_run(plan, args.processes)
         results["runs"].append(run)
@@ -91,7 +84,7 @@ def main() -> int:
           f"accepted from the attacker in all runs: {sum(r['accepted_from_attacker_total'] for r in runs)}; "
           f"failed+hung: {sum(r['load']['failed'] + r['load']['hung'] for r in runs)}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, "hostile", args, results)
     print(f"written: {args.out}")
     return 0
 

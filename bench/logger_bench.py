@@ -2,20 +2,19 @@
 with no logger, with the logger pointing at a live `fleet logs` collector, and
 with it pointing at an endpoint where nothing listens (a dead collector).
 
-    .venv/bin/python bench/logger_bench.py [--duration 10] [--rounds 3]
+    .venv/bin/python -m bench.logger_bench [--duration 10] [--rounds 3]
 
 The app (bench/log_hello_app.py) logs one line per request; every contender
 keeps its local log (stderr to a file), so the difference is the collector's
 part alone. Rounds interleave the contenders; the table shows each one's
 median round and its ratio to "no-logger" within that round. Uses
-handler_bench's wrk driver, which checks every response body. Writes
+bench.common's wrk driver, which checks every response body. Writes
 bench/results/logger_bench.json; everything is stopped in `finally`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -23,17 +22,24 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from handler_bench import (  # noqa: E402
-    READY_TIMEOUT, REPO, Contender, Result, check_wrk_args, finish, make_rig, measure, median_run,
+from bench.common import (
+    BENCH,
+    READY_TIMEOUT,
+    REPO,
+    RESULTS,
+    Contender,
+    Result,
+    add_wrk_args,
+    check_wrk_args,
+    finish,
+    make_rig,
+    measure,
+    median_run,
+    write_results,
 )
-
-from fleet.dev.mongrel2 import HandlerRoute, free_port  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, free_port
 
 CONTENDERS = ("no-logger", "live-collector", "dead-collector")
 
@@ -89,19 +95,15 @@ def contenders(route: HandlerRoute, processes: int, threads: int, live: str, dea
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up per contender")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    add_wrk_args(parser)
     parser.add_argument("-p", "--processes", type=int, default=2, help="worker processes")
     parser.add_argument("--handler-threads", type=int, default=1, help="threads per worker")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json-out", type=Path, default=BENCH / "results" / "logger_bench.json")
+    parser.add_argument("--json-out", type=Path, default=RESULTS / "logger_bench.json")
     args = parser.parse_args(argv)
     check_wrk_args(parser, args)
 
     rig = make_rig("fleet-logger-bench-")
-    workdir, route, server, script = rig.workdir, rig.route, rig.server, rig.script
+    workdir, route, server = rig.workdir, rig.route, rig.server
     collector = LogCollector(f"tcp://127.0.0.1:{free_port()}", workdir)
     pool = contenders(route, args.processes, args.handler_threads, collector.endpoint,
                       f"tcp://127.0.0.1:{free_port()}", workdir)
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     collector.output.unlink(missing_ok=True)
                     collector.start()
                 try:
-                    result = measure(name, pool[name], server, script, args)
+                    result = measure(pool[name], server.port, rig.script, args, mongrel2=server)
                 finally:
                     lines = collector.stop() if name == "live-collector" else None
                 if lines is not None:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "app_lines_logged_locally": app_lines(pool[name].log),
                                       "requests_measured": result.requests})
                 base = result if name == "no-logger" else base
-                result.ratio_to_floor = result.requests_per_s / base.requests_per_s  # here: ratio to no-logger
+                result.ratio = result.requests_per_s / base.requests_per_s
                 runs.append(result)
     finally:
         for contender in pool.values():
@@ -144,25 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in runs if r.name == name]
         best = median_run(mine)
         results.append(best)
-        ratio = statistics.median(r.ratio_to_floor for r in mine)  # the median of the in-round ratios
+        ratio = statistics.median(r.ratio for r in mine)  # the median of the in-round ratios
         worker_cpu = statistics.median(r.cpu_us["workers"] for r in mine)
         print(f"{name:<16} {best.requests_per_s:>9.0f} {best.p50_ms:>8.2f} {best.p99_ms:>8.2f} "
               f"{sum(sum(r.errors.values()) for r in mine):>7} {sum(r.mismatches for r in mine):>5} {ratio:>7.2f}x "
-              f"{worker_cpu:>14.0f}  " + " ".join(f"{r.requests_per_s:.0f} ({r.ratio_to_floor:.2f}x)" for r in mine))
+              f"{worker_cpu:>14.0f}  " + " ".join(f"{r.requests_per_s:.0f} ({r.ratio:.2f}x)" for r in mine))
     for row in collected:
         print(f"live collector, round {row['round']}: {row['app_lines_collected']} app lines collected of "
               f"{row['app_lines_logged_locally']} logged locally ({row['lines_collected']} lines in all)")
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wrk": {"threads": args.threads, "connections": args.connections, "duration_s": args.duration,
-                "warmup_s": args.warmup},
-        "loadavg_at_end": os.getloadavg(),
-        "processes": args.processes, "handler_threads": args.handler_threads, "rounds": args.rounds,
-        "note": "ratio_to_floor is the ratio to the no-logger run of the same round",
-        "results": [asdict(r) for r in results], "runs": [asdict(r) for r in runs], "collected": collected,
-    }, indent=2) + "\n")
-    return finish(workdir, any(r.mismatches or sum(r.errors.values()) for r in runs))
+    write_results(args.json_out, "logger_bench", args, results, baseline="no-logger", runs=runs,
+                  collected=collected)
+    return finish(workdir, any(r.bad for r in runs), args.keep)
 
 
 if __name__ == "__main__":

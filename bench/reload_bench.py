@@ -1,11 +1,11 @@
 """Graceful reloads under load: does any request fail or hang, and how slow do they get?
 
-    .venv/bin/python bench/reload_bench.py [--duration 60] [--reloads 10] [--clients 8]
-                                           [--dispatch broker,direct]
+    .venv/bin/python -m bench.reload_bench [--duration 60] [--reloads 10] [--clients 8]
+                                             [--dispatch broker,direct]
 
 Starts one real Mongrel2 (fleet.dev.mongrel2) with one route, then for each
 dispatch mode in turn runs `fleet master -p 4 --threads 4` with the hello app
-(bench/hello_app.py) under a steady load from tests/integration/load.py
+(bench/hello_app.py) under a steady load from tests/support/load.py
 (keep-alive clients, every body checked, a timeout per request), and sends
 SIGHUP `--reloads` times spread evenly over the run, each time waiting for the
 master's `reload complete` line. Every request is accounted for: succeeded,
@@ -23,24 +23,15 @@ that promises no loss) failed or hung a request, or a run broke.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "integration"))
-
-from handler_bench import EXPECTED_BODY, Contender, check_once, finish, make_rig  # noqa: E402
-from load import Load, Report  # noqa: E402
-
-from fleet.dev.mongrel2 import HandlerRoute, Mongrel2  # noqa: E402
+from bench.common import BENCH, EXPECTED_BODY, RESULTS, Contender, check_once, finish, make_rig, write_results
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2
+from tests.support.load import Load, Report
 
 MAX_DURATION = 600  # seconds of load per mode: a typo must not run for hours
 RELOAD_TIMEOUT = 60.0  # a reload that does not complete by then is reported and the run goes on
@@ -187,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--processes", type=int, default=4, help="fleet worker processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per worker")
     parser.add_argument("--dispatch", default="broker,direct", help="comma-separated modes to run, in order")
-    parser.add_argument("--json-out", type=Path, default=BENCH / "results" / "reload_bench.json")
+    parser.add_argument("--json-out", type=Path, default=RESULTS / "reload_bench.json")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (Mongrel2 and master logs); kept anyway on failure")
     args = parser.parse_args(argv)
@@ -224,19 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     for mode, error in failures.items():
         print(f"{mode}: FAILED ({error.splitlines()[0] if error else ''})")
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "load": {"clients": args.clients, "duration_s": args.duration, "timeout_s": args.timeout,
-                 "reloads": args.reloads, "window_s": WINDOW},
-        "fleet": {"processes": args.processes, "threads": args.threads},
-        "results": [asdict(r) for r in results],
-        "reload_events": events,
-        "failures": failures,
-    }, indent=2) + "\n")
-    print(f"wrote {args.json_out}", file=sys.stderr)
+    write_results(args.json_out, "reload_bench", args, results, window_s=WINDOW, reload_events=events,
+                  failures=failures)
     broker = [r for r in results if r.dispatch == "broker"]
     bad = bool(failures) or any(r.failed or r.hung or r.unfinished or r.reloads_completed < r.reloads_sent
                                 for r in broker)

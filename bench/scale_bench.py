@@ -1,10 +1,10 @@
 """fleet on many namespace hosts: join, status, failure detection, reload, group traffic, master CPU.
 
-Topology (tests/cluster/netns.py, composed, not changed): for --hosts N,
+Topology (tests/support/netns.py, composed, not changed): for --hosts N,
 N + 1 namespaces on one private bridge (198.18.0.0/24, nothing on the real
 interface):
 
-- h1: Mongrel2 and `fleet master -p 1 --threads 1` (app tests/cluster/hostapp.py);
+- h1: Mongrel2 and `fleet master -p 1 --threads 1` (app tests/apps/hostapp.py);
 - h2 .. hN: `fleet node -p 1 --threads 1` (N - 1 nodes: N cluster hosts in all);
 - h(N+1), the probe: a passive observer (ClusterAgent, role "observer",
   polled every 10 ms), a plain socket joined to the group that counts every
@@ -33,8 +33,8 @@ Per round (fresh master and nodes each round; the namespaces are kept):
 Then `decode_costs()`: in-process CPU per received heartbeat and per
 announce build, at 1,000 hosts, for the projection in docs/scale.md.
 
-    sudo .venv/bin/python bench/scale_bench.py                      # --hosts 50, 3 rounds
-    sudo .venv/bin/python bench/scale_bench.py --hosts 10 25 50     # the fit points
+    sudo .venv/bin/python -m bench.scale_bench                      # --hosts 50, 3 rounds
+    sudo .venv/bin/python -m bench.scale_bench --hosts 10 25 50     # the fit points
 
 Prints a table; writes bench/results/scale_bench.json. Namespaces and every
 process are removed in `finally` (also on Ctrl-C).
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import re
 import signal
 import socket
@@ -58,17 +57,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
+import psutil
 
-import psutil  # noqa: E402
+from bench.common import RESULTS, cpu_seconds, write_results
+from fleet.cluster import protocol as proto
+from tests.support import netns
+from tests.support.netns import FleetCluster, FleetProc, Network
 
-import netns  # noqa: E402
-from fleet.cluster import protocol as proto  # noqa: E402
-from netns import FleetCluster, FleetProc, Network  # noqa: E402
-
-RESULTS = REPO / "bench" / "results" / "scale_bench.json"
+OUT = RESULTS / "scale_bench.json"
 NODE_ARGS = ["-p", "1", "--threads", "1"]
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -139,17 +135,6 @@ def udp_snmp(host: netns.Host) -> dict[str, int]:
     out = host.exec(["cat", "/proc/net/snmp"])
     lines = [line.split() for line in out.stdout.splitlines() if line.startswith("Udp:")]
     return dict(zip(lines[0][1:], map(int, lines[1][1:])))
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 # -- the master's log ---------------------------------------------------------------
@@ -484,7 +469,7 @@ def main() -> int:
     parser.add_argument("--stagger", type=float, default=0.0, help="seconds between node starts")
     parser.add_argument("--join-timeout", type=float, default=180.0)
     parser.add_argument("--reload-timeout", type=float, default=600.0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if any(not 2 <= n <= 249 for n in args.hosts):
         print("scale_bench: error: --hosts must be 2..249 (one namespace more for the probe)", file=sys.stderr)
@@ -493,17 +478,16 @@ def main() -> int:
     if reason:
         print(f"scale_bench: cannot run: {reason}", file=sys.stderr)
         return 2
-    results: dict = {"machine": platform.platform(), "python": platform.python_version(),
-                     "cpus": psutil.cpu_count(), "load_avg_at_start": list(psutil.getloadavg()),
+    results: dict = {"cpus": psutil.cpu_count(), "load_avg_at_start": list(psutil.getloadavg()),
                      "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                      "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
     for n in args.hosts:
         results["sizes"].append(run_size(n, args))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")  # keep what we have
+        write_results(args.out, "scale_bench", args, results)  # keep what we have
     results["decode_costs"] = decode_costs()
     results["load_avg_at_end"] = list(psutil.getloadavg())
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, "scale_bench", args, results)
     print_table(results)
     print(f"\nwritten: {args.out}")
     return 0
@@ -522,4 +506,4 @@ if __name__ == "__main__":
         raise SystemExit(main())
     except KeyboardInterrupt:  # the finally blocks above already cleaned up
         print("scale_bench: interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None

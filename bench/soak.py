@@ -1,11 +1,11 @@
 """Soak: load through Mongrel2 on three namespace hosts, a reload every minute, a worker killed every 2.
 
-Topology (tests/cluster/netns.py): Mongrel2 + `fleet master -p 2 --threads 2`
+Topology (tests/support/netns.py): Mongrel2 + `fleet master -p 2 --threads 2`
 on h1, `fleet node`s on h2 and h3 (namespaces on a private bridge). Load from
 h1: 4 keep-alive GET clients pausing 50 ms between requests, and one client
 POSTing 10-300 KB bodies (Mongrel2's temp-file upload path) every 0.5 s.
 `fleet reload` on h1 every 60 s; a random worker (any host) SIGKILLed every
-120 s, 30 s after a reload. The scenario is tests/cluster/scenario.py, the
+120 s, 30 s after a reload. The scenario is tests/support/scenario.py, the
 same code tests/cluster/test_soak.py runs for 2 minutes.
 
 Figures: requests sent/succeeded/failed/hung (GETs and uploads), failures
@@ -13,7 +13,7 @@ not explained by a SIGKILLed worker's in-flight requests (502 by design),
 RSS and open fds per role at start and end, upload temp files left, processes
 of the run still alive after teardown.
 
-    sudo .venv/bin/python bench/soak.py --minutes 30
+    sudo .venv/bin/python -m bench.soak --minutes 30
 
 Writes bench/results/soak.json.
 """
@@ -21,29 +21,23 @@ Writes bench/results/soak.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
+from bench.common import RESULTS, write_results
+from tests.support import netns, scenario
+from tests.support.netns import Network
 
-import netns  # noqa: E402
-import scenario  # noqa: E402
-from netns import Network  # noqa: E402
-
-RESULTS = REPO / "bench" / "results" / "soak.json"
+OUT = RESULTS / "soak.json"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--processes", type=int, default=2, help="workers per host")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     reason = netns.unavailable_reason()
     if reason:
@@ -51,8 +45,7 @@ def main() -> int:
         return 2
 
     plan = scenario.SoakPlan(seconds=args.minutes * 60)
-    results: dict = {"machine": platform.platform(), "python": platform.python_version(),
-                     "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    results: dict = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "plan": vars(plan) | {"processes_per_host": args.processes}}
     net = Network(hosts=3).create()
     cluster = scenario.ServingCluster(net, Path(tempfile.mkdtemp(prefix="soak-")))
@@ -76,7 +69,7 @@ def main() -> int:
     results["start_rows"], results["end_rows"] = run.start_rows, run.end_rows
     results["stats_end"] = run.stats_end
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.out, "soak", args, results)
     print_table(results)
     print(f"\nwritten: {args.out}")
     return 0
@@ -95,7 +88,8 @@ def print_table(r: dict) -> None:
     print(f"upload temp files left: {len(s['upload_files_left'])}")
     print(f"orphans after close: {len(r.get('orphans_after_close', []))}; "
           f"left in namespaces: {r['left_in_namespaces']}; teardown problems: {r['teardown_problems']}")
-    print(f"\n{'role':<14} {'n':>3}/{'n':<3} {'RSS MB start':>13} {'end':>7} {'(max)':>7}   {'fds start':>9} {'end':>5} {'(max)':>6}")
+    print(f"\n{'role':<14} {'n':>3}/{'n':<3} {'RSS MB start':>13} {'end':>7} {'(max)':>7}   "
+          f"{'fds start':>9} {'end':>5} {'(max)':>6}")
     for role in sorted(set(s["start"]) | set(s["end"])):
         a, b = s["start"].get(role, {}), s["end"].get(role, {})
         print(f"{role:<14} {a.get('n', 0):>3}/{b.get('n', 0):<3} {a.get('rss_mb_median', '-'):>13} "

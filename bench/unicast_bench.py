@@ -1,6 +1,6 @@
 """Unicast seeds vs multicast on three namespace hosts: join and reload, same run.
 
-Each round builds two fresh networks (tests/cluster/netns.py), one per
+Each round builds two fresh networks (tests/support/netns.py), one per
 transport, in alternating order:
 - multicast: the bridge forwards multicast; every host is given --cluster;
 - seeds: the bridge drops IPv4 multicast (nftables, bridge family); every host
@@ -19,7 +19,7 @@ Figures per transport (median of the rounds):
   three hosts run the new generation; includes its 2.5 s of listening first;
   under a bounded load (4 keep-alive clients), failed+hung requests counted.
 
-    sudo .venv/bin/python bench/unicast_bench.py [--rounds 3]
+    sudo .venv/bin/python -m bench.unicast_bench [--rounds 3]
 
 Prints a table; writes bench/results/unicast_bench.json.
 """
@@ -28,22 +28,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-sys.path.insert(0, str(REPO))
+from bench.common import RESULTS, spread, write_results
+from tests.support import netns
+from tests.support.netns import FleetCluster, Network
 
-import netns  # noqa: E402
-from netns import FleetCluster, Network  # noqa: E402
-
-RESULTS = REPO / "bench" / "results" / "unicast_bench.json"
+OUT = RESULTS / "unicast_bench.json"
 TRANSPORTS = ("multicast", "seeds")
 
 
@@ -114,13 +108,13 @@ def one_round(transport: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     reason = netns.unavailable_reason()
     if reason:
         print(f"unicast_bench: cannot run: {reason}", file=sys.stderr)
         return 2
-    results: dict = {"machine": platform.platform(), "python": platform.python_version(), "rounds": args.rounds,
+    results: dict = {"rounds": args.rounds,
                      "runs": {t: [] for t in TRANSPORTS}}
     for number in range(args.rounds):
         order = TRANSPORTS if number % 2 == 0 else TRANSPORTS[::-1]  # alternate: the load on the box drifts
@@ -130,15 +124,10 @@ def main() -> int:
             results["runs"][transport].append(run)
     print_table(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, "unicast_bench", args, results)
     print(f"\nwritten: {args.out}")
     return 0
 
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"median {statistics.median(values):.3f}  min {min(values):.3f}  max {max(values):.3f}  (n={len(values)})"
 
 
 def print_table(results: dict) -> None:
@@ -147,7 +136,7 @@ def print_table(results: dict) -> None:
         runs = results["runs"][transport]
         print(transport)
         for key in ("node_config_s", "node_seen_by_master_s", "node_first_served_s", "reload_s"):
-            print(f"  {key:<24} {_fmt([r[key] for r in runs if key in r])}")
+            print(f"  {key:<24} {spread([r[key] for r in runs if key in r])}")
         print(f"  {'reload exit codes':<24} {[r.get('reload_exit') for r in runs]}")
         print(f"  {'failed+hung in reload':<24} {[r.get('failed_during_reload') for r in runs]}")
 

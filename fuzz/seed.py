@@ -2,9 +2,8 @@
 
     python -m fuzz.seed
 
-Mongrel2 requests are the captures of ../shared/mongrel2-protocol.md (as in
-tests/unit/test_mongrel2.py), uploads are the genuine messages of section 5
-and the forgeries it warns about, cluster datagrams are one of each kind.
+Mongrel2 requests are the Mongrel2 1.12 captures of tests/unit/test_mongrel2.py,
+uploads are genuine upload messages and the forgeries a handler must refuse, cluster datagrams are one of each kind.
 Idempotent: rewrites the seed-* files and leaves the fuzzer's finds alone.
 """
 

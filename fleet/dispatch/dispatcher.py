@@ -282,7 +282,7 @@ class Dispatcher:
         Once libzmq reports the connection closed it has handed us all of it;
         then we disconnect, before it reconnects (100 ms later at the soonest).
         What Mongrel2 queued for us but had not written yet is still lost:
-        bench/detach_experiment.py measured about a fifth of the loss of
+        bench/experiments/detach.py measured about a fifth of the loss of
         taking what is there and disconnecting at once."""
         self.watch_connections()
         closing = [set(fds) for fds in self.connections]

@@ -3,7 +3,7 @@
 Requests arrive as ``SENDER SP CONN_ID SP PATH SP HEADERS BODY`` where HEADERS
 is a tnetstring dict (``protocol='tnetstring'``) or a netstring holding JSON
 (Mongrel2's default); the protocol is detected per message. Replies are
-``UUID SP LEN:ID ID ..., SP BODY``. See ../shared/mongrel2-protocol.md.
+``UUID SP LEN:ID ID ..., SP BODY``, as Mongrel2 1.12 sends and reads them.
 
 ``parse_message`` is the single receive entry point: for any input bytes it
 returns an event or raises ``ProtocolError``, nothing else. The encoders raise

@@ -5,7 +5,7 @@ Mongrel2 sends its own facts about a request as UPPER case header keys
 and lower-cases every client header name, so the case of a key tells who set
 it: a client cannot pose as Mongrel2. String values were already decoded as
 latin-1 by the codec, which is exactly the "bytes as str" form PEP 3333 wants.
-Modelled on werkzeug's ``serving.make_environ``; see ../shared/style.md.
+Modelled on werkzeug's ``serving.make_environ``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sans-I/O HTTP/1.x response framing for a WSGI app behind Mongrel2.
 
 Mongrel2 copies a handler's bytes to the client verbatim and never closes a
-connection by itself (../shared/mongrel2-protocol.md section 3), so the
+connection by itself (only a zero-length reply closes it), so the
 handler writes the status line, the headers and the body framing, and decides
 whether the connection must be closed afterwards. This module only turns the
 app's status, headers and body chunks into bytes and that decision; the

@@ -1,6 +1,6 @@
 """Soak, short: load through Mongrel2 on three hosts with a reload every minute and a worker SIGKILL.
 
-The same scenario as bench/soak.py (tests/cluster/scenario.py), for 2 minutes:
+The same scenario as bench/soak.py (tests/support/scenario.py), for 2 minutes:
 GET clients and an upload client through Mongrel2 from h1, `fleet reload`
 at 60 s, a random worker SIGKILLed at 30 s. No timed assertions: what must
 hold is that nothing failed but the killed worker's in-flight requests

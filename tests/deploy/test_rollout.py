@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.lab import Lab  # noqa: E402
-from tests.support.wheels import APP_MODULE, REPO, build_app_wheel, build_fleet_wheels  # noqa: E402
+from tests.support.lab import Lab
+from tests.support.load import Load
+from tests.support.wheels import APP_MODULE, REPO, build_app_wheel, build_fleet_wheels
 
 PLAYBOOK_DIR = REPO / "deploy" / "ansible"
 VENV_BIN = Path(sys.executable).parent
@@ -130,8 +131,6 @@ class Rollout:
         return self.lab.controller_call(run)
 
     def load(self):
-        from load import Load  # tests/integration/load.py
-
         host, port = self.url()
         load = Load(port, "/", expect=lambda body: b'"version"' in body, clients=4, pause=0.005,
                     timeout=10.0, max_duration=600, host=host)

@@ -1,7 +1,7 @@
 """The supervisor under load: reloads, crashes, scaling, recycling, harakiri, stats, log files.
 
 Every test runs a real Mongrel2 and a real `fleet master`; most keep a load
-(tests/integration/load.py) running while they act on the master, then check
+(tests/support/load.py) running while they act on the master, then check
 what every single request of that load got. Timeouts are generous and nothing
 is asserted about speed beyond "within a few seconds". The harness fixture
 fails a test that leaves any process behind.

@@ -9,7 +9,7 @@ Each host is a systemd-nspawn container booted with systemd as PID 1 and
 sshd, from one cached Debian bookworm image (`ensure_rootfs`) mounted with
 `--volatile=overlay`: whatever a test changes is gone with the container.
 
-The network is tests/cluster/netns.py's: a bridge in a namespace of its own,
+The network is tests/support/netns.py's: a bridge in a namespace of its own,
 one namespace per host, 198.18.0.0/24, a multicast route, no default route,
 nothing in the root namespace. One more namespace on the bridge is the
 controller: ssh and ansible-playbook run there (`controller_run`), so the

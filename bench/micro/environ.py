@@ -1,6 +1,6 @@
 """Micro-benchmark of the per-request hot path: build_environ and ResponseFramer.
 
-    .venv/bin/python bench/micro_environ.py [-n NUMBER] [-r REPEAT] [--profile]
+    .venv/bin/python -m bench.micro.environ [-n NUMBER] [-r REPEAT] [--profile]
 
 Prints the best-of-REPEAT time per call in µs for a typical hello-world
 request (12 headers, GET, "200 OK", one response header, one body chunk).
@@ -13,11 +13,10 @@ import io
 import sys
 from collections.abc import Callable
 
-from micro import run_cases
-
+from bench.micro.cases import run_cases
+from fleet.mongrel2.codec import Request
 from fleet.wsgi.environ import build_environ
 from fleet.wsgi.response import ResponseFramer, error_response
-from fleet.mongrel2.codec import Request
 
 REQUEST = Request(
     sender=b"34f9ceee-cd52",

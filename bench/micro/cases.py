@@ -19,7 +19,7 @@ def run_cases(cases: dict[str, Callable[[], object]], description: str, argv: li
     for name, func in cases.items():
         if args.profile:
             profiler = cProfile.Profile()
-            profiler.runcall(lambda: [func() for _ in range(args.number)])
+            profiler.runcall(lambda func=func: [func() for _ in range(args.number)])
             print(f"--- {name}")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
             continue

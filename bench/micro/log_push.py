@@ -1,7 +1,7 @@
 """In-process cost of one log call: local file only, + --logger to a live
 `fleet logs` (another process), + --logger to a dead endpoint.
 
-    .venv/bin/python bench/micro_log_push.py [--lines 50000] [--runs 3]
+    .venv/bin/python -m bench.micro.log_push [--lines 50000] [--runs 3]
 
 Prints the median CPU µs per `logger.info(...)` call (process time, so it counts
 ZeroMQ's I/O thread too, and is less hurt by a busy machine than wall time) over `--runs`
@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fleet.logs.local import setup_logging
 
-from fleet.logs.local import setup_logging  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(lines: int, logger: str | None, local: Path) -> float:

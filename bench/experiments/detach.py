@@ -1,6 +1,6 @@
 """How many requests are lost when a handler connected straight to Mongrel2 leaves?
 
-    python bench/detach_experiment.py [--runs 8] [--variants drain,shutwr0] [--work-ms 1.5]
+    .venv/bin/python -m bench.experiments.detach [--runs 8] [--variants drain,shutwr0] [--work-ms 1.5]
 
 Each run starts a real Mongrel2 (one route), three raw pyzmq handler
 processes (PULL from send_spec, PUB to recv_spec, a fixed 200 answer after
@@ -45,8 +45,7 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair  # noqa: E402
+from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HANDLERS = 3

@@ -1,6 +1,6 @@
 """Micro-benchmark of the Mongrel2 codec's per-request calls (fleet.mongrel2.codec).
 
-    .venv/bin/python bench/micro_mongrel2.py [-n NUMBER] [-r REPEAT] [--profile]
+    .venv/bin/python -m bench.micro.mongrel2 [-n NUMBER] [-r REPEAT] [--profile]
 
 Prints the best-of-REPEAT time per call in µs for parse_message on the
 captured messages of tests/unit/test_mongrel2.py (tnetstring GET with 12
@@ -14,8 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from micro import run_cases
-
+from bench.micro.cases import run_cases
 from fleet.mongrel2.codec import encode_response, parse_message, peek_route
 
 # Byte-identical to TNET_GET / TNET_POST / JSON_POST in tests/unit/test_mongrel2.py.

@@ -1,7 +1,18 @@
 """CPU per request for the dispatcher<->thread hop alone: REQUEST out, DONE back,
-credit window W per thread, T worker processes x 1 thread. Variants: zmq (ROUTER/DEALER ipc),
-zmq-io2, unix stream (length-prefixed), seqpacket."""
-import os, sys, time, socket, struct, resource
+credit window W per thread, PROCS worker processes x 1 thread. Variants: zmq (ROUTER/DEALER ipc),
+zmq2 (two I/O threads), stream (unix, length-prefixed), seqpacket.
+
+    .venv/bin/python -m bench.experiments.hop zmq|zmq2|stream|seqpacket [N]
+
+An experiment kept as it was run (the figures behind the link design), not a bench.
+"""
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+
 import zmq
 
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 100000
@@ -23,9 +34,6 @@ def worker_zmq(io):
         if f[0] == b"!": break
         s.send_multipart([b"=\x00", b"12"])
     os._exit(0)
-
-def recv_exact(sock, buf):
-    pass
 
 def worker_stream(kind):
     s = socket.socket(socket.AF_UNIX, kind); s.connect(path)
@@ -87,7 +95,6 @@ def main():
                 for _ in range(k):
                     if sent < N: r.send_multipart([f[0], b"Q\x00", RAW]); sent += 1
         c1 = cpu(); t1 = time.perf_counter()
-        for ident in list({}) : pass
         # stop workers
         for pid in kids: os.kill(pid, 9)
     else:
@@ -139,6 +146,8 @@ def main():
     for pid in kids: os.waitpid(pid, 0)
     ch2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     wcpu = ch2.ru_utime + ch2.ru_stime - ch.ru_utime - ch.ru_stime
-    print(f"{VARIANT:8} {N/(t1-t0):9.0f} msg/s  dispatcher {1e6*(c1-c0)/N:6.1f} us/req  workers {1e6*wcpu/N:6.1f} us/req")
+    print(f"{VARIANT:8} {N/(t1-t0):9.0f} msg/s  dispatcher {1e6*(c1-c0)/N:6.1f} us/req  "
+          f"workers {1e6*wcpu/N:6.1f} us/req")
 
-main()
+if __name__ == "__main__":
+    main()
