@@ -119,7 +119,7 @@ class Rollout:
         """`count` requests through Mongrel2 over several keep-alive connections."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from load import json_answers
+        from tests.support.load import json_answers
 
         host, port = self.url()
 

@@ -580,7 +580,7 @@ class FleetCluster:
         over the handlers too, so with a new connection per request and two
         handlers every request would land on the same one.
         """
-        from load import json_answers
+        from tests.support.load import json_answers
 
         out: dict[str, set[int]] = {}
         for answer in self.h1.call(json_answers, self.m2.bind_address, self.m2.port, "/t/", count, timeout):
@@ -595,7 +595,7 @@ class FleetCluster:
         import threading
         from collections import Counter
 
-        from load import Load
+        from tests.support.load import Load
 
         inodes = {host.ns_inode: host.name for host in self.net.hosts}
         hosts: Counter = Counter()
