@@ -1,14 +1,21 @@
 """The master's figures: what ``fleet stats`` shows, built and rendered in one place.
 
-The master answers a request on its ``--stats`` endpoint with one JSON object
-(``master_figures``); ``render_table`` is what ``fleet stats`` prints of it.
+The master answers a request on its ``--stats`` endpoint (``StatsEndpoint``) with
+one JSON object (``master_figures``); ``render_table`` is what ``fleet stats``
+prints of it.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
+from fleet.cluster.agent import HostStatus
 from fleet.dispatch.broker import Broker
 from fleet.supervisor.process import WorkerProcess
 
@@ -80,6 +87,25 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], b
     return figures
 
 
+def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, generation: int,
+                 current_generation: int, broker: Broker, error: str | None) -> HostStatus:
+    """A host's heartbeat figures. `phase` is starting, running or stopping;
+    `generation` is the one to report, `current_generation` the one new workers get."""
+    live = [w for w in workers if not w.retiring]
+    ready = sum(w.ready for w in live)
+    if phase == "running":
+        state = "ready" if ready >= target and error is None else "degraded"
+    else:
+        state = "starting" if phase == "starting" else "degraded"
+    versions = Counter(w.app_version for w in live if w.ready and w.generation == current_generation)
+    return HostStatus(state=state, generation=generation,
+                      # during a reload old and new workers are both ready for a moment
+                      workers_ready=min(ready, target), workers_total=target,
+                      requests_served=sum(c.served for c in broker.counters.values()),
+                      rss=sum(worker.rss() or 0 for worker in workers), error=error,
+                      app_version=versions.most_common(1)[0][0] if versions else None)
+
+
 def render_table(stats: dict[str, Any]) -> str:
     lines = [f"master {stats['pid']}  generation {stats['generation']}  "
              f"reloads {stats['reloads']} (failed {stats['failed_reloads']})  respawns {stats['respawns']}  "
@@ -96,3 +122,25 @@ def render_table(stats: dict[str, Any]) -> str:
     lines.append(f"{'total':>8} {'':>4} {totals['ready']:>2} ready  {totals['requests']:>9} "
                  f"{totals['busy']:>6} {'':>7} {totals['rss'] / 1048576:>8.1f}   backlog {totals['backlog']}")
     return "\n".join(lines)
+
+
+class StatsEndpoint:
+    """The master's ``--stats`` ZeroMQ REP socket: every request gets the figures as JSON."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, figures: Callable[[], dict[str, Any]]) -> None:
+        self.figures = figures
+        self.socket = context.socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+
+    def answer(self) -> None:
+        """Answer every request waiting; never block."""
+        while True:
+            try:
+                self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.socket.send(json.dumps(self.figures()).encode())
+
+    def close(self) -> None:
+        self.socket.close()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from fleet.cluster.agent import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
@@ -22,6 +23,15 @@ log = logging.getLogger("fleet.supervisor")
 
 # The longest error text a heartbeat carries.
 MAX_ERROR = 500
+
+
+@contextmanager
+def cluster_errors_contained() -> Iterator[None]:
+    """The cluster must never take serving down with it: log an internal error and go on."""
+    try:
+        yield
+    except Exception:
+        log.exception("cluster: internal error; serving goes on")
 
 
 class Host(Protocol):
@@ -52,6 +62,20 @@ class Rollout:
 
     def receive(self, now: float) -> None:
         """Act on what the channel brought: reload commands and new configurations."""
+        with cluster_errors_contained():
+            self._receive(now)
+
+    def talk(self, now: float, status: Callable[[], HostStatus]) -> None:
+        """Once a tick: receive, roll if it is our turn, heartbeat (and announce, on the master)."""
+        with cluster_errors_contained():
+            self._receive(now)
+            self.roll_when_our_turn()
+            if self.agent.role == "master" and self.pending is None and self.agent.generation > self.generation:
+                # Restarted with the configuration the fleet already runs: take its generation.
+                self.generation = self.agent.generation
+            self.agent.tick(now, status())
+
+    def _receive(self, now: float) -> None:
         for event in self.agent.receive(now):
             if self.host.stopping:
                 continue
@@ -62,15 +86,6 @@ class Rollout:
             elif isinstance(event, ApplyConfig):
                 self.waiting = (event, time.monotonic())
                 self.roll_when_our_turn()
-
-    def talk(self, now: float, status: HostStatus) -> None:
-        """Once a tick: receive, roll if it is our turn, heartbeat (and announce, on the master)."""
-        self.receive(now)
-        self.roll_when_our_turn()
-        if self.agent.role == "master" and self.pending is None and self.agent.generation > self.generation:
-            # Restarted with the configuration the fleet already runs: take its generation.
-            self.generation = self.agent.generation
-        self.agent.tick(now, status)
 
     def reload_complete(self) -> None:
         if self.pending is not None:

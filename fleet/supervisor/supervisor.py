@@ -7,7 +7,6 @@ requests it held are answered (502) in the same pass that reaps it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import psutil
@@ -31,9 +29,11 @@ from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
 from fleet.http.front import listen
 from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.mongrel2.uploads import UploadPolicy
-from fleet.supervisor.figures import Counters, master_figures
+from fleet.supervisor.figures import Counters, StatsEndpoint, host_figures, master_figures
+from fleet.supervisor.limits import Limits
 from fleet.supervisor.process import WorkerProcess, describe_exit
 from fleet.supervisor.rollout import Rollout
+from fleet.supervisor.signals import SignalQueue
 from fleet.worker.spec import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -50,13 +50,6 @@ QUICK_STOP_TIMEOUT = 2.0
 # A graceful stop detaches from Mongrel2, serves what already arrived for at
 # most this long, then retires the workers.
 DETACH_DRAIN = 1.0
-# Harakiri: the stuck worker gets no new request and its other threads finish
-# what they hold, for at most this long, before SIGKILL...
-HARAKIRI_GRACE = 3.0
-# ...and once they have, their last replies get this long to leave the worker:
-# a reply still queued in its ZeroMQ socket dies with the process, and that
-# client would wait forever (its request was reported done).
-REPLY_FLUSH = 0.3
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
 
@@ -102,7 +95,7 @@ class Supervisor:
         self.generation = 1
         self.reloading: int | None = None  # the generation a reload is moving to
         self.workers: dict[int, WorkerProcess] = {}
-        self.signals: list[int] = []
+        self.signals: SignalQueue | None = None  # from run() on
         self.stopping_since: float | None = None
         self.retire_at: float | None = None  # graceful stop: when to retire the workers
         self.stop_deadline: float | None = None
@@ -121,11 +114,8 @@ class Supervisor:
             on_ready=self._worker_ready,
             upload_policy=UploadPolicy.of(config),
         )
-        self.stats_socket: zmq.Socket | None = None
-        if stats_endpoint:
-            self.stats_socket = self.context.socket(zmq.REP)
-            self.stats_socket.setsockopt(zmq.LINGER, 0)
-            self.stats_socket.bind(stats_endpoint)
+        self.limits = Limits(self.dispatcher.broker, self.counters)
+        self.stats_endpoint = StatsEndpoint(self.context, stats_endpoint, self.stats) if stats_endpoint else None
         self.spec_json = self.worker_spec(config).to_json()
 
     def worker_spec(self, config: HandlerConfig) -> WorkerSpec:
@@ -150,17 +140,12 @@ class Supervisor:
 
     def _open(self) -> zmq.Poller:
         """Signals, the wake-up socket and every socket the loop polls."""
-        self._wake_read, self._wake_write = socket.socketpair()
-        self._wake_read.setblocking(False)
-        self._wake_write.setblocking(False)
-        signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, self._queue_signal)
+        self.signals = SignalQueue(HANDLED_SIGNALS)
         poller = zmq.Poller()
-        poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self.signals.fileno(), zmq.POLLIN)
         self.dispatcher.register(poller)
-        if self.stats_socket is not None:
-            poller.register(self.stats_socket, zmq.POLLIN)
+        if self.stats_endpoint is not None:
+            poller.register(self.stats_endpoint.socket, zmq.POLLIN)
         if self.cluster is not None:
             poller.register(self.cluster.fileno(), zmq.POLLIN)
         for responder in self.dispatcher.responders:
@@ -194,24 +179,21 @@ class Supervisor:
 
     def supervise(self, sample: bool) -> bool:
         """One pass of process management; False once a stop has finished."""
-        try:
-            self._wake_read.recv(4096)
-        except BlockingIOError:
-            pass
         self.handle_signals()
         self.reap_workers()
-        self.answer_stats()
+        if self.stats_endpoint is not None:
+            self.stats_endpoint.answer()
         self.dispatcher.watch_connections()
         if self.rollout is not None:
-            self._guard_cluster(lambda: self.rollout.talk(time.time(), self.host_status()))
+            self.rollout.talk(time.time(), self.host_status)
         if self.stopping:
             if not self.workers:
                 return False
             self.kill_late_workers()
             return True
         if sample:
-            self.check_limits()
-        self.murder_workers()
+            self.limits.recycle(self.workers.values(), self.config)
+        self.limits.enforce(self.workers.values(), self.config, time.monotonic())
         self.manage_workers()
         return True
 
@@ -219,15 +201,13 @@ class Supervisor:
         self.kill_all()
         if self.cluster is not None and self.cluster.role == "master":
             self.cluster.leave()
-        if self.stats_socket is not None:
-            self.stats_socket.close()
+        if self.stats_endpoint is not None:
+            self.stats_endpoint.close()
         self.dispatcher.close()
         self.close_http()
         self.context.term()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        signal.set_wakeup_fd(-1)
-        self._wake_read.close()
-        self._wake_write.close()
+        self.signals.close()
 
     def wait(self, poller: zmq.Poller) -> None:
         """Sleep until something arrives, at most a tick. A cluster datagram is read
@@ -235,22 +215,12 @@ class Supervisor:
         straight away, a busy loop until the next tick (one per heartbeat heard)."""
         ready = dict(poller.poll(TICK * 1000))
         if self.rollout is not None and self.cluster.fileno() in ready:
-            self._guard_cluster(lambda: self.rollout.receive(time.time()))
-
-    def _guard_cluster(self, step: Callable[[], None]) -> None:
-        try:
-            step()
-        except Exception:  # the cluster must never take serving down with it
-            log.exception("cluster: internal error; serving goes on")
+            self.rollout.receive(time.time())
 
     # -- signals ---------------------------------------------------------------
 
-    def _queue_signal(self, signum: int, frame) -> None:
-        self.signals.append(signum)  # no logging here: just queue the signal
-
     def handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.pop(0)
+        for signum in self.signals.take():
             if signum == signal.SIGCHLD:
                 continue  # reap_workers runs every pass
             name = signal.Signals(signum).name
@@ -332,23 +302,12 @@ class Supervisor:
         self.stop(graceful=True)
 
     def host_status(self) -> HostStatus:
-        live = [w for w in self.workers.values() if not w.retiring]
-        ready = sum(w.ready for w in live)
-        last_error = self.rollout.last_error if self.rollout is not None else None
-        if self.stopping:
-            state = "degraded"
-        elif not self.announced_ready:
-            state = "starting"
-        else:
-            state = "ready" if ready >= self.target and last_error is None else "degraded"
-        rss = sum(worker.rss() or 0 for worker in self.workers.values())
-        served = sum(c.served for c in self.dispatcher.broker.counters.values())
-        versions = Counter(w.app_version for w in live if w.ready and w.generation == self.generation)
-        return HostStatus(state=state, generation=self.rollout.generation if self.rollout else self.generation,
-                          # during a reload old and new workers are both ready for a moment
-                          workers_ready=min(ready, self.target), workers_total=self.target,
-                          requests_served=served, rss=rss, error=last_error,
-                          app_version=versions.most_common(1)[0][0] if versions else None)
+        """What this host's heartbeats say."""
+        phase = "stopping" if self.stopping else "running" if self.announced_ready else "starting"
+        return host_figures(workers=list(self.workers.values()), target=self.target, phase=phase,
+                            generation=self.rollout.generation if self.rollout else self.generation,
+                            current_generation=self.generation, broker=self.dispatcher.broker,
+                            error=self.rollout.last_error if self.rollout is not None else None)
 
     # -- workers -------------------------------------------------------------
 
@@ -458,73 +417,7 @@ class Supervisor:
             self.respawn_at = time.monotonic() + delay
             log.warning("worker flapping (%d quick deaths in a row): next spawn in %.1f s", self.flaps, delay)
 
-    # -- limits ----------------------------------------------------------------
-
-    def murder_workers(self) -> None:
-        """Harakiri for stuck workers, SIGKILL for retirements that overran."""
-        now = time.monotonic()
-        for worker in self.workers.values():
-            if worker.retire_deadline is not None and now >= worker.retire_deadline and not worker.harakiri:
-                log.warning("worker %d still busy %.0f s after it was asked to retire: SIGKILL",
-                            worker.pid, self.config.graceful_timeout)
-                worker.harakiri = worker.killed = True  # its clients get 504: they waited past the grace period
-                worker.signal(signal.SIGKILL)
-            if worker.harakiri:
-                if not worker.killed:
-                    self._finish_harakiri(worker, now)
-                continue
-            if not self.config.harakiri:
-                continue
-            age = self.dispatcher.broker.oldest_request_age(worker.pid)
-            if age is not None and age >= self.config.harakiri:
-                log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): "
-                          "its other requests finish, then SIGKILL", worker.pid, age, self.config.harakiri)
-                worker.harakiri = True
-                worker.harakiri_at = now
-                self.counters.harakiri_kills += 1
-                self.dispatcher.broker.retire_worker(worker.pid)
-                self._finish_harakiri(worker, now)
-
-    def _finish_harakiri(self, worker: WorkerProcess, now: float) -> None:
-        """SIGKILL once only the stuck threads hold requests (and their
-        neighbours' replies had time to leave), or when the grace is over."""
-        if self.dispatcher.broker.busy_threads(worker.pid, stuck_after=self.config.harakiri):
-            worker.quiet_since = None
-        elif worker.quiet_since is None:
-            worker.quiet_since = now
-        flushed = worker.quiet_since is not None and now - worker.quiet_since >= REPLY_FLUSH
-        if flushed or now - worker.harakiri_at >= HARAKIRI_GRACE:
-            worker.killed = True
-            worker.signal(signal.SIGKILL)
-
-    def check_limits(self) -> None:
-        """Recycle workers past --max-requests or --reload-on-rss, gracefully."""
-        for worker in self.workers.values():
-            if worker.retiring or worker.replace_reason is not None or not worker.ready:
-                continue
-            served = self.dispatcher.broker.counters.get(worker.pid)
-            if worker.max_requests and served is not None and served.served >= worker.max_requests:
-                worker.replace_reason = f"served {served.served} requests (--max-requests)"
-                self.counters.recycled_max_requests += 1
-            elif self.config.reload_on_rss:
-                rss = worker.rss()
-                if rss is not None and rss > self.config.reload_on_rss * 1024 * 1024:
-                    worker.replace_reason = f"RSS {rss / 1048576:.0f} MB over --reload-on-rss"
-                    self.counters.recycled_rss += 1
-            if worker.replace_reason is not None:
-                log.info("recycling worker %d: %s", worker.pid, worker.replace_reason)
-
     # -- stats -------------------------------------------------------------------
-
-    def answer_stats(self) -> None:
-        if self.stats_socket is None:
-            return
-        while True:
-            try:
-                self.stats_socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self.stats_socket.send(json.dumps(self.stats()).encode())
 
     def stats(self) -> dict:
         return master_figures(pid=os.getpid(), generation=self.generation, workers=list(self.workers.values()),
