@@ -1,229 +1,260 @@
-"""The per-host dispatcher's sockets: Mongrel2 in, worker threads out.
+"""The per-host dispatcher: Mongrel2 in, worker threads out, on a thread of its own.
 
 It alone PULLs from each Mongrel2 and hands each request to a worker thread
-that asked for one (see fleet.dispatch.broker for why). Replies do not come back
-through it: workers publish them straight to Mongrel2. It keeps its own XPUB
-per Mongrel2 to answer, itself, the clients of a worker that crashed (502) or
-requests it has to shed (503).
+that asked for one (see fleet.dispatch.broker for why). Replies do not come
+back through it: workers send them straight to Mongrel2. It keeps its own
+reply connection per Mongrel2 to answer, itself, the clients of a worker that
+crashed (502) or requests it has to shed (503).
 
-The loop is thin on purpose: drain each ready socket in a batch, let the
-broker decide, send.
+It runs on its own thread, so supervision never sits between a request and
+its worker. What every request crosses is the core's (fleet.dispatch.core, or
+its compiled twin): the open Mongrel2 connections, the worker links, the
+broker. This module is the rest, the core's glue: connecting to Mongrel2,
+detaching from it, answering clients ourselves, logging, parsing the rare
+message that needs it, and the supervisor's questions. A worker's READY
+comes back to the supervisor as an event it collects with ``take_ready``
+when ``notify_fd`` is readable.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-import socket
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
-from fleet.config import Endpoint, tcp_host_port
-from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
-from fleet.dispatch.frames import CONTROL, CREDIT, DONE, DONE_LAST, READY, REQUEST, RETIRE, RETIRED, ident_pid, tagged
-from fleet.dispatch.link import LinkServer
-from fleet.mongrel2.codec import (
-    Credits,
-    Disconnect,
-    ProtocolError,
-    encode_close,
-    encode_response,
-    parse_message,
-    peek_route,
-)
-from fleet.mongrel2.reply import Responder
+from fleet.config import Endpoint
+from fleet.dispatch.broker import Orphan
+from fleet.dispatch.core import Core
+from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message
+from fleet.mongrel2.connection import Publisher, Puller
 from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
 from fleet.wsgi.response import error_response
 
 log = logging.getLogger("fleet.dispatcher")
 
-# Only the first request of a flow-controlled connection carries this header.
-_FLOW_CONTROL = b"DOWNLOAD_CREDITS"
 # Mongrel2 lower-cases header names, so this is how every upload-done message spells it.
 _UPLOAD_DONE = DONE_HEADER.encode()
-# Messages taken from one socket before looking at the others, so neither
-# Mongrel2 nor the workers can starve each other.
-BATCH = 256
 # A graceful detach waits at most this long for Mongrel2 to drop its connections to us.
 DETACH_WAIT = 1.0
+# How long start() waits for the reply connections to Mongrel2.
+CONNECT_WAIT = 1.0
 
 
 class Dispatcher:
     def __init__(
         self,
-        context: zmq.Context,
         endpoints: tuple[Endpoint, ...],
         bind: str,
         *,
         pull_from_mongrel2: bool,
-        on_ready: Callable[[int, str | None], None],
         upload_policy: UploadPolicy | None = None,
     ) -> None:
-        self.broker = Broker(time.monotonic)
         # Where this host's Mongrel2 writes uploads: the files of requests we
         # answer ourselves are ours to delete. The supervisor keeps it current.
         self.upload_policy = upload_policy
-        self.credits = CreditLedger()
-        self.on_ready = on_ready
-        self.links = LinkServer(bind)  # a Unix socket path
-        self._inbox: list[tuple[bytes, list[bytes] | None]] = []
-        self.pulls: list[zmq.Socket] = []
-        self.pull_specs: list[str] = []
-        # Per PULL: a monitor telling the fds of its connections to Mongrel2, for detach().
-        self.monitors: list[zmq.Socket] = []
-        self.connections: list[set[int]] = []
-        if pull_from_mongrel2:
-            for endpoint in endpoints:
-                pull = context.socket(zmq.PULL)
-                pull.setsockopt(zmq.LINGER, 0)
-                self.monitors.append(pull.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
-                self.connections.append(set())
-                pull.connect(endpoint.send_spec)
-                self.pulls.append(pull)
-                self.pull_specs.append(endpoint.send_spec)
-        self.responders = [Responder(context, e.recv_spec) for e in endpoints]
-        self.accepting = True
+        self.core = Core(bind, len(endpoints), self)
+        self.pullers = [Puller(e.send_spec, hand_over=True) for e in endpoints] if pull_from_mongrel2 else []
+        self.watched: dict[int, int] = {}  # fd of a connecting puller -> its index
+        self.publishers = [Publisher(e.recv_spec) for e in endpoints]
+        self.ready_workers: deque[tuple[int, str | None]] = deque()
+        self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._detach_until: float | None = None
+        self.detached = threading.Event()
+        self._thread = threading.Thread(target=self.core.run, name="dispatcher", daemon=True)
 
-    def register(self, poller: zmq.Poller) -> None:
-        poller.register(self.links.fileno(), zmq.POLLIN)
-        for pull in self.pulls:
-            poller.register(pull, zmq.POLLIN)
+    # -- the supervisor's side -------------------------------------------------
 
-    def pump(self) -> int:
-        """Take what is waiting on every socket, a batch each; returns how many.
+    def start(self) -> None:
+        """Connect the reply connections (up to CONNECT_WAIT), then run the loop."""
+        for publisher in self.publishers:
+            publisher.wait_connected(CONNECT_WAIT)
+        self._thread.start()
 
-        Called without polling first while traffic flows: a poll per message
-        cost a quarter of the dispatcher's time."""
-        handled = self._from_workers()
-        for index, pull in enumerate(self.pulls):
-            handled += self._from_mongrel2(index, pull)
-        self.links.flush()
-        return handled
+    def take_ready(self) -> list[tuple[int, str | None]]:
+        """(pid, app version) of the workers that said READY since the last call."""
+        try:
+            os.eventfd_read(self.notify_fd)
+        except BlockingIOError:
+            pass
+        with self.core.lock:
+            ready = list(self.ready_workers)
+            self.ready_workers.clear()
+        return ready
 
-    # -- Mongrel2 -> workers ----------------------------------------------
+    def worker_started(self, pid: int) -> None:
+        self.core.worker_started(pid)
 
-    def _from_mongrel2(self, index: int, pull: zmq.Socket) -> int:
-        broker = self.broker
-        for count in range(BATCH):
-            try:
-                raw = pull.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return count
-            try:
-                sender, conn_id, is_control = peek_route(raw)
-            except ProtocolError as error:
-                log.warning("dropped a malformed message from Mongrel2 %d: %s", index, error)
+    def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
+        """Answer what a dead worker held: 504 for a request it was running for
+        longer than ``timed_out_after`` (harakiri), 502 for the rest (those that
+        waited behind it did not time out). Returns (502s, 504s)."""
+        with self.core.lock:
+            orphans = [Orphan(*fields) for fields in self.core.worker_gone(pid)]
+            late = [o for o in orphans if timed_out_after and o.running and o.age >= timed_out_after]
+            rest = [o for o in orphans if o not in late and not o.behind]
+            self._answer(late, 504)
+            self._answer(rest, 502)
+            self._discard_uploads([o for o in orphans if o.behind])
+        return len(rest), len(late)
+
+    def retire_worker(self, pid: int) -> None:
+        self.core.retire_worker(pid)
+
+    def served(self, pid: int) -> int | None:
+        """Requests the worker has finished, or None if none of its threads has asked for work yet."""
+        return self.core.served(pid)
+
+    def total_served(self) -> int:
+        return self.core.total_served()
+
+    def busy_threads(self, pid: int, stuck_after: float = math.inf) -> int:
+        return self.core.busy_threads(pid, stuck_after)
+
+    def oldest_request_age(self, pid: int) -> float | None:
+        return self.core.oldest_request_age(pid)
+
+    @property
+    def backlog(self) -> int:
+        return self.core.backlog
+
+    def detach(self) -> None:
+        """Stop taking work from Mongrel2, so it sends new requests to other
+        handlers (or holds them for the next one to connect) instead of to a
+        host that is going away; what is already on its way to us is served.
+
+        We shut down our sending side of each connection: Mongrel2 reads EOF
+        and drops us from its round-robin, while what it already wrote still
+        reaches us; we read until its own EOF (at most DETACH_WAIT). What
+        Mongrel2 queued for us but had not written yet is still lost:
+        bench/experiments/detach.py measured about a fifth of the loss of
+        disconnecting at once. Returns when done."""
+        with self.core.lock:
+            if self._detach_until is None:
+                self._detach_until = time.monotonic() + DETACH_WAIT
+                for index, puller in enumerate(self.pullers):
+                    puller.letting_go = True
+                    self.core.shut_down_sending(index)
+                    self._forget_connecting(index)
+                    puller.close()
+        self.detached.wait(DETACH_WAIT + 1.0)
+
+    def stop_accepting(self) -> None:
+        """Shutting down: what waits and whatever arrives now gets a 503."""
+        with self.core.lock:
+            self.core.accepting = False
+            self._answer([Orphan(*fields) for fields in self.core.take_waiting()], 503)
+
+    def close(self) -> None:
+        self.core.stop()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for index, puller in enumerate(self.pullers):
+            self._forget_connecting(index)
+            puller.close()
+        self.core.close()
+        for publisher in self.publishers:
+            publisher.close()
+        os.close(self.notify_fd)
+
+    # -- the core's callbacks (its thread, its lock held) --------------------------
+
+    def on_tick(self, now: float) -> None:
+        """Connect to Mongrel2 where due; finish a detach."""
+        if self._detach_until is not None:
+            if not self.detached.is_set() and (
+                    now >= self._detach_until or not any(self.core.endpoints[i] for i in range(len(self.pullers)))):
+                for index in range(len(self.pullers)):
+                    self.core.close_endpoint(index)
+                self.detached.set()
+            return
+        for index, puller in enumerate(self.pullers):
+            if self.core.endpoints[index] is not None:
                 continue
-            if is_control:
-                self._control(index, conn_id, raw)
-                continue
-            if _FLOW_CONTROL in raw:
-                self._open_credits(index, raw)
-            if not self.accepting:
-                self.answer([Orphan(index, sender, conn_id, raw=raw)], 503)
-                continue
-            try:
-                assignment = broker.request(index, sender, conn_id, raw)
-            except BacklogFull as full:
-                log.warning("all workers busy and %d requests waiting: answering 503", broker.backlog)
-                self.answer([full.orphan], 503)
-                continue
-            if assignment is not None:
-                self._send(assignment)
-        return BATCH
+            if puller.sock is not None and not puller.check_timeout(now):
+                self._forget_connecting(index)
+            if puller.sock is None and puller.connect(now):
+                self._watch(index)
 
-    def _control(self, index: int, conn_id: bytes, raw: bytes) -> None:
-        """Account flow-control credits, then pass the message to the thread
-        serving that connection, if any (it may be streaming to it)."""
-        key = (index, conn_id)
-        if key in self.credits.balance:
-            try:
-                event = parse_message(raw)
-            except ProtocolError as error:
-                log.warning("dropped a malformed control message from Mongrel2 %d: %s", index, error)
-                return
-            if isinstance(event, Credits):
-                self.credits.granted(key, event.credits)
-            elif isinstance(event, Disconnect):
-                self.credits.forget(key)
-        holder = self.broker.holder_of(index, conn_id)
-        if holder is not None:
-            self._send(Assignment(holder, index, conn_id, raw), CONTROL)
+    def on_fd(self, fd: int) -> None:
+        """A connecting puller's socket is ready: advance its handshake."""
+        index = self.watched.get(fd)
+        if index is None:
+            return
+        puller = self.pullers[index]
+        if not puller.ready([], time.monotonic()):
+            self._forget_connecting(index, fd)
+            return
+        if puller.state == Puller.OPEN:
+            self._forget_connecting(index, fd)
+            self.core.attach(index, *puller.take_socket())
+        else:
+            self._watch(index)  # from writable (connecting) to readable (handshake)
 
-    def _open_credits(self, index: int, raw: bytes) -> None:
+    def on_lost(self, index: int) -> None:
+        if index < len(self.pullers) and self._detach_until is None:
+            self.pullers[index].lost()
+
+    def on_ready(self, pid: int, version: str | None) -> None:
+        self.ready_workers.append((pid, version))
+        os.eventfd_write(self.notify_fd, 1)
+
+    def on_rejected(self, index: int, raw: bytes, reason: str) -> None:
+        log.warning("dropped a malformed message from Mongrel2 %d: %s", index, reason)
+
+    def on_unknown(self, ident: bytes, kind: bytes) -> None:
+        log.warning("unknown frame %r from worker thread %r", kind, ident)
+
+    def request_credits(self, index: int, raw: bytes) -> int | None:
+        """The download credits a flow-controlled connection opens with (its first request)."""
         try:
             request = parse_message(raw)
         except ProtocolError:
-            return  # the worker logs it
-        credits = getattr(request, "download_credits", None)
-        if credits is not None:
-            self.credits.opened((index, request.conn_id), credits)
+            return None  # the worker logs it
+        return getattr(request, "download_credits", None)
 
-    def _send(self, assignment: Assignment, kind: bytes = REQUEST) -> None:
-        frames = [tagged(kind, assignment.index), assignment.raw]
-        if kind == REQUEST:
-            balance = self.credits.get((assignment.index, assignment.conn_id))
-            if balance is not None:
-                frames.append(b"%d" % balance)
-        if not self.links.send(assignment.ident, frames) and kind == REQUEST:
-            self.broker.unreachable(assignment)
+    def control_event(self, index: int, raw: bytes) -> tuple | None:
+        try:
+            event = parse_message(raw)
+        except ProtocolError as error:
+            log.warning("dropped a malformed control message from Mongrel2 %d: %s", index, error)
+            return None
+        if isinstance(event, Credits):
+            return ("credits", event.credits)
+        if isinstance(event, Disconnect):
+            return ("disconnect",)
+        return ("other",)
 
-    # -- workers -> dispatcher ---------------------------------------------
+    def answer(self, orphans: list[tuple], status: int) -> None:
+        if status == 503 and self.core.accepting:
+            log.warning("all workers busy and %d requests waiting: answering 503", self.core.backlog)
+        self._answer([Orphan(*fields) for fields in orphans], status)
 
-    def _from_workers(self) -> int:
-        broker = self.broker
-        inbox = self._inbox
-        self.links.receive(inbox)
-        count = len(inbox)
-        for ident, frames in inbox:
-            if frames is None:
-                # The thread's link closed: it exited, or its process died (whose
-                # requests get their 502 when the supervisor reaps it).
-                broker.retire(ident)
-                continue
-            head = frames[0]
-            kind = head[:1]
-            if kind == DONE or kind == DONE_LAST:
-                if len(frames) > 2:  # a flow-controlled response: bytes sent, "c" if closed
-                    report = frames[2]
-                    self.credits.spent((head[1], frames[1]), int(report.rstrip(b"c")), report.endswith(b"c"))
-                assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE)
-            elif kind == CREDIT:
-                assignments = broker.credit(ident, ident_pid(ident), int(frames[1]))
-            elif kind == RETIRE:
-                broker.retire(ident)
-                self._reply(ident, RETIRED)
-                continue
-            elif kind == READY:
-                version = frames[1].decode("utf-8", "replace") if len(frames) > 1 and frames[1] else None
-                self.on_ready(ident_pid(ident), version)
-                continue
-            else:
-                log.warning("unknown frame %r from worker thread %r", kind, ident)
-                continue
-            for assignment in assignments:
-                self._send(assignment)
-        inbox.clear()
-        return count
+    def _watch(self, index: int) -> None:
+        puller = self.pullers[index]
+        fd = puller.fileno()
+        self.watched[fd] = index
+        self.core.watch(fd, puller.writable_wanted)
 
-    def _reply(self, ident: bytes, kind: bytes) -> None:
-        self.links.send(ident, [kind])
+    def _forget_connecting(self, index: int, fd: int | None = None) -> None:
+        for watched_fd in [f for f, i in self.watched.items() if i == index and (fd is None or f == fd)]:
+            del self.watched[watched_fd]
+            self.core.unwatch(watched_fd)
 
     # -- answering clients ourselves ----------------------------------------
 
-    def answer(self, orphans: list[Orphan], status: int) -> None:
+    def _answer(self, orphans: list[Orphan], status: int) -> None:
         """Send a complete error response and close, for requests no worker will answer."""
         body = error_response(status)
         for orphan in orphans:
-            responder = self.responders[orphan.index]
-            responder.send(encode_response(orphan.sender, [orphan.conn_id], body))
-            responder.send(encode_close(orphan.sender, [orphan.conn_id]))
-        self.discard_uploads(orphans)
+            publisher = self.publishers[orphan.index]
+            publisher.send(encode_response(orphan.sender, [orphan.conn_id], body))
+            publisher.send(encode_close(orphan.sender, [orphan.conn_id]))
+        self._discard_uploads(orphans)
 
-    def discard_uploads(self, orphans: list[Orphan]) -> None:
+    def _discard_uploads(self, orphans: list[Orphan]) -> None:
         """Delete the upload files of requests no worker will serve: the worker
         that would have deleted one is gone, and Mongrel2 never does."""
         if self.upload_policy is None or self.upload_policy.chroot is None:
@@ -242,107 +273,3 @@ class Dispatcher:
             if path is not None:
                 log.info("deleted upload %s of connection %s, which no worker will serve",
                          path, orphan.conn_id.decode())
-
-    def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
-        """Answer what a dead worker held: 504 for a request it was running for
-        longer than ``timed_out_after`` (harakiri), 502 for the rest (those that
-        waited behind it did not time out). Returns (502s, 504s)."""
-        orphans = self.broker.worker_gone(pid)
-        late = [o for o in orphans if timed_out_after and o.running and o.age >= timed_out_after]
-        rest = [o for o in orphans if o not in late and not o.behind]
-        self.answer(late, 504)
-        self.answer(rest, 502)
-        self.discard_uploads([o for o in orphans if o.behind])
-        return len(rest), len(late)
-
-    def watch_connections(self) -> None:
-        """Follow the monitors' events; called once a tick, so their queues stay
-        short (libzmq's I/O thread would block on a full one)."""
-        for monitor, fds in zip(self.monitors, self.connections):
-            while True:
-                try:
-                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if event["event"] == zmq.EVENT_CONNECTED:
-                    fds.add(event["value"])
-                else:
-                    fds.discard(event["value"])
-
-    def detach(self) -> None:
-        """Stop taking work from Mongrel2, so it sends new requests to other
-        handlers (or holds them for the next one to connect) instead of to a
-        host that is going away; what is already on its way to us is served.
-
-        A disconnect() drops what is still on the way (in Mongrel2's queue for
-        us, in the TCP buffers, in our own pipe), and Mongrel2 goes on sending
-        us our round-robin share until it sees us gone. So first we shut down
-        our sending side of each connection: Mongrel2 reads EOF and drops us
-        from its round-robin, while what it already wrote still reaches us.
-        Once libzmq reports the connection closed it has handed us all of it;
-        then we disconnect, before it reconnects (100 ms later at the soonest).
-        What Mongrel2 queued for us but had not written yet is still lost:
-        bench/experiments/detach.py measured about a fifth of the loss of
-        taking what is there and disconnecting at once."""
-        self.watch_connections()
-        closing = [set(fds) for fds in self.connections]
-        for fds, spec in zip(closing, self.pull_specs):
-            for fd in fds:
-                _shut_down_sending(fd, spec)
-        poller = zmq.Poller()
-        self.register(poller)
-        for monitor in self.monitors:
-            poller.register(monitor, zmq.POLLIN)
-        deadline = time.monotonic() + DETACH_WAIT
-        while any(c & fds for c, fds in zip(closing, self.connections)) and time.monotonic() < deadline:
-            if not self.pump():
-                poller.poll(10)
-            self.watch_connections()
-        while self.pump():
-            pass
-        for pull, spec in zip(self.pulls, self.pull_specs):
-            try:
-                pull.disconnect(spec)
-            except zmq.ZMQError:
-                pass
-
-    def stop_accepting(self) -> None:
-        """Shutting down: what waits and whatever arrives now gets a 503."""
-        self.accepting = False
-        waiting = self.broker.take_waiting()
-        if waiting:
-            self.answer(waiting, 503)
-
-    def close(self) -> None:
-        for pull in self.pulls:
-            pull.close()
-        for monitor in self.monitors:
-            monitor.close()
-        self.links.close()
-        for responder in self.responders:
-            responder.close()
-
-
-def _shut_down_sending(fd: int, spec: str) -> None:
-    """shutdown(SHUT_WR) on a connection libzmq owns (through a duplicate of its fd),
-    if the fd still is that connection: libzmq may have closed it and the
-    number been reused since the monitor told us."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            if sock.type != socket.SOCK_STREAM or _tcp_address(spec) not in (None, sock.getpeername()[:2]):
-                return
-            sock.shutdown(socket.SHUT_WR)
-    except OSError as error:
-        log.warning("could not shut down the connection to Mongrel2 at %s: %s", spec, error)
-
-
-def _tcp_address(spec: str) -> tuple[str, int] | None:
-    """(host, port) of a tcp://HOST:PORT spec with a numeric IPv4 host, else None (not checked)."""
-    address = tcp_host_port(spec)
-    if address is None:
-        return None
-    try:
-        socket.inet_aton(address[0])
-    except OSError:
-        return None
-    return address

@@ -6,38 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import zmq
-
 from fleet.mongrel2.codec import Credits, Disconnect, Event, encode_close, encode_response
+from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.pacing import PACE_INTERVAL, CreditWindow, Pacer
 from fleet.wsgi.serve import ClientGone
 
 # How long a flow-controlled response waits for Mongrel2 to return credits.
 CREDIT_WAIT = 60.0
-
-
-class Responder:
-    """One XPUB socket to a Mongrel2 recv_spec, used by one thread.
-
-    XPUB rather than PUB so we can see Mongrel2's subscription arrive: a reply
-    sent before it is silently dropped (the slow joiner problem).
-    """
-
-    def __init__(self, context: zmq.Context, recv_spec: str) -> None:
-        self.spec = recv_spec
-        self.socket = context.socket(zmq.XPUB)
-        self.socket.setsockopt(zmq.LINGER, 2000)
-        self.socket.setsockopt(zmq.SNDHWM, 0)  # never drop a reply because of a burst
-        self.socket.connect(recv_spec)
-
-    def wait_subscribed(self, timeout: float) -> bool:
-        return bool(self.socket.poll(int(timeout * 1000), zmq.POLLIN)) and bool(self.socket.recv())
-
-    def send(self, message: bytes) -> None:
-        self.socket.send(message, copy=len(message) < 65536)
-
-    def close(self) -> None:
-        self.socket.close()
 
 
 ControlPoll = Callable[[float], list[Event]]
@@ -56,7 +31,7 @@ class Reply:
 
     def __init__(
         self,
-        responder: Responder,
+        responder: Publisher,
         sender: bytes,
         conn_id: bytes,
         *,

@@ -16,7 +16,7 @@ from typing import Any
 import zmq
 
 from fleet.cluster.agent import HostStatus
-from fleet.dispatch.broker import Broker
+from fleet.dispatch.dispatcher import Dispatcher
 from fleet.supervisor.process import WorkerProcess
 
 
@@ -34,24 +34,24 @@ class Counters:
     answered_504: int = 0
 
 
-def worker_state(worker: WorkerProcess, broker: Broker) -> str:
+def worker_state(worker: WorkerProcess, dispatcher: Dispatcher) -> str:
     if worker.retiring:
         return "draining"
     if not worker.ready:
         return "starting"
-    return "busy" if broker.busy_threads(worker.pid) else "ready"
+    return "busy" if dispatcher.busy_threads(worker.pid) else "ready"
 
 
-def worker_row(worker: WorkerProcess, broker: Broker, threads: int) -> dict[str, Any]:
+def worker_row(worker: WorkerProcess, dispatcher: Dispatcher, threads: int) -> dict[str, Any]:
     rss, cpu = worker.usage()
-    counters = broker.counters.get(worker.pid)
-    age = broker.oldest_request_age(worker.pid)
+    served = dispatcher.served(worker.pid)
+    age = dispatcher.oldest_request_age(worker.pid)
     return {
         "pid": worker.pid,
         "generation": worker.generation,
-        "state": worker_state(worker, broker),
-        "requests": counters.served if counters else 0,
-        "busy_threads": broker.busy_threads(worker.pid),
+        "state": worker_state(worker, dispatcher),
+        "requests": served or 0,
+        "busy_threads": dispatcher.busy_threads(worker.pid),
         "threads": threads,
         "request_age": round(age, 3) if age is not None else None,
         "rss": rss,
@@ -59,9 +59,9 @@ def worker_row(worker: WorkerProcess, broker: Broker, threads: int) -> dict[str,
     }
 
 
-def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], broker: Broker, threads: int,
+def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], dispatcher: Dispatcher, threads: int,
                    counters: Counters, cluster: dict[str, Any] | None) -> dict[str, Any]:
-    rows = sorted((worker_row(w, broker, threads) for w in workers), key=lambda row: row["pid"])
+    rows = sorted((worker_row(w, dispatcher, threads) for w in workers), key=lambda row: row["pid"])
     figures = {
         "pid": pid,
         "generation": generation,
@@ -72,7 +72,7 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], b
             "busy": sum(row["state"] == "busy" for row in rows),
             "requests": sum(row["requests"] for row in rows),
             "rss": sum(row["rss"] or 0 for row in rows),
-            "backlog": broker.backlog,
+            "backlog": dispatcher.backlog,
         },
         "reloads": counters.reloads,
         "failed_reloads": counters.failed_reloads,
@@ -88,7 +88,7 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], b
 
 
 def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, generation: int,
-                 current_generation: int, broker: Broker, error: str | None) -> HostStatus:
+                 current_generation: int, dispatcher: Dispatcher, error: str | None) -> HostStatus:
     """A host's heartbeat figures. `phase` is starting, running or stopping;
     `generation` is the one to report, `current_generation` the one new workers get."""
     live = [w for w in workers if not w.retiring]
@@ -101,7 +101,7 @@ def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, gener
     return HostStatus(state=state, generation=generation,
                       # during a reload old and new workers are both ready for a moment
                       workers_ready=min(ready, target), workers_total=target,
-                      requests_served=sum(c.served for c in broker.counters.values()),
+                      requests_served=dispatcher.total_served(),
                       rss=sum(worker.rss() or 0 for worker in workers), error=error,
                       app_version=versions.most_common(1)[0][0] if versions else None)
 

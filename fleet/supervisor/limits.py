@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterable
 
 from fleet.config import HandlerConfig
-from fleet.dispatch.broker import Broker
+from fleet.dispatch.dispatcher import Dispatcher
 from fleet.supervisor.figures import Counters
 from fleet.supervisor.process import WorkerProcess
 
@@ -28,8 +28,8 @@ REPLY_FLUSH = 0.3
 
 
 class Limits:
-    def __init__(self, broker: Broker, counters: Counters) -> None:
-        self.broker = broker
+    def __init__(self, dispatcher: Dispatcher, counters: Counters) -> None:
+        self.dispatcher = dispatcher
         self.counters = counters
 
     def enforce(self, workers: Iterable[WorkerProcess], config: HandlerConfig, now: float) -> None:
@@ -46,20 +46,20 @@ class Limits:
                 continue
             if not config.harakiri:
                 continue
-            age = self.broker.oldest_request_age(worker.pid)
+            age = self.dispatcher.oldest_request_age(worker.pid)
             if age is not None and age >= config.harakiri:
                 log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): "
                           "its other requests finish, then SIGKILL", worker.pid, age, config.harakiri)
                 worker.harakiri = True
                 worker.harakiri_at = now
                 self.counters.harakiri_kills += 1
-                self.broker.retire_worker(worker.pid)
+                self.dispatcher.retire_worker(worker.pid)
                 self._finish_harakiri(worker, config, now)
 
     def _finish_harakiri(self, worker: WorkerProcess, config: HandlerConfig, now: float) -> None:
         """SIGKILL once only the stuck threads hold requests (and their
         neighbours' replies had time to leave), or when the grace is over."""
-        if self.broker.busy_threads(worker.pid, stuck_after=config.harakiri):
+        if self.dispatcher.busy_threads(worker.pid, stuck_after=config.harakiri):
             worker.quiet_since = None
         elif worker.quiet_since is None:
             worker.quiet_since = now
@@ -73,9 +73,9 @@ class Limits:
         for worker in workers:
             if worker.retiring or worker.replace_reason is not None or not worker.ready:
                 continue
-            served = self.broker.counters.get(worker.pid)
-            if worker.max_requests and served is not None and served.served >= worker.max_requests:
-                worker.replace_reason = f"served {served.served} requests (--max-requests)"
+            served = self.dispatcher.served(worker.pid)
+            if worker.max_requests and served is not None and served >= worker.max_requests:
+                worker.replace_reason = f"served {served} requests (--max-requests)"
                 self.counters.recycled_max_requests += 1
             elif config.reload_on_rss:
                 rss = worker.rss()

@@ -1,8 +1,9 @@
 """The per-host supervisor (gunicorn's arbiter): spawn, watch, respawn and stop workers.
 
-One process, one loop. Signal handlers only queue the signal; the loop acts on
-it. The dispatcher's sockets live in the same loop, so when a worker dies the
-requests it held are answered (502) in the same pass that reaps it.
+One loop on the main thread. Signal handlers only queue the signal; the loop
+acts on it. The dispatcher runs on a thread of its own (fleet.dispatch.dispatcher),
+so supervision is never on a request's path; when a worker dies, the pass
+that reaps it has the dispatcher answer the requests it held (502).
 """
 
 from __future__ import annotations
@@ -107,14 +108,12 @@ class Supervisor:
         self.runtime_dir = tempfile.mkdtemp(prefix="fleet-")
         self.context = zmq.Context()
         self.dispatcher = Dispatcher(
-            self.context,
             config.endpoints,
             f"{self.runtime_dir}/dispatch",
             pull_from_mongrel2=config.dispatch == "broker",
-            on_ready=self._worker_ready,
             upload_policy=UploadPolicy.of(config),
         )
-        self.limits = Limits(self.dispatcher.broker, self.counters)
+        self.limits = Limits(self.dispatcher, self.counters)
         self.stats_endpoint = StatsEndpoint(self.context, stats_endpoint, self.stats) if stats_endpoint else None
         self.spec_json = self.worker_spec(config).to_json()
 
@@ -139,17 +138,16 @@ class Supervisor:
         return self.exit_code
 
     def _open(self) -> zmq.Poller:
-        """Signals, the wake-up socket and every socket the loop polls."""
+        """Signals, the dispatcher's thread and every socket the loop polls."""
         self.signals = SignalQueue(HANDLED_SIGNALS)
+        self.dispatcher.start()
         poller = zmq.Poller()
         poller.register(self.signals.fileno(), zmq.POLLIN)
-        self.dispatcher.register(poller)
+        poller.register(self.dispatcher.notify_fd, zmq.POLLIN)
         if self.stats_endpoint is not None:
             poller.register(self.stats_endpoint.socket, zmq.POLLIN)
         if self.cluster is not None:
             poller.register(self.cluster.fileno(), zmq.POLLIN)
-        for responder in self.dispatcher.responders:
-            responder.wait_subscribed(1.0)
         log.info(
             "master %d: %d worker(s) x %d thread(s), %s dispatch, app %s, Mongrel2 %s, HTTP %s",
             os.getpid(), self.config.processes, self.config.threads, self.config.dispatch,
@@ -159,18 +157,10 @@ class Supervisor:
         return poller
 
     def _loop(self, poller: zmq.Poller) -> None:
-        next_tick = next_sample = 0.0
-        busy = False
+        next_sample = 0.0
         while True:
-            if not busy:  # nothing came last pass: sleep until something does
-                self.wait(poller)
-            busy = self.dispatcher.pump() > 0
-            # Process management runs on a signal or once a tick, not on
-            # every message: this loop is also the dispatcher's hot path.
+            self.wait(poller)
             now = time.monotonic()
-            if not self.signals and now < next_tick:
-                continue
-            next_tick = now + TICK
             sample = now >= next_sample
             if sample:
                 next_sample = now + SAMPLE_INTERVAL
@@ -180,10 +170,11 @@ class Supervisor:
     def supervise(self, sample: bool) -> bool:
         """One pass of process management; False once a stop has finished."""
         self.handle_signals()
+        for pid, version in self.dispatcher.take_ready():
+            self._worker_ready(pid, version)
         self.reap_workers()
         if self.stats_endpoint is not None:
             self.stats_endpoint.answer()
-        self.dispatcher.watch_connections()
         if self.rollout is not None:
             self.rollout.talk(time.time(), self.host_status)
         if self.stopping:
@@ -306,7 +297,7 @@ class Supervisor:
         phase = "stopping" if self.stopping else "running" if self.announced_ready else "starting"
         return host_figures(workers=list(self.workers.values()), target=self.target, phase=phase,
                             generation=self.rollout.generation if self.rollout else self.generation,
-                            current_generation=self.generation, broker=self.dispatcher.broker,
+                            current_generation=self.generation, dispatcher=self.dispatcher,
                             error=self.rollout.last_error if self.rollout is not None else None)
 
     # -- workers -------------------------------------------------------------
@@ -346,7 +337,7 @@ class Supervisor:
         limit = 0
         if self.config.max_requests:
             limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
-        self.dispatcher.broker.worker_started(process.pid)
+        self.dispatcher.worker_started(process.pid)
         worker = WorkerProcess(process, self.generation, time.monotonic(), limit)
         try:
             worker.psutil = psutil.Process(process.pid)
@@ -421,7 +412,7 @@ class Supervisor:
 
     def stats(self) -> dict:
         return master_figures(pid=os.getpid(), generation=self.generation, workers=list(self.workers.values()),
-                              broker=self.dispatcher.broker, threads=self.config.threads, counters=self.counters,
+                              dispatcher=self.dispatcher, threads=self.config.threads, counters=self.counters,
                               cluster=self.cluster.counters() if self.cluster is not None else None)
 
     # -- stopping ----------------------------------------------------------------
@@ -457,8 +448,7 @@ class Supervisor:
         now = time.monotonic()
         if self.retire_at is None:
             return
-        broker = self.dispatcher.broker
-        if now < self.retire_at and (broker.backlog or now - self.stopping_since < TICK):
+        if now < self.retire_at and (self.dispatcher.backlog or now - self.stopping_since < TICK):
             return
         self.retire_at = None
         self.dispatcher.stop_accepting()

@@ -16,23 +16,25 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import zmq
 
 from fleet.config import Endpoint
 from fleet.dispatch import frames
 from fleet.dispatch.link import LinkClosed, ThreadLink
 from fleet.http.front import Exchange, HttpFront, Waiter
 from fleet.mongrel2.codec import Event, ProtocolError, parse_message
+from fleet.mongrel2.connection import Puller, PullerSet
 from fleet.mongrel2.reply import no_control
 
 log = logging.getLogger("fleet.worker")
 
 # How often a thread blocked on its sockets looks at the retire flag.
 POLL_INTERVAL_MS = 250
+# While a connection to Mongrel2 is being made, a thread polls this often.
+RECONNECT_POLL_MS = 20
 
 
 @dataclass(slots=True)
@@ -174,54 +176,46 @@ class DirectSource:
     honours_credits = False  # Mongrel2 sends credit grants to any handler, not to the one streaming
     poll_control = staticmethod(no_control)  # nobody can send this thread a disconnect
 
-    def __init__(self, context: zmq.Context, endpoints: tuple[Endpoint, ...], http: HttpShare | None,
+    def __init__(self, endpoints: tuple[Endpoint, ...], http: HttpShare | None,
                  retiring: threading.Event) -> None:
         self.http = http
         self.retiring = retiring
-        self.pulls: list[zmq.Socket] = []
-        self.poller = zmq.Poller()
-        for endpoint in endpoints:
-            pull = context.socket(zmq.PULL)
-            pull.setsockopt(zmq.LINGER, 0)
-            pull.setsockopt(zmq.RCVTIMEO, POLL_INTERVAL_MS)
-            pull.connect(endpoint.send_spec)
-            self.pulls.append(pull)
-            self.poller.register(pull, zmq.POLLIN)
+        self.poll = select.poll()
+        self.pullers = PullerSet([Puller(endpoint.send_spec) for endpoint in endpoints], self.poll)
         if http is not None:
-            self.poller.register(http.waiter.fileno(), zmq.POLLIN)
+            self.poll.register(http.waiter.fileno(), select.POLLIN)
         self.queue: deque[Message | Exchange] = deque()
+        self._arrived: list[bytes] = []
 
     def next(self) -> Work | _Finished:
         if self.queue:
             return self.queue.popleft()
         if self.retiring.is_set():
-            self._close_pulls()
+            self.pullers.close()
             return self.http.drain() if self.http is not None else FINISHED
-        if self.http is None and len(self.pulls) == 1:  # the common case: a blocking receive, no poll
-            try:
-                return Message(0, self.pulls[0].recv(), None)
-            except zmq.Again:
-                return None
+        now = time.monotonic()
+        # Not all open: poll briefly, so a reconnect is tried when due.
+        timeout = POLL_INTERVAL_MS if self.pullers.refresh(now) else RECONNECT_POLL_MS
         if self.http is None:
-            exchange, ready = None, self.poller.poll(POLL_INTERVAL_MS)
+            exchange, ready = None, self.poll.poll(timeout)
         else:
-            exchange, ready = self.http.wait(self.poller.poll)
+            exchange, ready = self.http.wait(self.poll.poll)
         if exchange is not None:
             self.queue.append(exchange)
-        for sock, _ in ready:
-            if not isinstance(sock, int):  # an int is the waiter's fd
-                self.queue.append(Message(self.pulls.index(sock), sock.recv(), None))
+        arrived = self._arrived
+        for fd, _ in ready:
+            index = self.pullers.index(fd)
+            if index is None:
+                continue  # the waiter's fd
+            self.pullers.ready(index, arrived, now)
+            self.queue.extend(Message(index, raw, None) for raw in arrived)
+            arrived.clear()
         return self.queue.popleft() if self.queue else None
 
     def done(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
         """Nobody to tell: Mongrel2 does not track handlers' requests."""
 
     def close(self) -> None:
-        self._close_pulls()
+        self.pullers.close()
         if self.http is not None:
             self.http.close()
-
-    def _close_pulls(self) -> None:
-        for pull in self.pulls:
-            pull.close()
-        self.pulls = []

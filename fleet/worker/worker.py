@@ -8,7 +8,8 @@ In broker mode (the default) each thread has a Unix socket link
 credits; in direct mode each thread PULLs straight from every Mongrel2
 (uWSGI's way: faster to set up, but what Mongrel2 queued to a retiring worker
 is lost); fleet.worker.sources has both. Replies always go straight to
-Mongrel2, through one XPUB socket per thread and endpoint.
+Mongrel2, through one ZMTP connection per thread and endpoint
+(fleet.mongrel2.connection.Publisher), written by the thread itself.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import zmq
-
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
 from fleet.dispatch import frames
 from fleet.dispatch.broker import thread_credits
@@ -35,7 +34,8 @@ from fleet.http.front import Exchange, HttpFront, HttpLimits
 from fleet.http.reply import SocketReply
 from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.mongrel2.codec import ProtocolError, Request, parse_message, peek_route
-from fleet.mongrel2.reply import Reply, Responder
+from fleet.mongrel2.connection import Publisher
+from fleet.mongrel2.reply import Reply
 from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 from fleet.worker.sources import FINISHED, POLL_INTERVAL_MS, BrokerSource, DirectSource, HttpShare, Message
 from fleet.worker.spec import WorkerSpec
@@ -55,12 +55,11 @@ class Worker:
         self.spec = spec
         self.config = spec.config
         self.app = app
-        self.context = zmq.Context()
         self.retiring = threading.Event()
         self.policy = UploadPolicy.of(self.config)
-        # One XPUB per thread and endpoint: measured 7.8 against 12.5 us of CPU
-        # per reply for one socket shared behind a lock, 8 threads sending.
-        self.responders: list[list[Responder]] = []
+        # One connection per thread and endpoint: a thread sends its replies
+        # itself, with no lock and no hand-over to another thread.
+        self.responders: list[list[Publisher]] = []
         self.threads: list[threading.Thread] = []
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
@@ -83,16 +82,17 @@ class Worker:
 
     def connect_responders(self) -> None:
         for _ in range(self.config.threads):
-            self.responders.append([Responder(self.context, e.recv_spec) for e in self.config.endpoints])
+            self.responders.append([Publisher(e.recv_spec) for e in self.config.endpoints])
         deadline = time.monotonic() + SUBSCRIBE_WAIT
         missing = set()
         for responders in self.responders:
             for responder in responders:
-                if not responder.wait_subscribed(max(0.0, deadline - time.monotonic())):
+                if responder.spec not in missing and not responder.wait_connected(
+                        max(0.0, deadline - time.monotonic())):
                     missing.add(responder.spec)
         for spec in sorted(missing):
-            log.warning("no subscription from Mongrel2 at %s yet; is it running? "
-                        "replies sent before it connects are lost", spec)
+            log.warning("Mongrel2 at %s does not answer yet; is it running? "
+                        "replies sent before it does are lost", spec)
 
     def start_threads(self) -> None:
         for number in range(self.config.threads):
@@ -131,9 +131,9 @@ class Worker:
             ident = frames.thread_ident(os.getpid(), number)
             return BrokerSource(self.spec.dispatch_endpoint, ident, thread_credits(self.config.threads), http,
                                 self.retiring)
-        return DirectSource(self.context, self.config.endpoints, http, self.retiring)
+        return DirectSource(self.config.endpoints, http, self.retiring)
 
-    def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Responder]) -> None:
+    def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher]) -> None:
         """Serve one message from Mongrel2 and tell the source it is done."""
         try:
             event = parse_message(message.raw)
@@ -246,7 +246,6 @@ class Worker:
         for responders in self.responders:
             for responder in responders:
                 responder.close()
-        self.context.term()
 
 
 def _raise_fd_limit() -> None:
