@@ -1,4 +1,4 @@
-"""The dispatcher's hot loop in pure Python: the reference for fleet._native.DispatchCore.
+"""The dispatcher's hot loop in pure Python: the reference for its C twin (_core.c).
 
 A core owns what every request crosses: the Mongrel2 connections once they
 are open (raw ZMTP frames in), the worker threads' links, and the broker's
@@ -12,9 +12,10 @@ Both cores have this interface and pass the same tests
     Core(link_path, endpoints, glue)
     attach(index, fd, rest)     read Mongrel2 ``index`` from this open fd (now the core's)
     shut_down_sending(index)    half-close it: Mongrel2 stops giving us work
-    close_endpoint(index)
+    close_endpoint(index), endpoint_open(index)
     watch(fd, writable) / unwatch(fd)    a foreign fd: glue.on_fd(fd) when ready
     run() / stop()              the loop, until stop() (from any thread)
+    run_once(timeout) -> int    one pass: wait, handle; events handled (-1: stopped)
     worker_started(pid), worker_gone(pid) -> [orphan], retire_worker(pid),
     served(pid), total_served(), busy_threads(pid, stuck_after),
     oldest_request_age(pid), backlog, take_waiting() -> [orphan], accepting
@@ -30,6 +31,7 @@ Every method takes the lock, which is reentrant: a callback may call them.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import select
@@ -43,10 +45,14 @@ from fleet.dispatch.link import LinkServer
 from fleet.mongrel2.codec import ProtocolError, peek_route
 from fleet.mongrel2.zmtp import FrameReader, ZmtpError
 
+log = logging.getLogger("fleet.dispatcher")
+
 # Only the first request of a flow-controlled connection carries this header.
 FLOW_CONTROL = b"DOWNLOAD_CREDITS"
-# The loop wakes at least this often (seconds), for the glue's timers.
+# The loop wakes at least this often (seconds), for the glue's timers...
 TICK = 0.05
+# ...and calls glue.on_tick at most this often.
+GLUE_TICK = 0.01
 RECV_SIZE = 1 << 16
 
 
@@ -78,6 +84,7 @@ class Core:
         self.accepting = True
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = False
+        self._ticked_at = 0.0
         self._inbox: list[tuple[bytes, list[bytes] | None]] = []
         self._arrived: list[bytes] = []
         self.epoll.register(self.links.fileno(), select.EPOLLIN)
@@ -102,6 +109,9 @@ class Core:
                     endpoint.sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
+
+    def endpoint_open(self, index: int) -> bool:
+        return self.endpoints[index] is not None
 
     def close_endpoint(self, index: int) -> None:
         with self.lock:
@@ -137,13 +147,25 @@ class Core:
     # -- the loop ------------------------------------------------------------------
 
     def run(self) -> None:
-        while True:
-            events = self.epoll.poll(TICK)
-            with self.lock:
-                if self._stopping:
-                    return
+        while self.run_once(TICK) >= 0:
+            pass
+
+    def run_once(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds, handle what came; the number of
+        events handled, -1 once stop() was called."""
+        events = self.epoll.poll(timeout)
+        with self.lock:
+            if self._stopping:
+                return -1
+            try:
                 self._pump(events)
-                self.glue.on_tick(time.monotonic())
+            except Exception:  # a bug must not stop the loop: every request would hang
+                log.exception("dispatcher: internal error; the loop goes on")
+            now = time.monotonic()
+            if now - self._ticked_at >= GLUE_TICK:
+                self._ticked_at = now
+                self.glue.on_tick(now)
+        return len(events)
 
     def stop(self) -> None:
         self._stopping = True
@@ -193,12 +215,16 @@ class Core:
 
     def _feed(self, index: int, data: bytes) -> None:
         arrived = self._arrived
+        reader = self.endpoints[index].reader
+        dropped = reader.multipart_dropped
         try:
-            self.endpoints[index].reader.feed(data, arrived)
+            reader.feed(data, arrived)
         except ZmtpError as error:
             self.glue.on_rejected(index, b"", f"broken ZMTP stream ({error})")
             self.close_endpoint(index)
             self.glue.on_lost(index)
+        if reader.multipart_dropped != dropped:
+            self.glue.on_rejected(index, b"", "a multi-part message (Mongrel2 sends single frames)")
         for raw in arrived:
             self._from_mongrel2(index, raw)
         arrived.clear()

@@ -26,12 +26,16 @@ import time
 from collections import deque
 
 from fleet.config import Endpoint
+from fleet.dispatch import core as pure_core
 from fleet.dispatch.broker import Orphan
-from fleet.dispatch.core import Core
 from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message
 from fleet.mongrel2.connection import Publisher, Puller
 from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
+from fleet.native import compiled
 from fleet.wsgi.response import error_response
+
+# The dispatcher's hot loop: compiled when built (fleet/dispatch/_core.c), else the reference.
+Core = getattr(compiled("fleet.dispatch._core"), "Core", pure_core.Core)
 
 log = logging.getLogger("fleet.dispatcher")
 
@@ -165,13 +169,13 @@ class Dispatcher:
         """Connect to Mongrel2 where due; finish a detach."""
         if self._detach_until is not None:
             if not self.detached.is_set() and (
-                    now >= self._detach_until or not any(self.core.endpoints[i] for i in range(len(self.pullers)))):
+                    now >= self._detach_until or not any(map(self.core.endpoint_open, range(len(self.pullers))))):
                 for index in range(len(self.pullers)):
                     self.core.close_endpoint(index)
                 self.detached.set()
             return
         for index, puller in enumerate(self.pullers):
-            if self.core.endpoints[index] is not None:
+            if self.core.endpoint_open(index):
                 continue
             if puller.sock is not None and not puller.check_timeout(now):
                 self._forget_connecting(index)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import psutil
 import zmq
 
+from fleet import native
 from fleet.cluster.agent import ClusterAgent, HostStatus
 from fleet.config import ConfigError, HandlerConfig
 from fleet.dispatch.dispatcher import Dispatcher
@@ -149,10 +150,10 @@ class Supervisor:
         if self.cluster is not None:
             poller.register(self.cluster.fileno(), zmq.POLLIN)
         log.info(
-            "master %d: %d worker(s) x %d thread(s), %s dispatch, app %s, Mongrel2 %s, HTTP %s",
+            "master %d: %d worker(s) x %d thread(s), %s dispatch, app %s, Mongrel2 %s, HTTP %s, hot path %s",
             os.getpid(), self.config.processes, self.config.threads, self.config.dispatch,
             self.config.app, "; ".join(f"{e.send_spec},{e.recv_spec}" for e in self.config.endpoints) or "none",
-            ", ".join(self.config.http) or "none",
+            ", ".join(self.config.http) or "none", native.describe(),
         )
         return poller
 

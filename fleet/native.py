@@ -1,0 +1,35 @@
+"""Which implementation of the hot path runs: the compiled one or its pure-Python reference.
+
+Each compiled module (C, built by ``pip install``; see setup.py) has a
+pure-Python twin with the same interface that stays the reference, passes the
+same tests and is the fallback. ``FLEET_PURE=1`` in the environment selects
+the pure ones, so the suite can run against both (scripts/test does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+PURE = os.environ.get("FLEET_PURE", "") not in ("", "0")
+# The compiled modules, by name; scripts/test checks that all of them were built.
+COMPILED = ("fleet.dispatch._core",)
+
+
+def compiled(name: str) -> ModuleType | None:
+    """The compiled module ``name``, or None if FLEET_PURE is set or it was not built."""
+    if PURE:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def describe() -> str:
+    """One line for the logs: which implementation runs."""
+    if PURE:
+        return "pure Python (FLEET_PURE)"
+    missing = [name for name in COMPILED if compiled(name) is None]
+    return f"pure Python (not built: {', '.join(missing)})" if missing else "compiled"
