@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PURE = os.environ.get("FLEET_PURE", "") not in ("", "0")
 # The compiled modules, by name; scripts/test checks that all of them were built.
-COMPILED = ("fleet.dispatch._core",)
+COMPILED = ("fleet.dispatch._core", "fleet.mongrel2._codec", "fleet.wsgi._environ")
 
 
 def compiled(name: str) -> ModuleType | None:
@@ -25,6 +28,11 @@ def compiled(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def twin(name: str, attribute: str, reference: T) -> T:
+    """``attribute`` of the compiled module ``name`` if it runs, else its pure-Python ``reference``."""
+    return getattr(compiled(name), attribute, reference)
 
 
 def describe() -> str:

@@ -15,6 +15,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from fleet import native
 from fleet.cluster import protocol as cp
 from fleet.cluster.protocol import ClusterProtocolError, Keyring, ReplayGuard
 from fleet.mongrel2 import codec as mongrel2
@@ -26,13 +27,31 @@ from tests.support.encoders import ENCODERS, message_of
 # --- Mongrel2 requests -----------------------------------------------------------------
 
 
+# The compiled parse_message (fleet/mongrel2/_codec.c), or None when it does not run.
+COMPILED_PARSE = native.twin("fleet.mongrel2._codec", "parse_message", None)
+
+
+def parse_outcome(parse: Callable[[bytes], object], data: bytes) -> tuple:
+    """Everything observable of one parse: the event, its header order, or the error and its message."""
+    try:
+        event = parse(data)
+    except ProtocolError as error:
+        return ("ProtocolError", str(error))
+    headers = list(event.headers.items()) if isinstance(event, Request) else None
+    return (type(event).__name__, event, headers)
+
+
 def mongrel2_request(data: bytes) -> None:
     """parse_message and peek_route on any bytes, cross-checked.
 
-    Accepted requests must agree with the step-by-step framing
-    (_split_checked), with peek_route, with every Request accessor, with the
-    reply encoders, and must re-encode in both protocols to the same Request.
+    The compiled parse_message, when built, must give exactly what the
+    reference gives. Accepted requests must agree with the step-by-step
+    framing (_split_checked), with peek_route, with every Request accessor,
+    with the reply encoders, and must re-encode in both protocols to the same
+    Request.
     """
+    if COMPILED_PARSE is not None:
+        assert parse_outcome(COMPILED_PARSE, data) == parse_outcome(mongrel2.parse_message, data)
     try:
         event = mongrel2.parse_message(data)
     except ProtocolError:

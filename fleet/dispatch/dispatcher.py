@@ -31,11 +31,11 @@ from fleet.dispatch.broker import Orphan
 from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_close, encode_response, parse_message
 from fleet.mongrel2.connection import Publisher, Puller
 from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
-from fleet.native import compiled
+from fleet.native import twin
 from fleet.wsgi.response import error_response
 
 # The dispatcher's hot loop: compiled when built (fleet/dispatch/_core.c), else the reference.
-Core = getattr(compiled("fleet.dispatch._core"), "Core", pure_core.Core)
+Core = twin("fleet.dispatch._core", "Core", pure_core.Core)
 
 log = logging.getLogger("fleet.dispatcher")
 

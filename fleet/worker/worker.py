@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from fleet import native
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
 from fleet.dispatch import frames
 from fleet.dispatch.broker import thread_credits
@@ -33,7 +34,8 @@ from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED, CRASHED
 from fleet.http.front import Exchange, HttpFront, HttpLimits
 from fleet.http.reply import SocketReply
 from fleet.logs.local import reopen_log_file, setup_logging
-from fleet.mongrel2.codec import ProtocolError, Request, parse_message, peek_route
+from fleet.mongrel2 import codec
+from fleet.mongrel2.codec import ProtocolError, Request, peek_route
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.reply import Reply
 from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
@@ -43,6 +45,9 @@ from fleet.wsgi.response import error_response
 from fleet.wsgi.serve import ClientGone, ReplyChannel, serve
 
 log = logging.getLogger("fleet.worker")
+
+# Every request is decoded here: in C when built (fleet/mongrel2/_codec.c), else by the reference.
+parse_message = native.twin("fleet.mongrel2._codec", "parse_message", codec.parse_message)
 
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).

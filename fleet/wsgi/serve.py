@@ -12,12 +12,16 @@ import sys
 from collections.abc import Iterable
 from typing import IO, Any, Protocol
 
+from fleet import native
 from fleet.appload import WSGIApp
 from fleet.mongrel2.codec import Request
-from fleet.wsgi.environ import build_environ
+from fleet.wsgi import environ as reference_environ
 from fleet.wsgi.response import ResponseError, ResponseFramer, error_response
 
 log = logging.getLogger("fleet.worker")
+
+# Every request's environ is built here: in C when built (fleet/wsgi/_environ.c), else by the reference.
+build_environ = native.twin("fleet.wsgi._environ", "build_environ", reference_environ.build_environ)
 
 
 class ClientGone(Exception):

@@ -11,9 +11,12 @@ from wsgiref.validate import validator
 import pytest
 from werkzeug.test import EnvironBuilder
 
+from fleet import native
 from fleet.mongrel2.codec import HeaderValue, Request
 from fleet.wsgi import environ as environ_module
 from fleet.wsgi.environ import build_environ, decode_path, parse_host, split_script_name
+
+COMPILED_BUILD = native.twin("fleet.wsgi._environ", "build_environ", None)
 
 
 def make_request(path: str = "/t/hello", *, extra: dict[str, HeaderValue] | None = None,
@@ -33,8 +36,13 @@ def make_request(path: str = "/t/hello", *, extra: dict[str, HeaderValue] | None
 
 
 def environ_for(request: Request, content_length: int | None = None, **kw: Any) -> dict[str, Any]:
-    return build_environ(request, body=io.BytesIO(request.body), content_length=content_length,
-                         errors=sys.stderr, multithread=False, multiprocess=True, **kw)
+    """The reference's environ; the compiled twin, when it runs, must build the same one."""
+    body = io.BytesIO(request.body)
+    args = dict(body=body, content_length=content_length, errors=sys.stderr, multithread=False, multiprocess=True)
+    environ = build_environ(request, **args, **kw)
+    if COMPILED_BUILD is not None:
+        assert list(COMPILED_BUILD(request, **args, **kw).items()) == list(environ.items())
+    return environ
 
 
 def assert_valid(environ: dict[str, Any]) -> bytes:
