@@ -16,12 +16,15 @@ from fleet import native
 from fleet.appload import WSGIApp
 from fleet.mongrel2.codec import Request
 from fleet.wsgi import environ as reference_environ
-from fleet.wsgi.response import ResponseError, ResponseFramer, error_response
+from fleet.wsgi import response as reference_response
+from fleet.wsgi.response import ResponseError, error_response
 
 log = logging.getLogger("fleet.worker")
 
 # Every request's environ is built here: in C when built (fleet/wsgi/_environ.c), else by the reference.
 build_environ = native.twin("fleet.wsgi._environ", "build_environ", reference_environ.build_environ)
+# ... and framed: fleet/wsgi/_response.c, else the reference.
+ResponseFramer = native.twin("fleet.wsgi._response", "ResponseFramer", reference_response.ResponseFramer)
 
 
 class ClientGone(Exception):

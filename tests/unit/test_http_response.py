@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleet import native
 from fleet.wsgi import response as http_response
 from fleet.wsgi.response import ResponseError, ResponseFramer, error_response, http_date
 
@@ -19,9 +20,25 @@ V11, V10 = "HTTP/1.1", "HTTP/1.0"
 CL5 = [("Content-Length", "5")]
 
 
+# Every test runs against the reference and, when built, its C twin (fleet/wsgi/_response.c).
+FRAMERS = {"reference": ResponseFramer, "compiled": native.twin("fleet.wsgi._response", "ResponseFramer", None)}
+Framer = ResponseFramer  # the class under test, set by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module", params=list(FRAMERS))
+def framer_class(request):
+    """Module scope, so the hypothesis tests get it too; sets the global Framer."""
+    global Framer
+    if FRAMERS[request.param] is None:
+        pytest.skip("FLEET_PURE is set: the compiled framer is not used")
+    Framer = FRAMERS[request.param]
+    yield Framer
+    Framer = ResponseFramer
+
+
 def framer(method: str = GET, version: str = V11, connection: str | list[str] | None = None,
            now: float | None = None) -> ResponseFramer:
-    return ResponseFramer(method=method, version=version, connection=connection, now=now)
+    return Framer(method=method, version=version, connection=connection, now=now)
 
 
 def respond(f: ResponseFramer, status: str, headers: list[tuple[str, str]],
