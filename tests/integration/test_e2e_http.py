@@ -162,8 +162,14 @@ def test_a_streamed_response_is_chunked(both) -> None:
     (b"NOT HTTP AT ALL\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    # Request smuggling (RFC 9112 6.1): the request that rides in the body must never be served.
+    (b"POST /h/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\nGET /h/hello HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"POST /h/echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # A chunk announcing more than --http-max-body is refused at its header, without waiting for it.
+    (b"POST /h/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffff\r\n", 413),
 ], ids=["head-too-big", "declared-body-too-big", "chunked-body-too-big", "garbage", "no-host",
-        "unknown-coding"])
+        "unknown-coding", "te-and-cl", "te-in-http-1.0", "chunk-header-too-big"])
 def test_bad_requests_get_a_4xx_and_the_server_goes_on(both, data: bytes, status: int) -> None:
     _, master, port = both
     got = responses(exchange(port, data))

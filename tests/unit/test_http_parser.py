@@ -199,3 +199,60 @@ def test_a_head_just_under_the_limit_is_served():
     data = head + b"a" * (1024 - len(head) - 4) + b"\r\n\r\n"
     assert len(data) == 1024
     assert ready(r, data).request.headers["x-big"].startswith("aaa")
+
+
+# -- request smuggling (RFC 9112 6.1, 6.3, 7.1) -----------------------------------------------
+
+POST = b"POST / HTTP/1.1\r\nHost: h\r\n"
+SERVED = "served"
+
+
+@pytest.mark.parametrize("data, expected", [
+    # Two framings at once: refused, whichever comes first.
+    (POST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
+    (POST + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (POST + b"Content-Length: 3\r\nTransfer-Encoding: identity\r\n\r\nabc", 501),  # h11 refuses the coding first
+    # Transfer-Encoding in HTTP/1.0: faulty framing.
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # Codings other than a single chunked: not implemented.
+    (POST + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+    (POST + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    (POST + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", 501),
+    (POST + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", 501),
+    # Obfuscated header lines: refused, never read as some other header.
+    (POST + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", 400),
+    (POST + b"Transfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n", 400),
+    (POST + b"X: a\rb\r\nContent-Length: 0\r\n\r\n", 400),
+    (POST + b"X: a\x00b\r\nContent-Length: 0\r\n\r\n", 400),
+    # Content-Length: one non-negative decimal; repeats must agree.
+    (POST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (POST + b"Content-Length: +3\r\n\r\nabc", 400),
+    (POST + b"Content-Length: -3\r\n\r\n", 400),
+    (POST + b"Content-Length: 0x3\r\n\r\nabc", 400),
+    (POST + b"Content-Length: 1 2\r\n\r\n", 400),
+    # Chunk framing.
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n3x\r\nabc\r\n0\r\n\r\n", 400),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n0\r\n\r\n", 400),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\nfffffff\r\n", 413),  # refused at the chunk header
+    (POST + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nab", 413),
+    # What RFC 9112 lets a server accept, read one way only.
+    (POST + b"Transfer-Encoding: CHUNKED\r\n\r\n3\r\nabc\r\n0\r\n\r\n", (SERVED, b"abc")),
+    (POST + b"Transfer-Encoding:\tchunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", (SERVED, b"abc")),
+    (POST + b"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\n\r\n", (SERVED, b"abc")),
+    (POST + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", (SERVED, b"abc")),
+    (b"POST / HTTP/1.1\nHost: h\nContent-Length: 3\n\nabc", (SERVED, b"abc")),  # bare LF ends lines
+], ids=[
+    "te-cl", "cl-te", "cl-te-identity", "te-http10", "te-twice", "gzip-chunked", "chunked-gzip", "xchunked",
+    "space-before-colon", "vtab-value", "bare-cr", "nul", "cl-conflict", "cl-plus", "cl-negative", "cl-hex",
+    "cl-two-numbers", "chunk-size-junk", "chunk-no-crlf", "chunk-header-over-limit", "chunk-size-overflow",
+    "te-upper-case", "te-tab", "chunk-extension", "cl-repeated-equal", "bare-lf",
+])
+def test_request_smuggling_shapes_are_refused_or_read_one_way(data, expected):
+    got = events(reader(max_body=1000), data)
+    if isinstance(expected, int):
+        assert [type(e) for e in got] == [Rejected] and got[0].status == expected, got
+        assert got[0].reason
+    else:
+        (event,) = got
+        assert isinstance(event, RequestReady), event
+        assert event.body.read() == expected[1]
