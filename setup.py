@@ -16,5 +16,6 @@ setup(
         Extension("fleet.mongrel2._codec", ["fleet/mongrel2/_codec.c"], extra_compile_args=CFLAGS, optional=True),
         Extension("fleet.wsgi._environ", ["fleet/wsgi/_environ.c"], extra_compile_args=CFLAGS, optional=True),
         Extension("fleet.wsgi._response", ["fleet/wsgi/_response.c"], extra_compile_args=CFLAGS, optional=True),
+        Extension("fleet.worker._lane", ["fleet/worker/_lane.c"], extra_compile_args=CFLAGS, optional=True),
     ],
 )

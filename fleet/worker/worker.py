@@ -35,19 +35,21 @@ from fleet.http.front import Exchange, HttpFront, HttpLimits
 from fleet.http.reply import SocketReply
 from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.mongrel2 import codec
-from fleet.mongrel2.codec import ProtocolError, Request, peek_route
+from fleet.mongrel2.codec import ProtocolError, Request, encode_close, peek_route
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.reply import Reply
 from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 from fleet.worker.sources import FINISHED, POLL_INTERVAL_MS, BrokerSource, DirectSource, HttpShare, Message
 from fleet.worker.spec import WorkerSpec
 from fleet.wsgi.response import error_response
-from fleet.wsgi.serve import ClientGone, ReplyChannel, serve
+from fleet.wsgi.serve import ClientGone, ReplyChannel, respond, serve
 
 log = logging.getLogger("fleet.worker")
 
 # Every request is decoded here: in C when built (fleet/mongrel2/_codec.c), else by the reference.
 parse_message = native.twin("fleet.mongrel2._codec", "parse_message", codec.parse_message)
+# The common request from its bytes to its reply, in C (fleet/worker/_lane.c); None: handle() does it all.
+lane = native.compiled("fleet.worker._lane")
 
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).
@@ -140,6 +142,8 @@ class Worker:
 
     def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher]) -> None:
         """Serve one message from Mongrel2 and tell the source it is done."""
+        if lane is not None and message.credits is None and self._take_lane(message, source, responders):
+            return
         try:
             event = parse_message(message.raw)
         except ProtocolError as error:
@@ -162,6 +166,36 @@ class Worker:
                       poll_control=source.poll_control)
         closed = self._guarded(reply, "connection", lambda: self._serve(event, reply))
         source.done(message.index, event.conn_id, reply.bytes_sent if credits is not None else None, closed)
+
+    def _take_lane(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher]) -> bool:
+        """The common request through the compiled lane (fleet/worker/_lane.c); False if it
+        is not one (nothing was done, handle() goes on). What the lane does not finish
+        after calling the app goes on in fleet.wsgi.serve.respond, as in serve()."""
+        if self.http is not None:
+            self.http.thread_busy()
+        try:
+            outcome = lane.serve(self.app, message.raw, responders[message.index], source.poll_control,
+                                 self.multithread, self.multiprocess)
+            if outcome is None:
+                return False
+            if len(outcome) == 2:
+                conn_id, closed = outcome
+            else:
+                request, response, framer, result, error = outcome
+                conn_id, reply = request.conn_id, response.reply
+                closed = self._guarded(reply, "connection",
+                                       lambda: respond(request, reply, response, framer, result, error))
+        except Exception:
+            # A fault of fleet's own: the client may have had part of a response; end its connection.
+            sender, conn_id, _ = peek_route(message.raw)
+            log.exception("internal error serving connection %s", conn_id.decode())
+            responders[message.index].send(encode_close(sender, [conn_id]))
+            closed = True
+        finally:
+            if self.http is not None:
+                self.http.thread_idle()
+        source.done(message.index, conn_id, None, closed)
+        return True
 
     def serve_http(self, exchange: Exchange) -> None:
         client, ready = exchange.client, exchange.ready

@@ -112,9 +112,22 @@ def serve(
         multiprocess=multiprocess,
     )
     response = _Response(framer, reply)
-    result: Iterable[bytes] | None = None
     try:
         result = app(environ, response.start_response)
+    except Exception as error:
+        return respond(request, reply, response, framer, error=error)
+    return respond(request, reply, response, framer, result)
+
+
+def respond(request: Request, reply: ReplyChannel, response: _Response, framer: ResponseFramer,
+            result: Iterable[bytes] | None = None, error: Exception | None = None) -> bool:
+    """The rest of serve() once the app was called: send what it returned (or
+    answer the ``error`` it raised), finish the reply, close the iterable.
+    Returns True if the connection was closed. The compiled worker lane
+    (fleet/worker/_lane.c) hands over here what it does not finish itself."""
+    try:
+        if error is not None:
+            raise error
         if isinstance(result, (list, tuple)):
             # The whole body is known: one message, with a Content-Length.
             data = b"".join(result)
