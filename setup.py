@@ -13,6 +13,7 @@ CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-fiel
 setup(
     ext_modules=[
         Extension("fleet.dispatch._core", ["fleet/dispatch/_core.c"], extra_compile_args=CFLAGS, optional=True),
+        Extension("fleet.dispatch._frames", ["fleet/dispatch/_frames.c"], extra_compile_args=CFLAGS, optional=True),
         Extension("fleet.mongrel2._codec", ["fleet/mongrel2/_codec.c"], extra_compile_args=CFLAGS, optional=True),
         Extension("fleet.wsgi._environ", ["fleet/wsgi/_environ.c"], extra_compile_args=CFLAGS, optional=True),
         Extension("fleet.wsgi._response", ["fleet/wsgi/_response.c"], extra_compile_args=CFLAGS, optional=True),

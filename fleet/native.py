@@ -17,8 +17,8 @@ T = TypeVar("T")
 
 PURE = os.environ.get("FLEET_PURE", "") not in ("", "0")
 # The compiled modules, by name; scripts/test checks that all of them were built.
-COMPILED = ("fleet.dispatch._core", "fleet.mongrel2._codec", "fleet.wsgi._environ", "fleet.wsgi._response",
-            "fleet.worker._lane")
+COMPILED = ("fleet.dispatch._core", "fleet.dispatch._frames", "fleet.mongrel2._codec", "fleet.wsgi._environ",
+            "fleet.wsgi._response", "fleet.worker._lane")
 
 
 def compiled(name: str) -> ModuleType | None:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 
 def run_cases(cases: dict[str, Callable[[], object]], description: str, argv: list[str] | None,
-              number: int, repeat: int) -> int:
+              number: int, repeat: int, per: int = 1) -> int:
+    """``per``: how many operations one call of a case does; the figures are per operation."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("-n", "--number", type=int, default=number)
     parser.add_argument("-r", "--repeat", type=int, default=repeat)
@@ -24,5 +25,5 @@ def run_cases(cases: dict[str, Callable[[], object]], description: str, argv: li
             pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
             continue
         best = min(timeit.repeat(func, number=args.number, repeat=args.repeat))
-        print(f"{name:28} {best / args.number * 1e6:6.2f} µs")
+        print(f"{name:28} {best / args.number / per * 1e6:6.2f} µs")
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
 REQUEST = b"Q"
 CONTROL = b"C"
@@ -103,17 +104,18 @@ def decode(data: bytes | bytearray, out: list | deque) -> int:
 class Inbox:
     """Bytes in, whole messages out; keeps an incomplete tail for the next read."""
 
-    __slots__ = ("tail",)
+    __slots__ = ("tail", "decode")
 
-    def __init__(self) -> None:
+    def __init__(self, decode: Callable[[bytes | bytearray, list | deque], int] = decode) -> None:
         self.tail = bytearray()
+        self.decode = decode  # this module's, or its compiled twin (fleet.dispatch.link passes it)
 
     def feed(self, data: bytes, out: list | deque) -> None:
         if self.tail:
             self.tail += data
-            used = decode(self.tail, out)
+            used = self.decode(self.tail, out)
             del self.tail[:used]
         else:
-            used = decode(data, out)  # the usual case: no copy
+            used = self.decode(data, out)  # the usual case: no copy
             if used < len(data):
                 self.tail += data[used:]

@@ -26,7 +26,13 @@ import socket
 import struct
 from collections import deque
 
-from fleet.dispatch.frames import HELLO, Inbox, encode
+from fleet import native
+from fleet.dispatch import frames as reference_frames
+from fleet.dispatch.frames import HELLO, Inbox
+
+# Every request's frames cross here: in C when built (fleet/dispatch/_frames.c), else the reference.
+encode = native.twin("fleet.dispatch._frames", "encode", reference_frames.encode)
+decode = native.twin("fleet.dispatch._frames", "decode", reference_frames.decode)
 
 log = logging.getLogger("fleet.link")
 
@@ -49,7 +55,7 @@ class ThreadLink:
         seconds = int(timeout)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
                                struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
-        self.inbox = Inbox()
+        self.inbox = Inbox(decode)
         self.messages: deque[list[bytes]] = deque()
         self.send([HELLO, ident])
 
@@ -97,7 +103,7 @@ class _Conn:
         self.socket = sock
         self.fd = sock.fileno()
         self.ident: bytes | None = None
-        self.inbox = Inbox()
+        self.inbox = Inbox(decode)
         self.out = bytearray()
         self.waiting = False  # a full socket: the rest leaves on EPOLLOUT
 
