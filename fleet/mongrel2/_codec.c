@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
 /* Equal to the reference's limits (codec.py); the test checks. */
@@ -23,7 +24,11 @@
 #define MAX_TNET_DIGITS 9
 
 static PyObject *reference_parse;  /* fleet.mongrel2.codec.parse_message */
-static PyObject *new_request;      /* fleet.mongrel2.codec._new_request */
+static PyTypeObject *request_type; /* fleet.mongrel2.codec.Request */
+/* Where Request's slots are, in _REQUEST_FIELDS order: a Request is made as
+ * codec._new_request makes it, by its slot descriptors, without a Python call. */
+#define REQUEST_FIELDS 5
+static Py_ssize_t field_offsets[REQUEST_FIELDS];
 static PyObject *str_method, *str_download_credits;
 
 /* A canonical decimal of 1..max_digits digits ending at `stop`; its value, or -1. */
@@ -145,12 +150,16 @@ static PyObject *parse_common(const char *raw, Py_ssize_t size) {
         return NULL;
     }
     PyObject *request = NULL;
-    PyObject *parts[5] = {
+    PyObject *parts[REQUEST_FIELDS] = {
         PyBytes_FromStringAndSize(sender, sender_len), PyBytes_FromStringAndSize(conn_id, conn_len),
         PyBytes_FromStringAndSize(path, path_len), headers, PyBytes_FromStringAndSize(body, body_len)};
-    if (parts[0] && parts[1] && parts[2] && parts[4])
-        request = PyObject_Vectorcall(new_request, parts, 5, NULL);
-    for (int i = 0; i < 5; i++) Py_XDECREF(parts[i]);
+    if (parts[0] && parts[1] && parts[2] && parts[4] && (request = request_type->tp_alloc(request_type, 0))) {
+        for (int i = 0; i < REQUEST_FIELDS; i++) {
+            *(PyObject **)((char *)request + field_offsets[i]) = parts[i]; /* the slot takes the reference */
+            parts[i] = NULL;
+        }
+    }
+    for (int i = 0; i < REQUEST_FIELDS; i++) Py_XDECREF(parts[i]);
     return request;
 }
 
@@ -175,9 +184,24 @@ PyMODINIT_FUNC PyInit__codec(void) {
     PyObject *codec = PyImport_ImportModule("fleet.mongrel2.codec");
     if (!codec) return NULL;
     reference_parse = PyObject_GetAttrString(codec, "parse_message");
-    new_request = PyObject_GetAttrString(codec, "_new_request");
+    request_type = (PyTypeObject *)PyObject_GetAttrString(codec, "Request");
+    PyObject *fields = PyObject_GetAttrString(codec, "_REQUEST_FIELDS");
     Py_DECREF(codec);
-    if (!reference_parse || !new_request) return NULL;
+    if (!reference_parse || !request_type || !fields) return NULL;
+    int usable = PyType_Check(request_type) && PyTuple_Check(fields) && PyTuple_GET_SIZE(fields) == REQUEST_FIELDS;
+    for (int i = 0; usable && i < REQUEST_FIELDS; i++) {
+        PyObject *slot = PyDict_GetItemWithError(request_type->tp_dict, PyTuple_GET_ITEM(fields, i));
+        usable = slot && Py_IS_TYPE(slot, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)slot)->d_member->type == T_OBJECT_EX;
+        if (usable) field_offsets[i] = ((PyMemberDescrObject *)slot)->d_member->offset;
+    }
+    Py_DECREF(fields);
+    if (!usable) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ImportError, "fleet.mongrel2.codec.Request is no longer a slotted class "
+                                               "of _REQUEST_FIELDS: _codec.c must follow it");
+        return NULL;
+    }
     if (!(str_method = PyUnicode_InternFromString("METHOD"))) return NULL;
     if (!(str_download_credits = PyUnicode_InternFromString("DOWNLOAD_CREDITS"))) return NULL;
     PyObject *m = PyModule_Create(&module);
