@@ -1,4 +1,4 @@
-"""A lab of real booted hosts for end-to-end Ansible tests (see /work/shared/ansible-testing.md).
+"""A lab of real booted hosts (systemd-nspawn containers with sshd) for end-to-end Ansible tests.
 
     with Lab(hosts=3) as lab:            # fleet-m1, fleet-n1, fleet-n2 at 198.18.0.1..3
         lab.write_inventory(path, {"fleet_master": lab.hosts[:1], "fleet_nodes": lab.hosts[1:]})

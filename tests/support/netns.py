@@ -1,4 +1,4 @@
-"""Hosts made of network namespaces on a private bridge (see /work/shared/testing-network.md).
+"""Hosts made of network namespaces joined by veth pairs to a private bridge, for multi-host tests.
 
     net = Network(hosts=3)          # namespaces <token>-br (the bridge), <token>-h1.. <token>-hN
     net.create()
