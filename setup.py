@@ -6,17 +6,18 @@ build is optional: without a C compiler and the Python headers pip still
 installs fleet, which then runs pure (scripts/bootstrap installs both).
 """
 
+import runpy
+
 from setuptools import Extension, setup
 
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+# The list lives once, in fleet/native.py (which the tests check is all built); read
+# without importing the package, which may not be importable while it is being built.
+COMPILED = runpy.run_path("fleet/native.py")["COMPILED"]
 
 setup(
     ext_modules=[
-        Extension("fleet.dispatch._core", ["fleet/dispatch/_core.c"], extra_compile_args=CFLAGS, optional=True),
-        Extension("fleet.dispatch._frames", ["fleet/dispatch/_frames.c"], extra_compile_args=CFLAGS, optional=True),
-        Extension("fleet.mongrel2._codec", ["fleet/mongrel2/_codec.c"], extra_compile_args=CFLAGS, optional=True),
-        Extension("fleet.wsgi._environ", ["fleet/wsgi/_environ.c"], extra_compile_args=CFLAGS, optional=True),
-        Extension("fleet.wsgi._response", ["fleet/wsgi/_response.c"], extra_compile_args=CFLAGS, optional=True),
-        Extension("fleet.worker._lane", ["fleet/worker/_lane.c"], extra_compile_args=CFLAGS, optional=True),
+        Extension(name, [name.replace(".", "/") + ".c"], extra_compile_args=CFLAGS, optional=True)
+        for name in COMPILED
     ],
 )

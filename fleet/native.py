@@ -16,7 +16,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 PURE = os.environ.get("FLEET_PURE", "") not in ("", "0")
-# The compiled modules, by name; scripts/test checks that all of them were built.
+# The compiled modules, by name: setup.py builds these (fleet/x/_y.c for fleet.x._y); the tests check all were built.
 COMPILED = ("fleet.dispatch._core", "fleet.dispatch._frames", "fleet.mongrel2._codec", "fleet.wsgi._environ",
             "fleet.wsgi._response", "fleet.worker._lane")
 

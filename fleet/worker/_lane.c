@@ -26,7 +26,7 @@
 static PyObject *parse_message, *ProtocolError, *RequestType, *Framer, *build_environ, *BytesIO, *ReplyType;
 static PyObject *s_headers, *s_sender, *s_conn_id, *s_body, *s_METHOD, *s_VERSION, *s_connection, *s_DOWNLOAD_CREDITS,
     *s_upload_start, *s_upload_done, *s_GET, *s_HTTP_11, *s_joiner, *s_start, *s_end, *s_keep_alive, *s_send,
-    *s_write, *s_start_response, *s_with_traceback, *s_poll_control;
+    *s_write, *s_start_response, *s_with_traceback;
 static PyObject *framer_kwnames, *environ_kwnames, *reply_kwnames;
 
 /* -- Response: serve._Response's twin ------------------------------------------- */
@@ -234,6 +234,19 @@ static PyObject *hand_over(PyObject *request, Response *response, PyObject *resu
                         error ? error : Py_None);
 }
 
+/* The Exception being raised, handed over for respond() to answer (NULL if even that fails). */
+static PyObject *hand_over_error(PyObject *request, Response *response) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb) PyException_SetTraceback(value, tb);
+    PyObject *outcome = hand_over(request, response, NULL, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return outcome;
+}
+
 /* The tail of the common case: a list or tuple of bytes after start_response. NULL with
  * no error set: not the common case, nothing done. */
 static PyObject *finish_common(PyObject *request, Response *response, PyObject *result) {
@@ -269,14 +282,7 @@ static PyObject *finish_common(PyObject *request, Response *response, PyObject *
     response->head_sent = 1;
     if (!(body = PyObject_CallMethodOneArg(response->framer, s_body, data))) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) goto done;
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb) PyException_SetTraceback(value, tb);
-        outcome = hand_over(request, response, NULL, value);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
+        outcome = hand_over_error(request, response);
         goto done;
     }
     if (!(end = PyObject_CallMethodNoArgs(response->framer, s_end))) goto done;
@@ -381,14 +387,7 @@ static PyObject *serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     result = PyObject_Vectorcall(app, app_args, 2, NULL);
     if (!result) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) goto done; /* KeyboardInterrupt and the like go on up */
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyErr_NormalizeException(&type, &value, &tb);
-        if (tb) PyException_SetTraceback(value, tb);
-        outcome = hand_over(request, response, NULL, value);
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
+        outcome = hand_over_error(request, response);
         goto done;
     }
     if (PyList_CheckExact(result) || PyTuple_CheckExact(result)) {
@@ -460,7 +459,6 @@ PyMODINIT_FUNC PyInit__lane(void) {
     INTERN(s_write, "write");
     INTERN(s_start_response, "start_response");
     INTERN(s_with_traceback, "with_traceback");
-    INTERN(s_poll_control, "poll_control");
 #undef INTERN
     if (!(framer_kwnames = Py_BuildValue("(ssss)", "method", "version", "connection", "now")) ||
         !(environ_kwnames = Py_BuildValue("(sssss)", "body", "content_length", "errors", "multithread",

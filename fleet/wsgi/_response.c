@@ -242,9 +242,7 @@ static PyObject *framer_start(Framer *self, PyObject *const *args, Py_ssize_t na
     if (common == 0) {
         h.len = lines_start;
         has_date = 0;
-        if (PyList_SetSlice(lengths, 0, PyList_GET_SIZE(lengths), NULL) < 0 ||
-            reference_headers(code_obj, headers, &h, &lengths, &has_date) < 0)
-            goto done;
+        if (reference_headers(code_obj, headers, &h, &lengths, &has_date) < 0) goto done; /* its lengths */
     }
     int no_body = self->head || code < 200 || code == 204 || code == 304;
     int truthy = body_length == Py_None ? 0 : PyObject_IsTrue(body_length);
