@@ -62,6 +62,10 @@ class ThreadLink:
     def send(self, frames: list[bytes]) -> None:
         self.socket.sendall(encode(frames))
 
+    def send_encoded(self, data: bytes) -> None:
+        """Send messages already encoded (fleet.dispatch.frames.encode), in one write."""
+        self.socket.sendall(data)
+
     def receive(self) -> list[bytes] | None:
         """The next message, or None after the timeout with nothing."""
         if not self.messages and not self._read(0):

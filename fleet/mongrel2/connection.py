@@ -137,6 +137,12 @@ class Publisher:
 
     def send(self, message: bytes) -> bool:
         """Send one message; False (and the message dropped) if there is no connection."""
+        if len(message) < 65536:
+            return self.send_framed(frame_head(len(message)) + message)
+        return self.send_framed(frame_head(len(message)), message)  # no copy of a large body
+
+    def send_framed(self, *parts: bytes | bytearray) -> bool:
+        """Send bytes already framed as ZMTP messages (fleet.mongrel2.zmtp.frame_head), in order."""
         now = time.monotonic()
         if self.sock is not None and now - self.checked_at >= LIVENESS_INTERVAL:
             self.checked_at = now
@@ -145,11 +151,8 @@ class Publisher:
             self.dropped += 1
             return False
         try:
-            if len(message) < 65536:
-                self.sock.sendall(frame_head(len(message)) + message)
-            else:  # no copy of a large body
-                self.sock.sendall(frame_head(len(message)))
-                self.sock.sendall(message)
+            for part in parts:
+                self.sock.sendall(part)
             return True
         except OSError as error:
             log.warning("lost the connection to Mongrel2 at %s (%s): a reply was dropped",

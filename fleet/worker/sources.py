@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from fleet.config import Endpoint
 from fleet.dispatch import frames
-from fleet.dispatch.link import LinkClosed, ThreadLink
+from fleet.dispatch.link import LinkClosed, ThreadLink, encode
 from fleet.http.front import Exchange, HttpFront, Waiter
 from fleet.mongrel2.codec import Event, ProtocolError, parse_message
 from fleet.mongrel2.connection import Puller, PullerSet
@@ -52,6 +52,10 @@ class _Finished:
 
 
 FINISHED = _Finished()  # the source is exhausted: the thread ends
+
+
+def _nothing() -> None:
+    pass
 
 Work = Message | Exchange | None
 
@@ -95,6 +99,8 @@ class BrokerSource:
     def __init__(self, path: str, ident: bytes, credits: int, http: HttpShare | None,
                  retiring: threading.Event) -> None:
         self.link = ThreadLink(path, ident, POLL_INTERVAL_MS / 1000)
+        # Called before RETIRE leaves: DONEs the thread still holds must reach the dispatcher first.
+        self.before_retire: Callable[[], None] = _nothing
         self.ident = ident
         self.http = http
         self.retiring = retiring
@@ -111,6 +117,7 @@ class BrokerSource:
         if self.draining:
             return self.http.drain() if self.http is not None else FINISHED
         if self.retiring.is_set() and not self.retire_sent:
+            self.before_retire()
             self.link.send([frames.RETIRE])
             self.retire_sent = True
         try:
@@ -131,11 +138,19 @@ class BrokerSource:
 
     def done(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
         """The request of (index, conn_id) is finished: one more credit, unless retiring."""
+        self.link.send_encoded(self.done_message(index, conn_id, sent, closed))
+
+    def done_message(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> bytes:
+        """done()'s message, encoded, for the caller to send later (fleet.worker.outbox)."""
         kind = frames.DONE_LAST if self.retire_sent else frames.DONE
         reply = [frames.tagged(kind, index), conn_id]
         if sent is not None:  # a flow-controlled connection: bytes sent, "c" if closed
             reply.append(b"%d%s" % (sent, b"c" if closed else b""))
-        self.link.send(reply)
+        return encode(reply)
+
+    def has_more(self) -> bool:
+        """Whether next() has work in hand, without reading the link."""
+        return bool(self.pending or self.link.messages)
 
     def poll_control(self, timeout: float) -> list[Event]:
         """Read what has arrived (mid-response); keep requests for later, return control events."""
@@ -214,6 +229,13 @@ class DirectSource:
 
     def done(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
         """Nobody to tell: Mongrel2 does not track handlers' requests."""
+
+    def done_message(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> None:
+        return None
+
+    def has_more(self) -> bool:
+        """Whether next() has work in hand."""
+        return bool(self.queue)
 
     def close(self) -> None:
         self.pullers.close()

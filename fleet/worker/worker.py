@@ -39,6 +39,7 @@ from fleet.mongrel2.codec import ProtocolError, Request, encode_close, peek_rout
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.reply import Reply
 from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.worker.outbox import STALL, Outbox
 from fleet.worker.sources import FINISHED, POLL_INTERVAL_MS, BrokerSource, DirectSource, HttpShare, Message
 from fleet.worker.spec import WorkerSpec
 from fleet.wsgi.response import error_response
@@ -68,6 +69,7 @@ class Worker:
         # itself, with no lock and no hand-over to another thread.
         self.responders: list[list[Publisher]] = []
         self.threads: list[threading.Thread] = []
+        self.outboxes: list[Outbox] = []  # one per request thread, when the lane is built
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
         self.multiprocess = self.config.processes > 1
@@ -123,13 +125,28 @@ class Worker:
         """One request thread, either dispatch mode: serve what the source gives until it is finished."""
         responders = self.responders[number]
         source = self.work_source(number)
+        outbox = None
+        if lane is not None:  # the lane's finished replies wait for the next ones (fleet.worker.outbox)
+            outbox = Outbox(responders, getattr(getattr(source, "link", None), "send_encoded", None))
+            if isinstance(source, BrokerSource):
+                source.before_retire = outbox.flush
+            self.outboxes.append(outbox)
         try:
             while (work := source.next()) is not FINISHED:
                 if isinstance(work, Message):
-                    self.handle(work, source, responders)
+                    self.handle(work, source, responders, outbox)
                 elif work is not None:
+                    if outbox is not None:
+                        outbox.flush()
                     self.serve_http(work)
+                if outbox is not None and (not source.has_more() or outbox.due()):
+                    outbox.flush()  # before next() blocks, or when replies have waited long enough
         finally:
+            if outbox is not None:
+                try:
+                    outbox.flush()
+                except OSError as error:  # the dispatcher is gone: its DONEs with it
+                    log.info("thread %d could not report its last requests: %s", number, error)
             source.close()
 
     def work_source(self, number: int) -> BrokerSource | DirectSource:
@@ -140,10 +157,14 @@ class Worker:
                                 self.retiring)
         return DirectSource(self.config.endpoints, http, self.retiring)
 
-    def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher]) -> None:
-        """Serve one message from Mongrel2 and tell the source it is done."""
-        if lane is not None and message.credits is None and self._take_lane(message, source, responders):
+    def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher],
+               outbox: Outbox | None = None) -> None:
+        """Serve one message from Mongrel2 and tell the source it is done. With an outbox, the
+        lane's complete replies and their DONEs wait in it; everything else is sent at once."""
+        if lane is not None and message.credits is None and self._take_lane(message, source, responders, outbox):
             return
+        if outbox is not None:
+            outbox.flush()
         try:
             event = parse_message(message.raw)
         except ProtocolError as error:
@@ -167,26 +188,37 @@ class Worker:
         closed = self._guarded(reply, "connection", lambda: self._serve(event, reply))
         source.done(message.index, event.conn_id, reply.bytes_sent if credits is not None else None, closed)
 
-    def _take_lane(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher]) -> bool:
+    def _take_lane(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher],
+                   outbox: Outbox | None) -> bool:
         """The common request through the compiled lane (fleet/worker/_lane.c); False if it
         is not one (nothing was done, handle() goes on). What the lane does not finish
         after calling the app goes on in fleet.wsgi.serve.respond, as in serve()."""
         if self.http is not None:
             self.http.thread_busy()
+        responder = responders[message.index] if outbox is None else outbox.responders[message.index]
         try:
-            outcome = lane.serve(self.app, message.raw, responders[message.index], source.poll_control,
+            if outbox is not None:
+                outbox.holding = True
+            outcome = lane.serve(self.app, message.raw, responder, source.poll_control,
                                  self.multithread, self.multiprocess)
+            if outbox is not None:
+                outbox.holding = False
             if outcome is None:
                 return False
             if len(outcome) == 2:
                 conn_id, closed = outcome
             else:
+                if outbox is not None:
+                    outbox.flush()  # the rest of this response is sent as it comes
                 request, response, framer, result, error = outcome
                 conn_id, reply = request.conn_id, response.reply
                 closed = self._guarded(reply, "connection",
                                        lambda: respond(request, reply, response, framer, result, error))
         except Exception:
             # A fault of fleet's own: the client may have had part of a response; end its connection.
+            if outbox is not None:
+                outbox.holding = False
+                outbox.flush()
             sender, conn_id, _ = peek_route(message.raw)
             log.exception("internal error serving connection %s", conn_id.decode())
             responders[message.index].send(encode_close(sender, [conn_id]))
@@ -194,7 +226,10 @@ class Worker:
         finally:
             if self.http is not None:
                 self.http.thread_idle()
-        source.done(message.index, conn_id, None, closed)
+        if outbox is None:
+            source.done(message.index, conn_id, None, closed)
+        else:
+            outbox.hold_done(source.done_message(message.index, conn_id, None, closed))
         return True
 
     def serve_http(self, exchange: Exchange) -> None:
@@ -273,13 +308,16 @@ class Worker:
     # -- life ---------------------------------------------------------------
 
     def wait(self) -> None:
-        """Run until every thread has drained after a retire, or the parent is gone."""
+        """Run until every thread has drained after a retire, or the parent is gone; meanwhile
+        send the finished replies of threads held up in a slow request."""
         while any(t.is_alive() for t in self.threads):
-            for thread in self.threads:
-                thread.join(0.5)
-                if os.getppid() != self.spec.parent_pid:
-                    log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
-                    os._exit(BOOT_FAILED)
+            time.sleep(STALL)
+            now = time.monotonic()
+            for outbox in self.outboxes:
+                outbox.flush_if_stale(now)
+            if os.getppid() != self.spec.parent_pid:
+                log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
+                os._exit(BOOT_FAILED)
 
     def close(self) -> None:
         for responders in self.responders:
