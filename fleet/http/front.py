@@ -8,8 +8,12 @@ blocking, enforces the time limits, and hands a complete request to the
 request threads through a HandOff (which wakes one idle thread). A slow
 client therefore costs a file descriptor, never a thread. The request
 thread that takes a request owns its connection until the response is
-written, then gives it back (or closes it). One request at a time per connection, so pipelined requests
-are answered in order.
+written, then gives it back (or closes it). One request at a time per
+connection, so pipelined requests are answered in order.
+
+A worker with one thread and no Mongrel2 has nobody to hand off to that
+could serve sooner: there the I/O thread serves each request itself
+(``inline``), and the two thread wake-ups of a hand-off are saved.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleet.config import HttpAddress
@@ -37,6 +42,10 @@ LISTEN_BACKLOG = 1024
 SPOOL_LIMIT = 1 << 20
 RECV_SIZE = 64 * 1024
 ACCEPT_BATCH = 16  # connections accepted per wake-up, so reading is not starved
+# ... when the I/O thread serves requests itself: one, so that a burst of
+# connections spreads over the workers (each takes one, serves, comes back)
+# instead of all landing on the first worker awake.
+INLINE_ACCEPT_BATCH = 1
 TICK = 0.25  # the I/O thread looks at deadlines and the retire flag this often
 # After the last response, how long unread client bytes are drained before the
 # close: closing with unread data sends a reset that can destroy the response
@@ -164,6 +173,9 @@ class HttpFront:
     listeners: list[socket.socket]
     limits: HttpLimits
     threads: int
+    # Serves an exchange on the I/O thread itself and says whether to keep the
+    # connection (the worker's only serving thread); None: hand off to request threads.
+    inline: Callable[[Exchange], bool] | None = None
     handoff: HandOff = field(default_factory=HandOff)
     retiring: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -183,12 +195,12 @@ class HttpFront:
         self._next_sweep = 0.0
         for listener in self.listeners:
             listener.setblocking(False)
-        self._thread = threading.Thread(target=self._run, name="http-io", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="http-io", daemon=True)
 
     # -- called from other threads ------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def retire(self) -> None:
         """Stop accepting; finish what was received, then close every connection."""
@@ -271,7 +283,7 @@ class HttpFront:
         listener = next((s for s in self.listeners if s.fileno() == fd), None)
         if listener is None:
             return
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(ACCEPT_BATCH if self.inline is None else INLINE_ACCEPT_BATCH):
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -302,19 +314,21 @@ class HttpFront:
         if self._clients.pop(fd, None) is not None:
             self._epoll.unregister(fd)
 
-    def _read(self, client: Client) -> None:
+    def _read(self, client: Client) -> bool:
+        """Read and act on what the client sent; False if nothing was there."""
         try:
             data = client.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             data = b""  # reset by the peer: same as a close here
         if client.lingering:
             if not data:
                 self._drop(client)
-            return
+            return True
         client.reader.feed(data)
         self._pump(client)
+        return True
 
     def _pump(self, client: Client) -> None:
         """Act on everything the client's bytes make complete."""
@@ -333,10 +347,16 @@ class HttpFront:
                     return
                 continue
             if isinstance(event, RequestReady):
-                self._disown(client)
-                self._handed += 1
-                self.handoff.put(Exchange(client, event))
-                return
+                if self.inline is None:
+                    self._disown(client)
+                    self._handed += 1
+                    self.handoff.put(Exchange(client, event))
+                    return
+                if not self.inline(Exchange(client, event)) or self.limits.keepalive <= 0:
+                    self._close(client)
+                    return
+                self._await_next(client)
+                continue  # the client may have pipelined the next request already
             if isinstance(event, Rejected):
                 log.warning("refused an HTTP request from %s with %d: %s",
                             client.reader.remote_addr, event.status, event.reason)
@@ -352,18 +372,24 @@ class HttpFront:
             returned = self._returned.popleft()
             self._handed -= 1
             client = returned.client
-            client.sock.setblocking(False)
             if not returned.keep or self.limits.keepalive <= 0:
                 self._close(client)
                 continue
-            client.reader.next_request()
-            client.request_deadline = None
-            client.deadline = time.monotonic() + self.limits.keepalive
+            self._await_next(client)
             self._own(client)
             self._pump(client)  # the client may have pipelined the next request already
 
+    def _await_next(self, client: Client) -> None:
+        """A response is out and the connection stays: wait up to keep-alive for the next request."""
+        client.reader.next_request()
+        client.request_deadline = None
+        client.deadline = time.monotonic() + self.limits.keepalive
+
     def _expire(self, now: float) -> None:
         for client in [c for c in self._clients.values() if c.deadline <= now]:
+            if self.inline is not None and not client.lingering and self._clients.get(client.sock.fileno()) is client \
+                    and self._read(client):
+                continue  # its bytes came while this thread was serving another: it was not silent
             if client.lingering:
                 self._drop(client)
             elif client.reader.mid_request:

@@ -9,17 +9,22 @@ request, ``next_request()`` carries pipelined bytes over to the next one.
 h11 only frames requests here: responses are written by fleet.wsgi.response,
 exactly as for Mongrel2. That is why each request gets a fresh h11
 connection (h11 would otherwise insist on sending the response itself).
+
+The common request whose bytes have all arrived is parsed first by
+fleet.http.simple (a strict subset of the grammar, about ten times faster);
+whatever it does not take, h11 reads as before.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
 import h11
 
+from fleet.http import simple
 from fleet.mongrel2.codec import HeaderValue, Request
 
 # h11's own default; beyond it a request head is refused with 431.
@@ -27,6 +32,10 @@ DEFAULT_HEADER_LIMIT = 16 * 1024
 # A head may exceed the limit by less than this before it is refused.
 HEAD_SLICE = 512
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A body larger than this is read through h11 even when it has all arrived
+# (the body store then decides where it goes, memory or disk).
+SIMPLE_BODY_LIMIT = 64 * 1024
+parse_simple = simple.parse_simple
 # Headers that described the request's framing on the wire; the app gets the
 # de-chunked body and its real Content-Length instead.
 _FRAMING_HEADERS = frozenset({"transfer-encoding", "content-length"})
@@ -88,6 +97,8 @@ class RequestReader:
         self._body: IO[bytes] | None = None
         self._length = 0
         self._continue_sent = False
+        self._fed = False  # h11 has had bytes of the current request
+        self._out = False  # the simple parser gave the current request: nothing until next_request()
         self._bytes_seen = False
         self._eof = False
         self._eof_fed = False
@@ -121,15 +132,18 @@ class RequestReader:
     def next_request(self) -> None:
         """The previous request was answered and the connection stays open:
         start on the next one with whatever the client already pipelined."""
-        data, closed = self._h11.trailing_data
-        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.header_limit)
+        if self._fed or self._eof_fed:  # else the connection is still fresh: keep it
+            data, closed = self._h11.trailing_data
+            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.header_limit)
+            self._pending[:0] = data
+            self._eof = self._eof or closed
+        self._fed = False
+        self._out = False
         self._head = None
         self._body = None
         self._length = 0
         self._continue_sent = False
-        self._pending[:0] = data
         self._bytes_seen = bool(self._pending)
-        self._eof = self._eof or closed
         self._eof_fed = False
 
     def close(self) -> None:
@@ -138,6 +152,14 @@ class RequestReader:
     # -- internals -------------------------------------------------------
 
     def _next_event(self) -> Event:
+        if self._out:
+            return NeedData()  # as h11's PAUSED: a request is out
+        if not self._fed:
+            if not self._pending and not self._eof:
+                return NeedData()  # between requests: nothing for h11 either
+            ready = self._simple() if self._pending else None
+            if ready is not None:
+                return ready
         while True:
             event = self._h11.next_event()
             if event is h11.NEED_DATA and self._give_h11_more():
@@ -171,7 +193,9 @@ class RequestReader:
                 assert self._head is not None
                 body, self._body = self._body or io.BytesIO(), None
                 body.seek(0)
-                return RequestReady(self._request(self._head), body, self._length)
+                head = self._head
+                return RequestReady(self._request(head.method, head.target, head.http_version, head.headers),
+                                    body, self._length)
             if isinstance(event, h11.ConnectionClosed):
                 mid = self.mid_request
                 self._discard_body()
@@ -180,9 +204,22 @@ class RequestReader:
                 return NeedData()  # a request is out; next_request() resumes
             # h11.InformationalResponse and the like cannot come from a client.
 
+    def _simple(self) -> RequestReady | None:
+        """The whole request at the start of the pending bytes, if it is a simple one."""
+        parsed = parse_simple(self._pending, self.header_limit, min(self.max_body, SIMPLE_BODY_LIMIT))
+        if parsed is None:
+            return None
+        method, target, version, headers, head_size, body_size = parsed
+        body = io.BytesIO(self._pending[head_size:head_size + body_size])
+        del self._pending[:head_size + body_size]
+        self._length = body_size
+        self._out = True
+        return RequestReady(self._request(method, target, version, headers), body, body_size)
+
     def _give_h11_more(self) -> bool:
         """Move pending bytes (at most a head's limit while no head is parsed) to h11."""
         if self._pending:
+            self._fed = True
             size = HEAD_SLICE if self._head is None else len(self._pending)
             self._h11.receive_data(bytes(self._pending[:size]))
             del self._pending[:size]
@@ -193,13 +230,15 @@ class RequestReader:
             return True
         return False
 
-    def _request(self, head: h11.Request) -> Request:
-        target = head.target.decode("latin-1")
+    def _request(self, method: bytes, target: bytes, version: bytes,
+                 fields: Iterable[tuple[bytes, bytes]]) -> Request:
+        """The Request of a parsed head; ``fields`` are (lower-case name, value) pairs."""
+        target = target.decode("latin-1")
         path = _origin_form(target)
         raw_path, question, query = path.partition("?")
         headers: dict[str, HeaderValue] = {}
-        for raw_name, raw_value in head.headers:
-            name = raw_name.decode("latin-1")  # h11 lower-cases names
+        for raw_name, raw_value in fields:
+            name = raw_name.decode("latin-1")
             if name in _FRAMING_HEADERS:
                 continue
             value = raw_value.decode("latin-1")
@@ -212,8 +251,8 @@ class RequestReader:
                 headers[name] = [present, value]
         headers["content-length"] = str(self._length)
         # Mongrel2's own keys, upper case: client headers can never collide with them.
-        headers["METHOD"] = head.method.decode("latin-1")
-        headers["VERSION"] = "HTTP/" + head.http_version.decode("latin-1")
+        headers["METHOD"] = method.decode("latin-1")
+        headers["VERSION"] = "HTTP/" + version.decode("latin-1")
         headers["URI"] = path
         headers["PATH"] = raw_path
         if question:

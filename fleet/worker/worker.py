@@ -75,10 +75,14 @@ class Worker:
         self.multiprocess = self.config.processes > 1
         self.http: HttpFront | None = None
         if spec.http_fds:
+            # One thread and no Mongrel2: the I/O thread serves each request itself,
+            # with no hand-off (two thread wake-ups a request) to a request thread.
+            alone = self.config.threads == 1 and not self.config.endpoints
             self.http = HttpFront(
                 [socket.socket(fileno=fd) for fd in spec.http_fds],
                 HttpLimits(self.config.http_keepalive, self.config.http_timeout, self.config.http_max_body),
                 self.config.threads,
+                inline=self.answer_http if alone else None,
             )
 
     def retire(self) -> None:
@@ -104,6 +108,11 @@ class Worker:
                         "replies sent before it does are lost", spec)
 
     def start_threads(self) -> None:
+        if self.http is not None and self.http.inline is not None:
+            _raise_fd_limit()
+            self.http.start()
+            self.threads.append(self.http.thread)  # the only serving thread: wait() watches it
+            return
         for number in range(self.config.threads):
             thread = threading.Thread(target=self._guard, args=(number,), name=f"request-{number}", daemon=True)
             thread.start()
@@ -233,6 +242,12 @@ class Worker:
         return True
 
     def serve_http(self, exchange: Exchange) -> None:
+        """A request thread's --http request: answered, then its connection goes back to the I/O thread."""
+        self.http.give_back(exchange.client, keep=self.answer_http(exchange))
+
+    def answer_http(self, exchange: Exchange) -> bool:
+        """Serve one --http request; True if its connection stays open for the next one.
+        When it is the worker's only serving thread, the I/O thread calls this itself."""
         client, ready = exchange.client, exchange.ready
         request = ready.request
         if self.http.retiring.is_set() or self.config.http_keepalive <= 0:
@@ -244,12 +259,14 @@ class Worker:
                 multithread=self.multithread, multiprocess=self.multiprocess, now=time.time()))
         finally:
             ready.body.close()
-        self.http.give_back(client, keep=not (closed or reply.gone or reply.close_requested))
+            reply.release()
+        return not (closed or reply.gone or reply.close_requested)
 
     def _guarded(self, reply: ReplyChannel, what: str, job: Callable[[], bool]) -> bool:
         """Run one request (True if it closed the connection). A fault of fleet's own,
         not the app's (serve() contains those), fails this request; the worker goes on."""
-        if self.http is not None:
+        counted = self.http is not None and self.http.inline is None  # the I/O thread's hand-offs
+        if counted:
             self.http.thread_busy()
         try:
             return job()
@@ -257,7 +274,7 @@ class Worker:
             log.exception("internal error serving %s %s", what, reply.conn_id.decode())
             return self._fail(reply)
         finally:
-            if self.http is not None:
+            if counted:
                 self.http.thread_idle()
 
     def _fail(self, reply: ReplyChannel) -> bool:

@@ -1,9 +1,14 @@
-"""fleet.http.parser: client bytes in, Mongrel2-shaped requests and typed refusals out."""
+"""fleet.http.parser: client bytes in, Mongrel2-shaped requests and typed refusals out.
+
+Every test runs twice: with the simple parser in front (fleet.http.simple) and
+with h11 alone, so both paths give every answer below.
+"""
 
 from __future__ import annotations
 
 import pytest
 
+from fleet.http import parser as parser_module
 from fleet.http.parser import (
     CONTINUE,
     NeedData,
@@ -14,6 +19,13 @@ from fleet.http.parser import (
     SendContinue,
 )
 from fleet.wsgi.environ import build_environ
+
+
+@pytest.fixture(autouse=True, params=["simple first", "h11 alone"])
+def parser_path(request, monkeypatch):
+    if request.param == "h11 alone":
+        monkeypatch.setattr(parser_module, "parse_simple", lambda *args: None)
+    return request.param
 
 
 def reader(max_body: int = 1000, header_limit: int = 16 * 1024) -> RequestReader:
