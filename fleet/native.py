@@ -18,7 +18,7 @@ T = TypeVar("T")
 PURE = os.environ.get("FLEET_PURE", "") not in ("", "0")
 # The compiled modules, by name: setup.py builds these (fleet/x/_y.c for fleet.x._y); the tests check all were built.
 COMPILED = ("fleet.dispatch._core", "fleet.dispatch._frames", "fleet.mongrel2._codec", "fleet.wsgi._environ",
-            "fleet.wsgi._response", "fleet.worker._lane")
+            "fleet.wsgi._response", "fleet.worker._lane", "fleet.http._simple")
 
 
 def compiled(name: str) -> ModuleType | None:

@@ -30,12 +30,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fleet import native
 from fleet.config import HttpAddress
 from fleet.exitcodes import CRASHED
+from fleet.http import simple
 from fleet.http.parser import CONTINUE, NeedData, PeerClosed, Rejected, RequestReader, RequestReady, SendContinue
 from fleet.wsgi.response import error_response
 
 log = logging.getLogger("fleet.http")
+
+# Every request is tried first as a simple one: in C when built (fleet/http/_simple.c), else the reference.
+take_simple = native.twin("fleet.http._simple", "take_simple", simple.take_simple)
 
 LISTEN_BACKLOG = 1024
 # Request bodies larger than this go to a temporary file instead of memory.
@@ -302,7 +307,7 @@ class HttpFront:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._next_id += 1
             reader = RequestReader(b"http-%d-%d" % (os.getpid(), self._next_id), _remote_addr(address),
-                                   max_body=self.limits.max_body, body_store=_spooled_body)
+                                   max_body=self.limits.max_body, body_store=_spooled_body, simple=take_simple)
             self._own(Client(sock, reader, deadline=time.monotonic() + self.limits.timeout))
 
     def _own(self, client: Client) -> None:

@@ -24,8 +24,8 @@ from typing import IO
 
 import h11
 
-from fleet.http import simple
-from fleet.mongrel2.codec import HeaderValue, Request
+from fleet.http.simple import SimpleTaker, shape_request, take_simple
+from fleet.mongrel2.codec import Request
 
 # h11's own default; beyond it a request head is refused with 431.
 DEFAULT_HEADER_LIMIT = 16 * 1024
@@ -35,10 +35,6 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # A body larger than this is read through h11 even when it has all arrived
 # (the body store then decides where it goes, memory or disk).
 SIMPLE_BODY_LIMIT = 64 * 1024
-parse_simple = simple.parse_simple
-# Headers that described the request's framing on the wire; the app gets the
-# de-chunked body and its real Content-Length instead.
-_FRAMING_HEADERS = frozenset({"transfer-encoding", "content-length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +79,19 @@ class RequestReader:
 
     def __init__(self, conn_id: bytes, remote_addr: str, *, max_body: int,
                  header_limit: int = DEFAULT_HEADER_LIMIT, scheme: str = "http",
-                 body_store: Callable[[], IO[bytes]] = io.BytesIO) -> None:
+                 body_store: Callable[[], IO[bytes]] = io.BytesIO,
+                 simple: SimpleTaker | None = take_simple) -> None:
         """``body_store`` makes the file a request body is written to, at its first
-        byte (the caller's choice: --http spools big bodies to disk)."""
+        byte (the caller's choice: --http spools big bodies to disk). ``simple``
+        takes the common request before h11 (fleet.http.simple.take_simple or its
+        compiled twin, which fleet.http.front passes); None: h11 reads everything."""
         self.conn_id = conn_id
         self.body_store = body_store
         self.remote_addr = remote_addr
         self.max_body = max_body
         self.header_limit = header_limit
         self.scheme = scheme
+        self._take_simple = simple
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=header_limit)
         self._head: h11.Request | None = None
         self._body: IO[bytes] | None = None
@@ -157,7 +157,7 @@ class RequestReader:
         if not self._fed:
             if not self._pending and not self._eof:
                 return NeedData()  # between requests: nothing for h11 either
-            ready = self._simple() if self._pending else None
+            ready = self._simple() if self._pending and self._take_simple is not None else None
             if ready is not None:
                 return ready
         while True:
@@ -206,15 +206,15 @@ class RequestReader:
 
     def _simple(self) -> RequestReady | None:
         """The whole request at the start of the pending bytes, if it is a simple one."""
-        parsed = parse_simple(self._pending, self.header_limit, min(self.max_body, SIMPLE_BODY_LIMIT))
-        if parsed is None:
+        taken = self._take_simple(self._pending, self.header_limit, min(self.max_body, SIMPLE_BODY_LIMIT),
+                            self.conn_id, self.remote_addr, self.scheme)
+        if taken is None:
             return None
-        method, target, version, headers, head_size, body_size = parsed
-        body = io.BytesIO(self._pending[head_size:head_size + body_size])
-        del self._pending[:head_size + body_size]
-        self._length = body_size
+        request, body, used = taken
+        del self._pending[:used]
+        self._length = len(body)
         self._out = True
-        return RequestReady(self._request(method, target, version, headers), body, body_size)
+        return RequestReady(request, io.BytesIO(body), len(body))
 
     def _give_h11_more(self) -> bool:
         """Move pending bytes (at most a head's limit while no head is parsed) to h11."""
@@ -232,35 +232,8 @@ class RequestReader:
 
     def _request(self, method: bytes, target: bytes, version: bytes,
                  fields: Iterable[tuple[bytes, bytes]]) -> Request:
-        """The Request of a parsed head; ``fields`` are (lower-case name, value) pairs."""
-        target = target.decode("latin-1")
-        path = _origin_form(target)
-        raw_path, question, query = path.partition("?")
-        headers: dict[str, HeaderValue] = {}
-        for raw_name, raw_value in fields:
-            name = raw_name.decode("latin-1")
-            if name in _FRAMING_HEADERS:
-                continue
-            value = raw_value.decode("latin-1")
-            present = headers.get(name)
-            if present is None:
-                headers[name] = value
-            elif isinstance(present, list):
-                present.append(value)
-            else:
-                headers[name] = [present, value]
-        headers["content-length"] = str(self._length)
-        # Mongrel2's own keys, upper case: client headers can never collide with them.
-        headers["METHOD"] = method.decode("latin-1")
-        headers["VERSION"] = "HTTP/" + version.decode("latin-1")
-        headers["URI"] = path
-        headers["PATH"] = raw_path
-        if question:
-            headers["QUERY"] = query
-        headers["PATTERN"] = "/"
-        headers["URL_SCHEME"] = self.scheme
-        headers["REMOTE_ADDR"] = self.remote_addr
-        return Request(sender=b"http", conn_id=self.conn_id, path=raw_path.encode("latin-1"), headers=headers)
+        return shape_request(method, target, version, fields, self._length, self.conn_id, self.remote_addr,
+                             self.scheme)
 
     def _chunk_left(self) -> int:
         """Bytes of the current chunk still to come, as its header announced.
@@ -304,12 +277,3 @@ def _declared_length(head: h11.Request) -> int | None:
         if name == b"content-length":
             return int(value)  # h11 has checked it is one non-negative integer
     return None
-
-
-def _origin_form(target: str) -> str:
-    """``http://host/p?q`` (absolute form, from proxies) -> ``/p?q``; ``*`` stays."""
-    if target.startswith(("http://", "https://")):
-        rest = target.split("://", 1)[1]
-        slash = rest.find("/")
-        return rest[slash:] if slash >= 0 else "/"
-    return target

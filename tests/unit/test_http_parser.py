@@ -1,14 +1,17 @@
 """fleet.http.parser: client bytes in, Mongrel2-shaped requests and typed refusals out.
 
-Every test runs twice: with the simple parser in front (fleet.http.simple) and
-with h11 alone, so both paths give every answer below.
+Every test runs three times: with the simple parser in front (fleet.http.simple,
+then its compiled twin) and with h11 alone, so every path gives every answer below.
 """
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from fleet.http import parser as parser_module
+from fleet import native
+from fleet.http import simple
 from fleet.http.parser import (
     CONTINUE,
     NeedData,
@@ -20,16 +23,24 @@ from fleet.http.parser import (
 )
 from fleet.wsgi.environ import build_environ
 
+TAKERS = {"simple (Python) first": simple.take_simple, "simple (C) first": native.compiled("fleet.http._simple"),
+          "h11 alone": None}
+SIMPLE = simple.take_simple  # what reader() gives its RequestReader; the fixture sets each in turn
 
-@pytest.fixture(autouse=True, params=["simple first", "h11 alone"])
+
+@pytest.fixture(autouse=True, params=list(TAKERS))
 def parser_path(request, monkeypatch):
-    if request.param == "h11 alone":
-        monkeypatch.setattr(parser_module, "parse_simple", lambda *args: None)
+    taker = TAKERS[request.param]
+    if request.param == "simple (C) first":
+        if taker is None:
+            pytest.skip("fleet.http._simple is not built (or FLEET_PURE is set)")
+        taker = taker.take_simple
+    monkeypatch.setattr(sys.modules[__name__], "SIMPLE", taker)
     return request.param
 
 
 def reader(max_body: int = 1000, header_limit: int = 16 * 1024) -> RequestReader:
-    return RequestReader(b"http-1", "198.18.0.9", max_body=max_body, header_limit=header_limit)
+    return RequestReader(b"http-1", "198.18.0.9", max_body=max_body, header_limit=header_limit, simple=SIMPLE)
 
 
 def events(r: RequestReader, data: bytes) -> list:

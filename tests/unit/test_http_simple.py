@@ -9,14 +9,15 @@ parser to the reader with h11 alone: same requests, same refusals.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.http import parser as parser_module
+from fleet import native
 from fleet.http.parser import RequestReader, RequestReady
-from fleet.http.simple import parse_simple
+from fleet.http.simple import parse_simple, take_simple
 
 LIMIT, MAX_BODY = 16 * 1024, 1000
+compiled = native.compiled("fleet.http._simple")
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -64,28 +65,25 @@ def test_everything_else_is_left_to_h11(data):
 
 # -- the simple parser against h11 -------------------------------------------------------------------
 
-def read_all(data: bytes, simple: bool, monkeypatch, pieces: int) -> list:
+def read_all(data: bytes, taker, pieces: int) -> list:
     """What a reader makes of ``data`` fed in ``pieces``: requests (as comparable tuples) and refusals."""
-    with monkeypatch.context() as patch:
-        if not simple:
-            patch.setattr(parser_module, "parse_simple", lambda *args: None)
-        reader = RequestReader(b"c", "10.0.0.1", max_body=MAX_BODY, header_limit=LIMIT)
-        out = []
-        step = max(1, len(data) // pieces)
-        chunks = [data[i:i + step] for i in range(0, len(data), step)] + [b""]
-        for chunk in chunks:
-            reader.feed(chunk)
-            while True:
-                event = reader.next_event()
-                if isinstance(event, RequestReady):
-                    out.append(("request", event.request.headers, event.body.read(), event.length))
-                    reader.next_request()
-                    continue
-                out.append(type(event).__name__ + ":" + str(getattr(event, "status", "")))
-                if type(event).__name__ in ("Rejected", "PeerClosed"):
-                    return out
-                break
-        return out
+    reader = RequestReader(b"c", "10.0.0.1", max_body=MAX_BODY, header_limit=LIMIT, simple=taker)
+    out = []
+    step = max(1, len(data) // pieces)
+    chunks = [data[i:i + step] for i in range(0, len(data), step)] + [b""]
+    for chunk in chunks:
+        reader.feed(chunk)
+        while True:
+            event = reader.next_event()
+            if isinstance(event, RequestReady):
+                out.append(("request", event.request.headers, event.body.read(), event.length))
+                reader.next_request()
+                continue
+            out.append(type(event).__name__ + ":" + str(getattr(event, "status", "")))
+            if type(event).__name__ in ("Rejected", "PeerClosed"):
+                return out
+            break
+    return out
 
 
 TOKEN = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"M-SEARCH", b"get"])
@@ -107,8 +105,38 @@ def requests(draw) -> bytes:
     return line + fields + draw(EOL) + body
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None)
 @given(st.lists(requests(), min_size=1, max_size=3), st.integers(1, 4))
-def test_the_simple_parser_never_answers_differently_from_h11(monkeypatch, pipeline, pieces):
+def test_the_simple_parser_never_answers_differently_from_h11(pipeline, pieces):
     data = b"".join(pipeline)
-    assert read_all(data, True, monkeypatch, pieces) == read_all(data, False, monkeypatch, pieces)
+    alone = read_all(data, None, pieces)
+    assert read_all(data, take_simple, pieces) == alone
+    if compiled is not None:
+        assert read_all(data, compiled.take_simple, pieces) == alone
+
+
+# -- the compiled twin against the reference -----------------------------------------------------------
+
+@settings(max_examples=600, deadline=None)
+@given(requests(), st.integers(0, 64), st.integers(0, 8))
+def test_the_compiled_twin_takes_what_the_reference_takes(data, cut, limit_cut):
+    if compiled is None:
+        pytest.skip("fleet.http._simple is not built (or FLEET_PURE is set)")
+    data = bytearray(data[:len(data) - cut] if cut < len(data) else data)
+    limit = max(1, len(data) - limit_cut)
+    for head_limit, max_body in ((LIMIT, MAX_BODY), (limit, 2), (limit, 0)):
+        args = (data, head_limit, max_body, b"http-7", "10.1.2.3", "https")
+        expected, got = take_simple(*args), compiled.take_simple(*args)
+        assert got == expected
+        if got is not None:
+            assert list(got[0].headers) == list(expected[0].headers)  # the same order too
+
+
+@pytest.mark.skipif(compiled is None, reason="fleet.http._simple is not built (or FLEET_PURE is set)")
+def test_the_compiled_twin_on_the_tables():
+    for data in [b"GET /a?b HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nX-A: 3\r\n\r\n",
+                 b"GET /? HTTP/1.0\r\nCookie:\r\n\r\n",
+                 b"POST /%E9 HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\nbody-and-more",
+                 b"GET / HTTP/1.1\r\nHost: h\r\n" + b"X-" + b"n" * 300 + b": v\r\n\r\n"]:
+        args = (bytearray(data), LIMIT, MAX_BODY, b"c", "r", "http")
+        assert compiled.take_simple(*args) == take_simple(*args) is not None
