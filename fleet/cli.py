@@ -70,11 +70,20 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
                         help="request threads per worker process (default 1)")
     parser.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
                         help="add DIR to the import path of the application (repeatable)")
+    parser.add_argument("--mongrel2-config", metavar="PATH",
+                        help="Mongrel2's config.sqlite (as m2sh writes it): the handlers of its routes (unless "
+                             "--zeromq), its chroot, upload.temp_store and limits.content_length come from "
+                             "there; a flag given as well wins")
+    parser.add_argument("--mongrel2-server", metavar="UUID",
+                        help="with --mongrel2-config: which server (needed when it has several)")
+    parser.add_argument("--mongrel2-route", action="append", default=[], metavar="PATH",
+                        help="with --mongrel2-config: serve only the handler of this route, e.g. /app/ "
+                             "(repeatable; default: every handler route of the server)")
     parser.add_argument("--mongrel2-chroot", metavar="DIR",
                         help="the directory Mongrel2 chroots into (or runs in): where upload paths are resolved")
-    parser.add_argument("--mongrel2-upload-store", default=DEFAULT_UPLOAD_STORE, metavar="PATH",
+    parser.add_argument("--mongrel2-upload-store", metavar="PATH",
                         help=f"Mongrel2's upload.temp_store, as in its config (default {DEFAULT_UPLOAD_STORE})")
-    parser.add_argument("--mongrel2-content-length", type=int, default=DEFAULT_CONTENT_LENGTH, metavar="BYTES",
+    parser.add_argument("--mongrel2-content-length", type=int, metavar="BYTES",
                         help=f"Mongrel2's limits.content_length (default {DEFAULT_CONTENT_LENGTH})")
     parser.add_argument("--dispatch", choices=DISPATCH_MODES, default="broker",
                         help="broker (default): a per-host dispatcher hands each request to a free thread and "
