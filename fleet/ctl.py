@@ -16,14 +16,16 @@ from fleet.cluster.agent import ClusterAgent
 from fleet.cluster.options import make_agent
 from fleet.supervisor.figures import render_table
 
-# fleet status listens this many heartbeat intervals before it prints.
+# fleet status asks every host to heartbeat at once and prints when the master and every
+# host it knows alive have answered; at most this many heartbeat intervals (hosts that do not
+# answer requests, and fleets with no master, are heard at their own pace).
 STATUS_LISTEN = 2.5
 
 
 def run_status(args: argparse.Namespace) -> int:
     agent = make_agent(args, "observer")
     try:
-        agent.converse(STATUS_LISTEN * agent.options.heartbeat_interval)
+        survey(agent)
         status = merged_status(agent)
     finally:
         agent.close()
@@ -32,6 +34,14 @@ def run_status(args: argparse.Namespace) -> int:
     else:
         print(render_status(status))
     return 0
+
+
+def survey(agent: ClusterAgent) -> None:
+    """Ask every host for its state and listen until the answers are in (at most STATUS_LISTEN intervals)."""
+    asked = time.time()
+    agent.ask_status(asked)
+    agent.converse(STATUS_LISTEN * agent.options.heartbeat_interval,
+                   until=lambda: agent.answered_since(asked, time.time()))
 
 
 def merged_status(agent: ClusterAgent) -> dict:
@@ -80,7 +90,7 @@ def run_reload(args: argparse.Namespace) -> int:
     """Ask the master for a new generation, then wait until every live host runs it."""
     agent = make_agent(args, "observer")
     try:
-        agent.converse(STATUS_LISTEN * agent.options.heartbeat_interval)
+        survey(agent)
         hosts = [h for h in merged_status(agent)["hosts"] if h["state"] != "dead"]
         masters = [h for h in hosts if h["role"] == "master"]
         if not masters:

@@ -143,6 +143,7 @@ MESSAGES = {
     "reload": cp.Reload(**ENVELOPE, command_id=bytes(16), generation=4, batch=2),
     "log": cp.Log(**ENVELOPE, level="warning", text="disk is 91% full\ton /srv"),
     "leave": cp.Leave(**ENVELOPE),
+    "status-request": cp.StatusRequest(**ENVELOPE),
 }
 
 

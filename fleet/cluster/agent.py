@@ -47,6 +47,10 @@ log = logging.getLogger("fleet.cluster")
 HEARTBEAT_INTERVAL = 1.0
 ANNOUNCE_INTERVAL = 1.0
 CONFIG_REQUEST_INTERVAL = 1.0
+# A host answers fleet status's requests at most this often (a key holder cannot make it flood).
+STATUS_ANSWER_INTERVAL = 0.2
+# fleet status asks again this often until every host answered (a datagram may be lost).
+ASK_AGAIN = 0.25
 MASTER_LOST_AFTER = 3  # announce intervals
 # Rejected datagrams are logged at most once per source address in this
 # interval, and for at most REJECT_LOG_SOURCES sources in it: UDP source
@@ -161,6 +165,12 @@ class ClusterAgent:
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
         self.master_members: list[dict[str, Any]] = []  # the master's node table, as last announced
+        self.master_node_id: str | None = None  # hex, of the master whose announce we last heard
+        self.announced_at: float | None = None  # when we last heard the master's announce
+        self._status: HostStatus | None = None  # as of the last tick: what a status request is answered with
+        self._answered_at = 0.0
+        self._asking_since: float | None = None  # an observer waiting for answers (fleet status)
+        self._next_ask = 0.0
         if not len(options.keyring):
             log.warning("cluster %s on %s has no key: anyone on that network can read its configuration "
                         "and control it; give --cluster-key-file (fleet keygen makes one)",
@@ -178,6 +188,9 @@ class ClusterAgent:
     # -- sending -------------------------------------------------------------
 
     def tick(self, now: float, status: HostStatus | None) -> None:
+        self._status = status
+        if self._asking_since is not None and now >= self._next_ask:
+            self._ask(now)
         if status is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, status))
@@ -235,6 +248,35 @@ class ClusterAgent:
     @property
     def unicast(self) -> bool:
         return self.channel.unicast is not None
+
+    def ask_status(self, now: float) -> None:
+        """fleet status: ask every host to heartbeat now (asked again each ASK_AGAIN until answered)."""
+        self._asking_since = now
+        self._ask(now)
+
+    def answered_since(self, since: float, now: float) -> bool:
+        """Whether, since ``since``, the master announced and it and every host its table
+        has as alive heartbeated: what fleet status waits for before it prints."""
+        if self.announced_at is None or self.announced_at < since:
+            return False
+        fresh = {h.node_id for h in self.members.hosts(now) if now - h.last_seen_age >= since}
+        expected = {row["node_id"] for row in self.master_members if row["state"] not in ("dead", "lost")}
+        return self.master_node_id in fresh and expected <= fresh
+
+    def _ask(self, now: float) -> None:
+        self._next_ask = now + ASK_AGAIN
+        self._send(proto.StatusRequest, now)
+
+    def _answer_status(self, now: float) -> None:
+        """A heartbeat now (and the announce, on the master); at most once per STATUS_ANSWER_INTERVAL."""
+        if self.role == "observer" or now - self._answered_at < STATUS_ANSWER_INTERVAL:
+            return
+        self._answered_at = now
+        if self.role == "master":
+            self.announce(now)
+        if self._status is not None:
+            self._next_heartbeat = now + self.options.heartbeat_interval
+            self._send(proto.Heartbeat, now, **self._heartbeat_body(now, self._status))
 
     def leave(self) -> None:
         self._send(proto.Leave, self.clock())
@@ -388,6 +430,9 @@ class ClusterAgent:
             if self.role == "master":
                 self.announce(now)
             return None
+        if isinstance(message, proto.StatusRequest):
+            self._answer_status(now)
+            return None
         if isinstance(message, proto.Announce):
             return self._announced(message, now)
         return None
@@ -397,6 +442,8 @@ class ClusterAgent:
         if self.role == "master":
             return None
         self.master_members = [dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members]
+        self.master_node_id = message.node_id.hex()
+        self.announced_at = now
         for peer in message.peers:  # the master's unicast peers: seed-only hosts learn each other here
             self._learn_peer(peer, now)
         if self.master_lost:

@@ -251,6 +251,7 @@ class Kind(IntEnum):
     RELOAD = 4
     LOG = 5
     LEAVE = 6
+    STATUS_REQUEST = 7
 
 
 _ENVELOPE = ("cluster", "node_id", "boot_id", "seq", "timestamp")
@@ -400,8 +401,16 @@ class Leave(Message):
     KIND: ClassVar[Kind] = Kind.LEAVE
 
 
+@dataclass(frozen=True, kw_only=True)
+class StatusRequest(Message):
+    """`fleet status` asks: every host heartbeats now, and the master announces,
+    instead of at their next interval (each at most once per STATUS_ANSWER_INTERVAL)."""
+
+    KIND: ClassVar[Kind] = Kind.STATUS_REQUEST
+
+
 MESSAGE_TYPES: dict[Kind, type[Message]] = {
-    cls.KIND: cls for cls in (Announce, ConfigRequest, Heartbeat, Reload, Log, Leave)
+    cls.KIND: cls for cls in (Announce, ConfigRequest, Heartbeat, Reload, Log, Leave, StatusRequest)
 }
 
 M = TypeVar("M", bound=Message)

@@ -141,3 +141,22 @@ def test_a_node_that_cannot_import_the_app_reports_it(harness: Harness, cluster_
     master_row = next(h for h in status(cluster_args)["hosts"] if h["hostname"] == "m")
     assert master_row["app_version"] == "1.2.3"
     assert request(server, "GET", "/t/").body == b"picky"
+
+
+def test_fleet_status_asks_and_every_host_answers_at_once(harness: Harness, cluster_args: list[str]) -> None:
+    """Heartbeats 20 s apart: listening for 2.5 of them (the old way) would outlast
+    fleet_cli's 30 s; asked, the master and both nodes answer at once."""
+    slow = cluster_args + ["--cluster-heartbeat", "20"]
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    harness.master(master_args(server, processes=1, threads=1) + slow + ["--node-name", "m"])
+    for name in ("n1", "n2"):
+        harness.node(slow + ["--node-name", name])
+
+    def everyone() -> list[dict]:
+        out = fleet_cli("status", *slow, "--json", timeout=30)
+        assert out.returncode == 0, out.stderr
+        hosts = json.loads(out.stdout)["hosts"]
+        return hosts if sorted(h["hostname"] for h in hosts) == ["m", "n1", "n2"] else []
+
+    hosts = wait_for(everyone, 60, what="fleet status to list all three hosts")
+    assert all(h["state"] == "ready" and h.get("reported_by") != "master" for h in hosts), hosts

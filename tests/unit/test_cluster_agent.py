@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
+from fleet.cluster import agent as agent_module
 from fleet.cluster import protocol as proto
 from fleet.cluster.agent import (
     ApplyConfig,
@@ -169,3 +171,51 @@ def test_reject_log_logs_a_source_once_an_interval() -> None:
     assert reject_log.verdict("10.0.0.1", 59.0) is Verdict.QUIET
     assert reject_log.verdict("10.0.0.2", 59.0) is Verdict.LOG
     assert reject_log.verdict("10.0.0.1", 60.0) is Verdict.LOG  # a new interval
+
+
+def test_fleet_status_is_answered_at_once_not_at_the_next_heartbeat(options) -> None:
+    """Heartbeats a minute apart: the hosts' first ones happen before the observer
+    listens; only the status request makes them speak again within the test."""
+    slow = lambda name: dataclasses.replace(options(name), heartbeat_interval=60.0)  # noqa: E731
+    master = ClusterAgent(slow("m"), "master", config=CONFIG)
+    node = ClusterAgent(slow("n"), "node")
+    for agent in (master, node):
+        agent.tick(time.time(), STATUS)  # first heartbeat now, the next in 60 s
+    pump(master, node)
+    observer = ClusterAgent(slow("cli"), "observer")
+    try:
+        asked = time.time()
+        assert not observer.answered_since(asked, asked)
+        observer.ask_status(asked)
+        for _ in range(50):
+            pump(master, node, rounds=1)
+            pump(observer, rounds=1)
+            if observer.answered_since(asked, time.time()):
+                break
+        assert observer.answered_since(asked, time.time())
+        assert {h["hostname"] for h in observer.members.status(time.time())["hosts"]} == {"m", "n"}
+    finally:
+        for agent in (master, node, observer):
+            agent.close()
+
+
+def test_status_requests_are_answered_at_most_once_an_interval(options, monkeypatch) -> None:
+    node = ClusterAgent(options("n"), "node")
+    observer = ClusterAgent(options("cli"), "observer")
+    sent = []
+    real_send = node._send
+    monkeypatch.setattr(node, "_send", lambda kind, now, **body: sent.append(kind) or real_send(kind, now, **body))
+    try:
+        node.tick(time.time(), STATUS)
+        sent.clear()
+        for _ in range(5):
+            observer.ask_status(time.time())
+            pump(node, rounds=2)
+        assert sent.count(proto.Heartbeat) == 1
+        time.sleep(agent_module.STATUS_ANSWER_INTERVAL)
+        observer.ask_status(time.time())
+        pump(node, rounds=5)
+        assert sent.count(proto.Heartbeat) == 2
+    finally:
+        node.close()
+        observer.close()
