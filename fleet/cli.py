@@ -144,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=_positive_int, metavar="T", help="override the master's thread count")
     node.add_argument("--mongrel2-chroot", metavar="DIR",
                       help="where Mongrel2's uploads are on this host, if it differs from the master's")
+    policy = node.add_argument_group("policy", "what a master may ask of this node; a configuration outside it "
+                                                "is refused (the node keeps what it runs and reports "
+                                                "'refused: <reason>'); not given: not restricted")
+    policy.add_argument("--allow-module", action="append", metavar="PATTERN",
+                        help="an allowed --module, shell-style pattern, e.g. 'shop.wsgi:*' (repeatable)")
+    policy.add_argument("--allow-pythonpath", action="append", metavar="DIR",
+                        help="a directory an announced --pythonpath may be in (repeatable)")
+    policy.add_argument("--allow-chroot", action="append", metavar="DIR",
+                        help="an allowed Mongrel2 chroot, where uploads are read and deleted (repeatable)")
+    policy.add_argument("--allow-upload-store", action="append", metavar="PATH",
+                        help="an allowed upload.temp_store template (repeatable)")
+    policy.add_argument("--allow-endpoint", action="append", metavar="PATTERN",
+                        help="an allowed Mongrel2 send/recv spec, shell-style, e.g. 'tcp://10.0.0.5:*' (repeatable)")
+    policy.add_argument("--max-processes", type=_positive_int, metavar="N", help="at most N worker processes")
+    policy.add_argument("--max-threads", type=_positive_int, metavar="T", help="at most T threads per process")
+    policy.add_argument("--policy-file", metavar="PATH",
+                        help="the same in a TOML file (modules, pythonpath, chroots, upload_stores, endpoints, "
+                             "max_processes, max_threads); the options add to it")
     node.add_argument("--http", action="append", metavar="HOST:PORT",
                       help="serve HTTP here instead of the master's --http addresses (by default the "
                            "master's ports, on this host's --cluster-iface address unless they are wildcards)")

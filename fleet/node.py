@@ -12,6 +12,7 @@ from collections.abc import Callable
 from fleet.appload import preflight_app
 from fleet.cluster.agent import ApplyConfig, ClusterAgent, HostStatus
 from fleet.cluster.options import make_agent
+from fleet.cluster.policy import NodePolicy, PolicyRefused, load_policy
 from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
 from fleet.exitcodes import RESTART
 from fleet.logs.local import setup_logging
@@ -28,26 +29,39 @@ Adapt = Callable[[HandlerConfig], HandlerConfig]
 
 def run_node(args: argparse.Namespace) -> int:
     """Wait for the master's configuration, then serve it; follow every change."""
+    policy = node_policy(args)
     setup_logging(args.log_level, args.log_file)
     agent = make_agent(args, "node")
-    adapt = local_overrides(args, agent.options.interface)
+    adapt = local_overrides(args, agent.options.interface, policy)
     log.info("node %s: asking cluster %s on %s for its configuration", args.node_name, agent.options.describe(),
              agent.options.interface)
+    if policy.empty:
+        log.warning("node %s has no policy: any holder of the cluster key decides what it imports and where it "
+                    "reads uploads (give --allow-module and the other --allow-*/--max-* options, or "
+                    "--policy-file)", args.node_name)
+    else:
+        log.info("node policy: %s", policy.describe())
+    said: list[str] = []  # the problem last reported, so a refusal repeated every announce is logged once
     try:
         while True:
-            config = _wait_for_config(agent, adapt)
+            try:
+                config = _wait_for_config(agent, adapt)
+            except PolicyRefused as refused:  # on the first join: run nothing, say why
+                _cannot_serve(agent, str(refused), said)
+                continue
             setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or our own
             problem = preflight_app(config)
             if problem is not None:
-                _cannot_serve(agent, problem)
+                _cannot_serve(agent, problem, said)
                 continue
             try:
                 supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
                                         log_file=args.log_file, cluster=agent,
                                         cluster_generation=agent.generation, adapt_config=adapt)
             except ConfigError as error:  # e.g. an --http port taken on this host
-                _cannot_serve(agent, str(error))
+                _cannot_serve(agent, str(error), said)
                 continue
+            said.clear()
             code = supervisor.run()
             if code != RESTART:
                 return code
@@ -56,8 +70,19 @@ def run_node(args: argparse.Namespace) -> int:
         agent.close()
 
 
-def local_overrides(args: argparse.Namespace, own_address: str) -> Adapt:
-    """This host's own flags win over the announced configuration.
+def node_policy(args: argparse.Namespace) -> NodePolicy:
+    return load_policy(getattr(args, "policy_file", None), modules=getattr(args, "allow_module", None),
+                       pythonpath=getattr(args, "allow_pythonpath", None),
+                       chroots=getattr(args, "allow_chroot", None),
+                       upload_stores=getattr(args, "allow_upload_store", None),
+                       endpoints=getattr(args, "allow_endpoint", None),
+                       max_processes=getattr(args, "max_processes", None),
+                       max_threads=getattr(args, "max_threads", None))
+
+
+def local_overrides(args: argparse.Namespace, own_address: str, policy: NodePolicy | None = None) -> Adapt:
+    """This host's own flags win over the announced configuration, and its policy
+    refuses what it does not allow (PolicyRefused).
 
     The master's --http addresses are its own: a node serves the same ports on
     ``own_address`` (its cluster interface), except wildcard hosts, which
@@ -73,7 +98,11 @@ def local_overrides(args: argparse.Namespace, own_address: str) -> Adapt:
             config = dataclasses.replace(config, http=tuple(
                 str(address if address.host in WILDCARD_HOSTS else HttpAddress(own_address, address.port))
                 for address in config.http_addresses))
-        return dataclasses.replace(config, **changes) if changes else config
+        if changes:
+            config = dataclasses.replace(config, **changes)
+        if policy is not None:
+            policy.check(config)
+        return config
 
     return adapt
 
@@ -89,14 +118,19 @@ def _wait_for_config(agent: ClusterAgent, adapt: Adapt) -> HandlerConfig:
             log.warning("cluster: this fleet version ignores the master's %s; upgrade this node", ", ".join(unknown))
         try:
             return adapt(HandlerConfig.from_dict(agent.config))
+        except PolicyRefused:
+            raise
         except (ConfigError, TypeError, KeyError) as error:
             log.error("cluster: refused a configuration: %s", error)
             agent.config = None
 
 
-def _cannot_serve(agent: ClusterAgent, problem: str) -> None:
-    """Heartbeat the error for a while instead of crash-looping, then ask again."""
-    log.error("cannot serve generation %d: %s", agent.generation, problem)
+def _cannot_serve(agent: ClusterAgent, problem: str, said: list[str]) -> None:
+    """Heartbeat the error for a while instead of crash-looping, then ask again.
+    The same problem as last time (``said``) is not logged again."""
+    if said != [problem]:
+        log.error("cannot serve generation %d: %s", agent.generation, problem)
+        said[:] = [problem]
     agent.config = None
     status = HostStatus(state="degraded", generation=agent.generation, workers_ready=0, workers_total=0,
                         requests_served=0, rss=0, error=problem[:500])

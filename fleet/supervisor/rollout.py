@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from fleet.cluster.agent import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.cluster.policy import PolicyRefused
 from fleet.config import ConfigError, HandlerConfig
 
 log = logging.getLogger("fleet.supervisor")
@@ -109,6 +110,11 @@ class Rollout:
             log.warning("cluster: nodes ahead have not finished their reload in %.0f s; going anyway", waited)
         try:
             config = self.adapt_config(HandlerConfig.from_dict(event.config))
+        except PolicyRefused as refused:  # outside this node's policy: keep what runs, say why
+            log.error("cluster: generation %d %s; this node keeps generation %d", event.generation,
+                      refused, self.generation)
+            self.last_error = str(refused)[:MAX_ERROR]
+            return
         except (ConfigError, TypeError, KeyError) as error:
             log.error("cluster: refused a configuration: %s", error)
             self.last_error = f"bad configuration: {error}"[:MAX_ERROR]

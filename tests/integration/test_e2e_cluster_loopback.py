@@ -160,3 +160,31 @@ def test_fleet_status_asks_and_every_host_answers_at_once(harness: Harness, clus
 
     hosts = wait_for(everyone, 60, what="fleet status to list all three hosts")
     assert all(h["state"] == "ready" and h.get("reported_by") != "master" for h in hosts), hosts
+
+
+def test_a_node_refuses_what_its_policy_does_not_allow(harness: Harness, cluster_args: list[str]) -> None:
+    """First join: a module outside the policy runs nothing and says why. Later: a
+    configuration over the node's limit is refused and the node keeps serving the old."""
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    master = harness.master(master_args(server, processes=1, threads=1) + cluster_args + ["--node-name", "m"])
+    strict = harness.node(cluster_args + ["--node-name", "strict", "--allow-module", "shop.*"], ready=False)
+    limited = harness.node(cluster_args + ["--node-name", "limited", "--allow-module", "apps:*",
+                                           "--max-processes", "1"])
+
+    def host(name: str) -> dict:
+        return next((h for h in status(cluster_args)["hosts"] if h["hostname"] == name), {})
+
+    refused = wait_for(lambda: (h := host("strict")).get("error") and h, 30, what="the strict node to say why")
+    assert refused["error"].startswith("refused: module 'apps:router' is not allowed here"), refused
+    assert refused["workers_total"] == 0 and not strict.descendants()
+    assert strict.stderr_text().count("is not allowed here") == 1  # said once, though announced every second
+
+    before = host("limited")
+    assert before["state"] == "ready" and before["workers_ready"] == 1
+    workers = {child.pid for child in limited.descendants()}
+    master.stop()
+    harness.master(master_args(server, processes=2, threads=1) + cluster_args + ["--node-name", "m"])
+    after = wait_for(lambda: (h := host("limited")).get("error") and h, 30, what="the limited node to refuse")
+    assert after["error"].startswith("refused: 2 processes is over this node's limit of 1"), after
+    assert after["state"] == "ready" and after["workers_ready"] == 1 and after["generation"] == before["generation"]
+    assert {child.pid for child in limited.descendants()} == workers  # the same workers serve on
