@@ -34,6 +34,8 @@
 /* Kept equal to the Python reference (broker.py, core.py, zmtp.py); test_dispatch_core checks. */
 #define MAX_BACKLOG 10000
 #define MAX_GONE_PIDS 4096
+#define CLOSED_MEMORY 60.0
+#define MAX_CLOSED 4096
 #define MAX_FRAME (1ULL << 30)
 #define RECV_SIZE 65536
 #define TICK_MS 50
@@ -174,13 +176,15 @@ typedef struct {
     PyObject *served;   /* pid -> int */
     PyObject *gone;     /* pid -> None, oldest first */
     PyObject *balance;  /* key -> credits (flow control) */
+    PyObject *closed;   /* key -> when its worker closed it (float), oldest first */
+    PyObject *dropped;  /* waiting tuples of messages dropped for closed connections, for the glue */
     int accepting;
     double ticked_at;
 } Core;
 
 static PyObject *zero, *one;
 static PyObject *str_on_tick, *str_on_fd, *str_on_lost, *str_on_ready, *str_on_rejected, *str_on_unknown,
-    *str_answer, *str_request_credits, *str_control_event, *str_credits, *str_disconnect;
+    *str_answer, *str_request_credits, *str_control_event, *str_credits, *str_disconnect, *str_dropped;
 
 #define LOCK(self) do { Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&(self)->mutex); Py_END_ALLOW_THREADS } while (0)
 #define UNLOCK(self) pthread_mutex_unlock(&(self)->mutex)
@@ -497,6 +501,20 @@ static void request(Core *self, int index, PyObject *sender, uint64_t key, PyObj
         PyErr_Clear();
         return;
     }
+    if (PyDict_GET_SIZE(self->closed)) {
+        PyObject *when = PyDict_GetItemWithError(self->closed, k);
+        if (when && monotonic() - PyFloat_AsDouble(when) < CLOSED_MEMORY) {
+            PyObject *own_id = conn_id ? Py_NewRef(conn_id) : conn_id_bytes(key);
+            PyObject *tuple = own_id ? waiting_tuple(index, sender, own_id, 0.0, 0, 1, raw) : NULL;
+            if (!tuple || PyList_Append(self->dropped, tuple) < 0) PyErr_Clear();
+            Py_XDECREF(tuple);
+            Py_XDECREF(own_id);
+            Py_DECREF(k);
+            return;
+        }
+        if (when && PyDict_DelItem(self->closed, k) < 0) PyErr_Clear();
+        PyErr_Clear();
+    }
     Py_DECREF(k);
     int slot = pick(self);
     if (slot >= 0) {
@@ -570,8 +588,38 @@ static void broker_credit(Core *self, PyObject *ident, long pid, long count) {
     drain_backlog(self);
 }
 
+/* broker._remember_closed */
+static void remember_closed(Core *self, PyObject *k) {
+    PyObject *now = PyFloat_FromDouble(monotonic());
+    if (!now) { PyErr_Clear(); return; }
+    if (PyDict_DelItem(self->closed, k) < 0) PyErr_Clear();  /* to the end: oldest first */
+    if (PyDict_SetItem(self->closed, k, now) < 0) PyErr_Clear();
+    Py_DECREF(now);
+    if (PyDict_GET_SIZE(self->closed) > MAX_CLOSED) {
+        Py_ssize_t pos = 0;
+        PyObject *oldest, *value;
+        if (PyDict_Next(self->closed, &pos, &oldest, &value)) {
+            Py_INCREF(oldest);
+            if (PyDict_DelItem(self->closed, oldest) < 0) PyErr_Clear();
+            Py_DECREF(oldest);
+        }
+    }
+}
+
+/* broker.forget_closed */
+static void forget_closed(Core *self, int index) {
+    PyObject *keys = PyDict_Keys(self->closed);
+    if (!keys) { PyErr_Clear(); return; }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *k = PyList_GET_ITEM(keys, i);
+        if ((int)(PyLong_AsUnsignedLongLong(k) >> 40) == index && PyDict_DelItem(self->closed, k) < 0) PyErr_Clear();
+    }
+    Py_DECREF(keys);
+    PyErr_Clear();
+}
+
 /* broker.done */
-static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_id, int credit) {
+static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_id, int credit, int closed) {
     int slot = thread_slot(self, ident);
     if (slot < 0) { PyErr_Clear(); return; }
     uint64_t key = make_key(index, conn_id);
@@ -590,6 +638,19 @@ static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_i
     if (credit && !t->retiring) t->credits++;
     file_thread(self, slot);
     PyObject *k = key_object(key);
+    if (k && closed) {
+        remember_closed(self, k);
+        PyObject *behind = PyDict_GetItemWithError(self->parked, k);
+        for (Py_ssize_t i = 0; behind && i < PyList_GET_SIZE(behind); i++) {
+            PyObject *item = PyList_GET_ITEM(behind, i);
+            PyObject *tuple = waiting_tuple(index, PyTuple_GET_ITEM(item, 0), conn_id, 0.0, 0, 1,
+                                            PyTuple_GET_ITEM(item, 1));
+            if (!tuple || PyList_Append(self->dropped, tuple) < 0) PyErr_Clear();
+            Py_XDECREF(tuple);
+        }
+        if (behind && PyDict_DelItem(self->parked, k) < 0) PyErr_Clear();
+        PyErr_Clear();
+    }
     PyObject *queue = k ? PyDict_GetItemWithError(self->parked, k) : NULL;
     if (queue && PyList_GET_SIZE(queue)) {
         PyObject *item = Py_NewRef(PyList_GET_ITEM(queue, 0));
@@ -872,10 +933,11 @@ static void from_worker(Core *self, Conn *conn, PyObject **frames, int n) {
     char kind = head_len ? head[0] : 0;
     if ((kind == '=' || kind == '-') && head_len >= 2 && n >= 2) {
         int index = (unsigned char)head[1];
-        if (n > 2) {  /* a flow-controlled response: bytes sent, "c" if closed */
+        int closed = 0;
+        if (n > 2) {  /* bytes sent (a flow-controlled response), "c" if it closed the connection */
             const char *report = PyBytes_AS_STRING(frames[2]);
             Py_ssize_t size = PyBytes_GET_SIZE(frames[2]);
-            int closed = size && report[size - 1] == 'c';
+            closed = size && report[size - 1] == 'c';
             long long sent = strtoll(report, NULL, 10);
             PyObject *k = key_object(make_key(index, frames[1]));
             if (k && closed) {
@@ -891,7 +953,7 @@ static void from_worker(Core *self, Conn *conn, PyObject **frames, int n) {
             Py_XDECREF(k);
             PyErr_Clear();
         }
-        broker_done(self, ident, index, frames[1], kind == '=');
+        broker_done(self, ident, index, frames[1], kind == '=', closed);
     } else if (kind == '+' && n >= 2) {
         const char *id = PyBytes_AS_STRING(ident);
         long pid = strtol(id, NULL, 10);
@@ -1002,6 +1064,12 @@ static void pump(Core *self, struct epoll_event *events, int n) {
         }
     }
     links_flush(self);
+    if (PyList_GET_SIZE(self->dropped)) {
+        PyObject *dropped = self->dropped;
+        self->dropped = PyList_New(0);
+        if (!self->dropped) { PyErr_Clear(); self->dropped = dropped; return; }
+        glue_notify(self, str_dropped, "(N)", dropped);
+    }
 }
 
 /* One pass: wait up to timeout_ms, handle the batch; events handled, -1 once stopped, -2 on error. */
@@ -1067,6 +1135,7 @@ static PyObject *Core_attach(Core *self, PyObject *args) {
     }
     LOCK(self);
     mongrel2_close(self, index);
+    forget_closed(self, index);
     Mongrel2 *m = &self->mongrel2[index];
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     m->fd = fd;
@@ -1382,8 +1451,10 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->served = PyDict_New();
     self->gone = PyDict_New();
     self->balance = PyDict_New();
+    self->closed = PyDict_New();
+    self->dropped = PyList_New(0);
     if (!self->by_ident || !self->watched || !self->thread_of || !self->holder || !self->parked || !self->served
-        || !self->gone || !self->balance) return -1;
+        || !self->gone || !self->balance || !self->closed || !self->dropped) return -1;
     self->nmongrel2 = endpoints;
     self->mongrel2 = calloc(endpoints ? endpoints : 1, sizeof(Mongrel2));
     if (!self->mongrel2) { PyErr_NoMemory(); return -1; }
@@ -1465,6 +1536,8 @@ static void Core_dealloc(Core *self) {
     Py_XDECREF(self->served);
     Py_XDECREF(self->gone);
     Py_XDECREF(self->balance);
+    Py_XDECREF(self->closed);
+    Py_XDECREF(self->dropped);
     pthread_mutex_destroy(&self->mutex);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1531,11 +1604,14 @@ PyMODINIT_FUNC PyInit__core(void) {
     INTERN(str_control_event, "control_event");
     INTERN(str_credits, "credits");
     INTERN(str_disconnect, "disconnect");
+    INTERN(str_dropped, "dropped");
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&CoreType);
     if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) return NULL;
     PyModule_AddIntConstant(m, "MAX_BACKLOG", MAX_BACKLOG);
     PyModule_AddIntConstant(m, "MAX_GONE_PIDS", MAX_GONE_PIDS);
+    PyModule_AddIntConstant(m, "MAX_CLOSED", MAX_CLOSED);
+    PyModule_AddObject(m, "CLOSED_MEMORY", PyFloat_FromDouble(CLOSED_MEMORY));
     return m;
 }

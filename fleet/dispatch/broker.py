@@ -32,6 +32,12 @@ MAX_GONE_PIDS = 4096
 # Requests waiting for a free thread; past this the broker answers 503, so a
 # host whose workers are all stuck sheds load instead of growing without end.
 MAX_BACKLOG = 10_000
+# Connections a worker closed are remembered this long (at most MAX_CLOSED of
+# them): what Mongrel2 still sends for one, such as the done message of an
+# upload whose start was refused, is dropped instead of served (and refused,
+# and logged) a second time. Mongrel2 never reuses a connection id while it runs.
+CLOSED_MEMORY = 60.0
+MAX_CLOSED = 4096
 
 
 
@@ -103,6 +109,10 @@ class Broker:
         self._parked: dict[ConnKey, deque[tuple[bytes, bytes]]] = {}
         self._backlog: deque[tuple[int, bytes, bytes, bytes]] = deque()
         self._gone: dict[int, None] = {}  # recently reaped worker pids, oldest first
+        self._closed: dict[ConnKey, float] = {}  # connections a worker closed -> when, oldest first
+        # Messages for closed connections, dropped: the dispatcher takes them (take_dropped)
+        # to delete their upload files.
+        self._dropped: list[Orphan] = []
 
     def worker_started(self, pid: int) -> None:
         """A new worker may reuse the pid of a reaped one."""
@@ -125,8 +135,9 @@ class Broker:
         self._file(thread)
         return self._drain_backlog()
 
-    def done(self, ident: bytes, index: int, conn_id: bytes, credit: bool) -> list[Assignment]:
-        """A thread finished the request of (index, conn_id); maybe it wants another."""
+    def done(self, ident: bytes, index: int, conn_id: bytes, credit: bool, closed: bool = False) -> list[Assignment]:
+        """A thread finished the request of (index, conn_id), ``closed`` if it closed the
+        connection; maybe it wants another."""
         key = (index, conn_id)
         thread = self.threads.get(ident)
         if thread is None:
@@ -140,6 +151,10 @@ class Broker:
             thread.credits += 1
         self._file(thread)
         assignments: list[Assignment] = []
+        if closed:
+            self._remember_closed(key)
+            for sender, raw in self._parked.pop(key, ()):
+                self._dropped.append(Orphan(index, sender, conn_id, behind=True, raw=raw))
         parked = self._parked.get(key)
         if parked:
             sender, raw = parked.popleft()
@@ -207,6 +222,11 @@ class Broker:
         if key in self.holder:
             self._parked.setdefault(key, deque()).append((sender, raw))
             return None
+        if self._closed and key in self._closed:
+            if self.clock() - self._closed[key] < CLOSED_MEMORY:
+                self._dropped.append(Orphan(index, sender, conn_id, behind=True, raw=raw))
+                return None
+            del self._closed[key]
         ident = self._pick()
         if ident is None:
             if len(self._backlog) >= MAX_BACKLOG:
@@ -214,6 +234,22 @@ class Broker:
             self._backlog.append((index, sender, conn_id, raw))
             return None
         return self._assign(ident, key, sender, raw)
+
+    def take_dropped(self) -> list[Orphan]:
+        """The messages dropped since the last call, for closed connections."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def forget_closed(self, index: int) -> None:
+        """Mongrel2 ``index`` connected anew (perhaps restarted: its ids start again)."""
+        for key in [key for key in self._closed if key[0] == index]:
+            del self._closed[key]
+
+    def _remember_closed(self, key: ConnKey) -> None:
+        self._closed.pop(key, None)
+        self._closed[key] = self.clock()
+        if len(self._closed) > MAX_CLOSED:
+            del self._closed[next(iter(self._closed))]
 
     def holder_of(self, index: int, conn_id: bytes) -> bytes | None:
         return self.holder.get((index, conn_id))

@@ -95,6 +95,7 @@ class Core:
     def attach(self, index: int, fd: int, rest: bytes) -> None:
         with self.lock:
             self.close_endpoint(index)
+            self.broker.forget_closed(index)
             self.endpoints[index] = _Endpoint(fd)
             self.by_fd[fd] = index
             self.epoll.register(fd, select.EPOLLIN)
@@ -196,6 +197,9 @@ class Core:
             elif fd in self.watched:
                 self.glue.on_fd(fd)
         self.links.flush()
+        dropped = self.broker.take_dropped()
+        if dropped:
+            self.glue.dropped([orphan_tuple(orphan) for orphan in dropped])
 
     # -- Mongrel2 -> workers -------------------------------------------------------------
 
@@ -293,10 +297,12 @@ class Core:
             head = frames[0]
             kind = head[:1]
             if kind == DONE or kind == DONE_LAST:
-                if len(frames) > 2:  # a flow-controlled response: bytes sent, "c" if closed
+                closed = False
+                if len(frames) > 2:  # bytes sent (a flow-controlled response), "c" if it closed the connection
                     report = frames[2]
-                    self.credits.spent((head[1], frames[1]), int(report.rstrip(b"c")), report.endswith(b"c"))
-                assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE)
+                    closed = report.endswith(b"c")
+                    self.credits.spent((head[1], frames[1]), int(report.rstrip(b"c") or 0), closed)
+                assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE, closed=closed)
             elif kind == CREDIT:
                 assignments = broker.credit(ident, ident_pid(ident), int(frames[1]))
             elif kind == RETIRE:

@@ -258,6 +258,14 @@ class Dispatcher:
             publisher.send(encode_close(orphan.sender, [orphan.conn_id]))
         self._discard_uploads(orphans)
 
+    def dropped(self, orphans: list[tuple]) -> None:
+        """The core dropped messages for connections their worker had closed (such as
+        the done message of an upload whose start was refused): delete their uploads."""
+        dropped = [Orphan(*fields) for fields in orphans]
+        for orphan in dropped:
+            log.debug("dropped a message for connection %s, which its worker had closed", orphan.conn_id.decode())
+        self._discard_uploads(dropped)
+
     def _discard_uploads(self, orphans: list[Orphan]) -> None:
         """Delete the upload files of requests no worker will serve: the worker
         that would have deleted one is gone, and Mongrel2 never does."""

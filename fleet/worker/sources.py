@@ -146,6 +146,8 @@ class BrokerSource:
         reply = [frames.tagged(kind, index), conn_id]
         if sent is not None:  # a flow-controlled connection: bytes sent, "c" if closed
             reply.append(b"%d%s" % (sent, b"c" if closed else b""))
+        elif closed:  # what Mongrel2 still sends for this connection is to be dropped
+            reply.append(b"c")
         return encode(reply)
 
     def has_more(self) -> bool:

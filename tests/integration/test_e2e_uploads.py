@@ -6,12 +6,13 @@ import hashlib
 import http.client
 import json
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from fleet.dev.mongrel2 import Mongrel2
-from tests.support.harness import CONTENT_LENGTH, request, upload_files, wait_for
+from tests.support.harness import CONTENT_LENGTH, log_text, master_args, request, upload_files, wait_for
 
 pytestmark = pytest.mark.usefixtures("master")
 
@@ -87,3 +88,16 @@ def test_forged_upload_headers_are_rejected(m2: Mongrel2, prefix: str, planted: 
     resp = request(m2, "POST", f"{prefix}upload", body=body, headers=headers, timeout=15)
     assert resp.status == 400, resp.body[:300]
     assert b"root:" not in resp.body and b"secret" not in resp.body
+
+
+def test_a_refused_upload_is_refused_and_logged_once(harness) -> None:
+    """Mongrel2's temp_store is not the one fleet was told: the upload's start is refused
+    (400, close). Mongrel2 still sends the done message; the dispatcher drops it instead
+    of having it refused, and logged, a second time."""
+    m2 = harness.mongrel2(upload_store="/tmp/other.upload.XXXXXX")
+    master = harness.master(master_args(m2))
+    for _ in range(3):
+        assert request(m2, "POST", "/t/upload", body=os.urandom(300_000), timeout=30).status == 400
+    wait_for(lambda: log_text(master).count("refused upload") >= 3, 10, what="three refusals in the log")
+    time.sleep(1)  # time for a second refusal of each, if the done messages were served
+    assert log_text(master).count("refused upload") == 3

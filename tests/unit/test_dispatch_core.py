@@ -19,7 +19,7 @@ import tnetstring
 from fleet import native
 from fleet.dispatch import core as pure_core
 from fleet.dispatch import frames as wire
-from fleet.dispatch.broker import MAX_BACKLOG, MAX_GONE_PIDS
+from fleet.dispatch.broker import CLOSED_MEMORY, MAX_BACKLOG, MAX_CLOSED, MAX_GONE_PIDS
 from fleet.dispatch.link import ThreadLink
 from fleet.mongrel2 import zmtp
 from fleet.mongrel2.codec import Credits, Disconnect, parse_message
@@ -69,6 +69,9 @@ class Glue:
 
     def answer(self, orphans: list, status: int) -> None:
         self.answered.append((status, [tuple(o) for o in orphans]))
+
+    def dropped(self, orphans: list) -> None:
+        self.answered.append(("dropped", [tuple(o) for o in orphans]))
 
     def request_credits(self, index: int, raw: bytes) -> int | None:
         return parse_message(raw).download_credits
@@ -166,7 +169,8 @@ def rig(core_class, tmp_path):
 def test_the_limits_are_the_references(core_class) -> None:
     if core_class is not pure_core.Core:
         module = native.compiled("fleet.dispatch._core")
-        assert (module.MAX_BACKLOG, module.MAX_GONE_PIDS) == (MAX_BACKLOG, MAX_GONE_PIDS)
+        assert (module.MAX_BACKLOG, module.MAX_GONE_PIDS, module.MAX_CLOSED, module.CLOSED_MEMORY) == \
+            (MAX_BACKLOG, MAX_GONE_PIDS, MAX_CLOSED, CLOSED_MEMORY)
 
 
 def test_a_request_goes_to_a_thread_that_asked_and_its_done_counts(rig) -> None:
@@ -300,9 +304,10 @@ def test_flow_control_credits_are_kept_per_connection(rig) -> None:
     rig.done(b"100/0", 1, report=b"3000")
     rig.push(req(1, "/second"))
     assert rig.got(b"100/0") == [[b"C\x00", grant], [b"Q\x00", req(1, "/second"), b"9000"]]
-    rig.done(b"100/0", 1, report=b"10c")  # closed: the balance is forgotten
+    rig.done(b"100/0", 1, report=b"10c")  # closed: the balance is forgotten, what comes for it dropped
     rig.push(req(1, "/third"))
-    assert rig.got(b"100/0") == [[b"Q\x00", req(1, "/third")]]
+    assert rig.got(b"100/0") == []
+    assert rig.glue.answered == [("dropped", [(0, b"S", b"1", 0.0, False, True, req(1, "/third"))])]
 
 
 def test_bad_input_is_reported_and_serving_goes_on(rig) -> None:
@@ -338,6 +343,37 @@ def test_ready_and_lost_and_watched_fds_reach_the_glue(rig) -> None:
     assert rig.glue.lost == [0] and not rig.core.endpoint_open(0)
 
 
+def test_what_comes_for_a_connection_its_worker_closed_is_dropped(rig) -> None:
+    """An upload's start refused (400 and close): its done message, parked behind it or
+    arriving later, is dropped and handed to the glue (to delete its file), not served."""
+    rig.thread(b"100/0", credits=1)
+    rig.push(req(7, "/start"), req(7, "/done-parked"))
+    assert rig.got(b"100/0") == [[b"Q\x00", req(7, "/start")]]
+    rig.done(b"100/0", 7, report=b"c")
+    rig.push(req(7, "/done-late"), req(8, "/other"))
+    assert rig.got(b"100/0") == [[b"Q\x00", req(8, "/other")]]
+    assert rig.glue.answered == [
+        ("dropped", [(0, b"S", b"7", 0.0, False, True, req(7, "/done-parked"))]),
+        ("dropped", [(0, b"S", b"7", 0.0, False, True, req(7, "/done-late"))]),
+    ]
+    rig.done(b"100/0", 8)  # not closed: what follows on 8 is served
+    rig.push(req(8, "/again"))
+    assert rig.got(b"100/0") == [[b"Q\x00", req(8, "/again")]]
+
+
+def test_a_reattached_mongrel2_starts_with_no_closed_connections(rig) -> None:
+    rig.thread(b"100/0", credits=1)
+    rig.push(req(7))
+    rig.got(b"100/0")
+    rig.done(b"100/0", 7, report=b"c")
+    ours, theirs = socket.socketpair()
+    rig.core.attach(0, theirs.detach(), b"")  # Mongrel2 restarted: its connection ids start again
+    rig.mongrel2[0].close()
+    rig.mongrel2[0] = ours
+    rig.push(req(7, "/new"))
+    assert rig.got(b"100/0") == [[b"Q\x00", req(7, "/new")]]
+
+
 def test_bytes_that_came_with_the_handshake_are_read_first(core_class, tmp_path) -> None:
     glue = Glue()
     core = core_class(str(tmp_path / "link"), 1, glue)
@@ -370,7 +406,8 @@ def history(seed: int) -> list[tuple]:
     rng = random.Random(seed)
     steps: list[tuple] = []
     for _ in range(120):
-        kind = rng.choice(["request"] * 5 + ["credit"] * 2 + ["done"] * 4 + ["gone", "retire", "control", "close"])
+        kind = rng.choice(["request"] * 5 + ["credit"] * 2 + ["done"] * 4
+                          + ["closing done", "gone", "retire", "control", "close"])
         steps.append((kind, rng.randrange(3), rng.randrange(2), rng.randrange(1, 4), rng.randrange(4)))
     return steps
 
@@ -393,6 +430,8 @@ def replay(core_class, tmp_path: Path, steps: list[tuple]) -> list:
                     rig.send(ident, [wire.CREDIT, b"%d" % count])
             elif kind == "done" and held.get(ident):
                 rig.done(ident, held[ident].pop(0))
+            elif kind == "closing done" and held.get(ident):
+                rig.done(ident, held[ident].pop(0), report=b"c")
             elif kind == "gone":
                 seen.append(("gone", pid, [o[:3] + o[4:] for o in rig.core.worker_gone(pid)]))
                 for key in [k for k in held if k.startswith(b"%d/" % pid)]:
