@@ -186,5 +186,7 @@ def test_a_node_refuses_what_its_policy_does_not_allow(harness: Harness, cluster
     harness.master(master_args(server, processes=2, threads=1) + cluster_args + ["--node-name", "m"])
     after = wait_for(lambda: (h := host("limited")).get("error") and h, 30, what="the limited node to refuse")
     assert after["error"].startswith("refused: 2 processes is over this node's limit of 1"), after
-    assert after["state"] == "ready" and after["workers_ready"] == 1 and after["generation"] == before["generation"]
+    # Still serving its generation with its workers, and flagged: it does not run what the master announces.
+    assert after["state"] == "degraded" and after["workers_ready"] == 1
+    assert after["generation"] == before["generation"]
     assert {child.pid for child in limited.descendants()} == workers  # the same workers serve on
