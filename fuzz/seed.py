@@ -144,6 +144,8 @@ MESSAGES = {
     "log": cp.Log(**ENVELOPE, level="warning", text="disk is 91% full\ton /srv"),
     "leave": cp.Leave(**ENVELOPE),
     "status-request": cp.StatusRequest(**ENVELOPE),
+    "announce-page": cp.Announce(**ENVELOPE, generation=3, config=CONFIG, address=("10.0.0.1", 7000),
+                                 members=[MEMBER], page=2, pages=3),
 }
 
 

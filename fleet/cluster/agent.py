@@ -164,9 +164,11 @@ class ClusterAgent:
         self._last_served: tuple[float, int] | None = None
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
-        self.master_members: list[dict[str, Any]] = []  # the master's node table, as last announced
+        self.master_members: list[dict[str, Any]] = []  # the master's node table, from its announced pages
         self.master_node_id: str | None = None  # hex, of the master whose announce we last heard
-        self.announced_at: float | None = None  # when we last heard the master's announce
+        self._announced_pages: dict[int, tuple[list, float]] = {}  # page -> (rows, when heard)
+        self._rows_per_page = proto.MAX_ANNOUNCED_MEMBERS  # the master's: halved while a page does not fit
+        self._page = 0  # the master's next page to announce
         self._status: HostStatus | None = None  # as of the last tick: what a status request is answered with
         self._answered_at = 0.0
         self._asking_since: float | None = None  # an observer waiting for answers (fleet status)
@@ -209,27 +211,41 @@ class ClusterAgent:
         for gone in self.peers.expire(now):
             log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
-    def announce(self, now: float) -> None:
+    def announce(self, now: float, every_page: bool = False) -> None:
+        """The configuration and one page of the node table (the next, in turn), or every page.
+
+        Every host is in some page (listeners hear the live ones themselves: the
+        table is there for the silent ones); a page holds what fits one datagram."""
         self._next_announce = now + ANNOUNCE_INTERVAL
-        # A listener hears the live hosts itself: the table is there for the silent
-        # ones. When it must be cut, keep those (stable sort: by hostname within).
         hosts = sorted(self.members.hosts(now), key=lambda h: h.state not in ("dead", "lost"))
         rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
-                 h.workers_total, round(h.last_seen_age, 1)]
-                for h in hosts][: proto.MAX_ANNOUNCED_MEMBERS]
+                 h.workers_total, round(h.last_seen_age, 1)] for h in hosts]
         peers = [list(address) for address in self.peers.addresses()][: proto.MAX_ANNOUNCED_PEERS]
         while True:
+            size = self._rows_per_page
+            pages = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
+            chosen = range(len(pages)) if every_page else [self._page % len(pages)]
             try:
-                message = self._send(proto.Announce, now, generation=self.generation, config=self.config,
-                                     address=self.address, members=rows, peers=peers)
-                # Our own announce takes part too: another master that disagrees with it is a conflict.
-                self._report_conflicts(message, now)
-                return
+                messages = [self.origin.make(proto.Announce, now, generation=self.generation, config=self.config,
+                                             address=self.address, members=pages[n], peers=peers, page=n,
+                                             pages=len(pages)) for n in chosen]
+                datagrams = [self._encode(message) for message in messages]
             except proto.TooLarge:
-                if not rows and not peers:
+                if size == 1 and not peers:
                     raise
-                # Long host names, many peers: announce fewer rows and peers (repeated every second anyway).
-                rows, peers = rows[: len(rows) // 2], peers[: len(peers) // 2]
+                # Long host names, many peers: fewer rows a page, then fewer peers.
+                if size > 1:
+                    self._rows_per_page = size // 2
+                else:
+                    peers = peers[: len(peers) // 2]
+                continue
+            for datagram in datagrams:
+                self.channel.send(datagram)
+            if not every_page:
+                self._page = (self._page + 1) % len(pages)
+            # Our own announce takes part too: another master that disagrees with it is a conflict.
+            self._report_conflicts(messages[0], now)
+            return
 
     def set_generation(self, generation: int) -> None:
         self.generation = generation
@@ -255,9 +271,10 @@ class ClusterAgent:
         self._ask(now)
 
     def answered_since(self, since: float, now: float) -> bool:
-        """Whether, since ``since``, the master announced and it and every host its table
-        has as alive heartbeated: what fleet status waits for before it prints."""
-        if self.announced_at is None or self.announced_at < since:
+        """Whether, since ``since``, the master announced every page of its table and it and
+        every host the table has as alive heartbeated: what fleet status waits for."""
+        pages = self._announced_pages
+        if not pages or any(when < since for _, when in pages.values()):
             return False
         fresh = {h.node_id for h in self.members.hosts(now) if now - h.last_seen_age >= since}
         expected = {row["node_id"] for row in self.master_members if row["state"] not in ("dead", "lost")}
@@ -273,7 +290,7 @@ class ClusterAgent:
             return
         self._answered_at = now
         if self.role == "master":
-            self.announce(now)
+            self.announce(now, every_page=True)
         if self._status is not None:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, self._status))
@@ -441,9 +458,8 @@ class ClusterAgent:
         self._report_conflicts(message, now)
         if self.role == "master":
             return None
-        self.master_members = [dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members]
+        self._take_page(message, now)
         self.master_node_id = message.node_id.hex()
-        self.announced_at = now
         for peer in message.peers:  # the master's unicast peers: seed-only hosts learn each other here
             self._learn_peer(peer, now)
         if self.master_lost:
@@ -454,6 +470,18 @@ class ClusterAgent:
         self.config = message.config
         self.generation = message.generation
         return ApplyConfig(message.config, message.generation)
+
+    def _take_page(self, message: proto.Announce, now: float) -> None:
+        """One page of the master's node table; the table is every page heard lately."""
+        pages = self._announced_pages
+        for page in [page for page in pages if page >= message.pages]:
+            del pages[page]  # the table shrank
+        pages[message.page] = ([dict(zip(proto.ANNOUNCED_MEMBER_FIELDS, row)) for row in message.members], now)
+        # A page is announced every `pages` intervals: one older than a few rounds belongs to a bigger past.
+        fresh_after = now - (message.pages + 3) * ANNOUNCE_INTERVAL
+        for page in [page for page, (_, when) in pages.items() if when < fresh_after]:
+            del pages[page]
+        self.master_members = [row for page in sorted(pages) for row in pages[page][0]]
 
     def close(self) -> None:
         self.channel.close()

@@ -95,6 +95,8 @@ ANNOUNCED_MEMBER_FIELDS = ("node_id", "hostname", "address", "role", "state", "g
 # only know a seed list learn each other; cut like the node table when an
 # announce would not fit.
 MAX_ANNOUNCED_PEERS = 128
+# Pages of the node table: enough for membership.MAX_HOSTS hosts at one row a page.
+MAX_ANNOUNCE_PAGES = 1024
 MAX_COUNTER = 2**63 - 1  # sequence numbers, generations, counters: msgpack int64
 MAX_WORKERS = 65535  # more than any host runs; catches sign and unit mistakes
 TIMESTAMP_WINDOW = 30.0  # seconds either side of `now`: replay window, and clock skew tolerated
@@ -299,6 +301,10 @@ class Announce(Message):
     # --cluster-peers): hosts where multicast is dropped send to these too.
     # Optional: an older master sends none, an older node ignores it.
     peers: list = field(default_factory=list, hash=False)
+    # The node table comes in pages of at most MAX_ANNOUNCED_MEMBERS rows: this is
+    # page `page` of `pages`. Optional: an older master sends the only page.
+    page: int = 0
+    pages: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -316,6 +322,8 @@ class Announce(Message):
         if type(self.peers) not in (list, tuple) or len(self.peers) > MAX_ANNOUNCED_PEERS:
             raise ValueError(f"peers must be a list of at most {MAX_ANNOUNCED_PEERS} addresses")
         object.__setattr__(self, "peers", [_check_address("peers item", peer) for peer in self.peers])
+        _check_int("pages", self.pages, 1, MAX_ANNOUNCE_PAGES)
+        _check_int("page", self.page, 0, self.pages - 1)
 
 
 @dataclass(frozen=True, kw_only=True)

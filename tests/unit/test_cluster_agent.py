@@ -126,30 +126,54 @@ def test_nodes_take_turns_in_a_rolling_reload(options) -> None:
             agent.close()
 
 
-def test_a_cut_node_table_keeps_the_dead_hosts(options) -> None:
-    """More hosts than MAX_ANNOUNCED_MEMBERS: the dead one, sorted last by name, is still announced."""
+def _fill(master: ClusterAgent, count: int, silent: str | None = None) -> list[str]:
+    """``count`` hosts in the master's table, all alive but ``silent``, which is dead."""
+    names = [f"h{i:04d}" for i in range(count)]
+    origins = {name: proto.Origin("unit", proto.derive_node_id(name), proto.new_boot_id()) for name in names}
+    start = time.time() - 5 * master.members.dead_after
+    body = dict(role="node", state="ready", generation=1, workers_ready=1, workers_total=1,
+                requests_served=0, requests_per_second=0.0, rss=0, address=("127.0.0.1", 1))
+    for name in names:
+        master.members.observe(origins[name].make(proto.Heartbeat, start, hostname=name, **body), ("127.0.0.1", 1),
+                               start)
+    now = time.time()
+    for name in (n for n in names if n != silent):
+        master.members.observe(origins[name].make(proto.Heartbeat, now, hostname=name, **body), ("127.0.0.1", 1),
+                               now)
+    master.members.tick(now)
+    return names
+
+
+def test_the_node_table_is_announced_whole_in_pages(options, monkeypatch) -> None:
+    """Four times MAX_ANNOUNCED_MEMBERS hosts (the table used to be cut at 48 rows): every
+    page fits a datagram, the announces take turns through them, and a status request
+    brings them all at once; the dead host is in it."""
     master = ClusterAgent(options("m"), "master", config=CONFIG)
     observer = ClusterAgent(options("cli"), "observer")
+    sizes = []
+    real_send = master.channel.send
+    monkeypatch.setattr(master.channel, "send", lambda data: sizes.append(len(data)) or real_send(data))
     try:
-        names = [f"h{i}" for i in range(1, proto.MAX_ANNOUNCED_MEMBERS + 3)]
-        origins = {name: proto.Origin("unit", proto.derive_node_id(name), proto.new_boot_id()) for name in names}
-        start = time.time() - 5 * master.members.dead_after
-        body = dict(role="node", state="ready", generation=1, workers_ready=1, workers_total=1,
-                    requests_served=0, requests_per_second=0.0, rss=0, address=("127.0.0.1", 1))
-        for name in names:
-            heartbeat = origins[name].make(proto.Heartbeat, start, hostname=name, **body)
-            master.members.observe(heartbeat, ("127.0.0.1", 1), start)
-        silent = max(names)  # "h9": last in the table's hostname order
-        now = time.time()
-        for name in (n for n in names if n != silent):
-            heartbeat = origins[name].make(proto.Heartbeat, now, hostname=name, **body)
-            master.members.observe(heartbeat, ("127.0.0.1", 1), now)
-        master.members.tick(now)
-        master.announce(now)
+        names = _fill(master, 4 * proto.MAX_ANNOUNCED_MEMBERS, silent="h0100")
+        master.announce(time.time())
+        pump(observer)
+        assert 0 < len(observer.master_members) <= proto.MAX_ANNOUNCED_MEMBERS  # one page
+        for _ in range(5):
+            master.announce(time.time())
         pump(observer)
         announced = {row["hostname"]: row["state"] for row in observer.master_members}
-        assert len(announced) == proto.MAX_ANNOUNCED_MEMBERS < len(names)
-        assert announced[silent] == "dead"
+        assert sorted(announced) == names and announced["h0100"] == "dead"
+        assert max(sizes) <= proto.MAX_DATAGRAM
+
+        late = ClusterAgent(options("cli2"), "observer")  # a fleet status that just started
+        try:
+            asked = time.time()
+            late.ask_status(asked)
+            pump(master, rounds=3)
+            pump(late)
+            assert sorted(row["hostname"] for row in late.master_members) == names
+        finally:
+            late.close()
     finally:
         master.close()
         observer.close()
