@@ -29,6 +29,7 @@ import enum
 import hashlib
 import logging
 import math
+import random
 import socket
 import time
 from collections import OrderedDict
@@ -47,6 +48,10 @@ log = logging.getLogger("fleet.cluster")
 HEARTBEAT_INTERVAL = 1.0
 ANNOUNCE_INTERVAL = 1.0
 CONFIG_REQUEST_INTERVAL = 1.0
+# The master answers config requests with an announce at most this often: one
+# multicast announce answers every node that asked meanwhile, so a fleet that
+# starts at once (a cold start, a power cut) gets a few announces, not one per node.
+CONFIG_ANSWER_INTERVAL = 0.2
 # A host answers fleet status's requests at most this often (a key holder cannot make it flood).
 STATUS_ANSWER_INTERVAL = 0.2
 # fleet status asks again this often until every host answered (a datagram may be lost).
@@ -171,6 +176,7 @@ class ClusterAgent:
         self._page = 0  # the master's next page to announce
         self._status: HostStatus | None = None  # as of the last tick: what a status request is answered with
         self._answered_at = 0.0
+        self._config_answered_at = -math.inf  # when the master last answered a config request
         self._asking_since: float | None = None  # an observer waiting for answers (fleet status)
         self._next_ask = 0.0
         if not len(options.keyring):
@@ -199,7 +205,8 @@ class ClusterAgent:
         if self.role == "master" and now >= self._next_announce:
             self.announce(now)
         if self.role == "node" and self.config is None and now >= self._next_request:
-            self._next_request = now + CONFIG_REQUEST_INTERVAL
+            # Jittered, so nodes started together do not keep asking together.
+            self._next_request = now + CONFIG_REQUEST_INTERVAL * random.uniform(0.75, 1.25)
             self._send(proto.ConfigRequest, now)
         if self.role == "observer" and self.unicast and now >= self._next_hello:
             # Hosts send only to peers they know: a request makes them learn this
@@ -217,6 +224,7 @@ class ClusterAgent:
         Every host is in some page (listeners hear the live ones themselves: the
         table is there for the silent ones); a page holds what fits one datagram."""
         self._next_announce = now + ANNOUNCE_INTERVAL
+        self._config_answered_at = now  # any announce answers the config requests before it
         hosts = sorted(self.members.hosts(now), key=lambda h: h.state not in ("dead", "lost"))
         rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
                  h.workers_total, round(h.last_seen_age, 1)] for h in hosts]
@@ -283,6 +291,14 @@ class ClusterAgent:
     def _ask(self, now: float) -> None:
         self._next_ask = now + ASK_AGAIN
         self._send(proto.StatusRequest, now)
+
+    def _answer_config_request(self, now: float) -> None:
+        """An announce now, or, if one went out less than CONFIG_ANSWER_INTERVAL ago, as soon as that has passed."""
+        due = self._config_answered_at + CONFIG_ANSWER_INTERVAL
+        if now >= due:
+            self.announce(now)
+        else:
+            self._next_announce = min(self._next_announce, due)
 
     def _answer_status(self, now: float) -> None:
         """A heartbeat now (and the announce, on the master); at most once per STATUS_ANSWER_INTERVAL."""
@@ -445,7 +461,7 @@ class ClusterAgent:
             return ReloadRequested(max(message.generation, self.generation + 1), message.batch)
         if isinstance(message, proto.ConfigRequest):
             if self.role == "master":
-                self.announce(now)
+                self._answer_config_request(now)
             return None
         if isinstance(message, proto.StatusRequest):
             self._answer_status(now)

@@ -243,3 +243,37 @@ def test_status_requests_are_answered_at_most_once_an_interval(options, monkeypa
     finally:
         node.close()
         observer.close()
+
+
+def test_a_cold_start_of_many_nodes_gets_a_few_announces_not_one_each(options, monkeypatch) -> None:
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    kinds = []
+    real_send = master.channel.send
+    monkeypatch.setattr(master.channel, "send", lambda data: kinds.append(data[4]) or real_send(data))
+    try:
+        master.tick(time.time(), STATUS)  # its first heartbeat and announce
+        kinds.clear()
+        now = time.time()
+        for number in range(50):  # fifty nodes booted together, each asking
+            origin = proto.Origin("unit", proto.derive_node_id(f"n{number}"), proto.new_boot_id())
+            request = proto.encode(origin.make(proto.ConfigRequest, now), master.options.keyring)
+            master.take(request, ("127.0.0.1", 1), False, now)
+        assert kinds.count(proto.Kind.ANNOUNCE) == 0  # the announce of a moment ago answers them...
+        master.tick(now + agent_module.CONFIG_ANSWER_INTERVAL, STATUS)
+        assert kinds.count(proto.Kind.ANNOUNCE) == 1  # ...and one more, a moment later
+    finally:
+        master.close()
+
+
+def test_nodes_ask_for_the_configuration_at_jittered_times(options) -> None:
+    nodes = [ClusterAgent(options(f"n{i}"), "node") for i in range(8)]
+    try:
+        now = time.time()
+        for node in nodes:
+            node.tick(now, None)
+        assert len({node._next_request for node in nodes}) == len(nodes)
+        assert all(now + 0.75 * agent_module.CONFIG_REQUEST_INTERVAL <= node._next_request
+                   <= now + 1.25 * agent_module.CONFIG_REQUEST_INTERVAL for node in nodes)
+    finally:
+        for node in nodes:
+            node.close()
