@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import math
@@ -421,6 +422,15 @@ MESSAGE_TYPES: dict[Kind, type[Message]] = {
     cls.KIND: cls for cls in (Announce, ConfigRequest, Heartbeat, Reload, Log, Leave, StatusRequest)
 }
 
+# What decode() needs per kind, computed once: the class by kind byte, and its
+# body fields as (name, required) (dataclasses.fields() builds a tuple per call).
+_TYPE_BY_CODE: dict[int, type[Message]] = {int(kind): cls for kind, cls in MESSAGE_TYPES.items()}
+_BODY_FIELDS: dict[type[Message], tuple[tuple[str, bool], ...]] = {
+    cls: tuple((f.name, f.default is MISSING and f.default_factory is MISSING)
+               for f in fields(cls) if f.name not in _ENVELOPE)
+    for cls in MESSAGE_TYPES.values()
+}
+
 M = TypeVar("M", bound=Message)
 
 
@@ -459,6 +469,7 @@ def new_command_id() -> bytes:
     return secrets.token_bytes(COMMAND_ID_LEN)
 
 
+@functools.lru_cache(maxsize=64)
 def cluster_tag(cluster: str) -> bytes:
     return hashlib.sha256(cluster.encode()).digest()[:4]
 
@@ -606,11 +617,10 @@ def decode(datagram: bytes, keyring: Keyring, now: float, *, cluster: str) -> Me
     mac = datagram[_HEAD.size:HEADER_LEN]
     payload = datagram[HEADER_LEN:]
     _authenticate(keyring, ident, datagram[:_HEAD.size] + payload, mac)
-    try:
-        kind = Kind(kind_code)
-    except ValueError:
-        raise Malformed(f"unknown message kind {kind_code} (from a newer fleet?)") from None
-    message = _build(MESSAGE_TYPES[kind], _unpack(payload))
+    cls = _TYPE_BY_CODE.get(kind_code)
+    if cls is None:
+        raise Malformed(f"unknown message kind {kind_code} (from a newer fleet?)")
+    message = _build(cls, _unpack(payload))
     if message.cluster != cluster:
         raise WrongCluster(f"datagram for cluster {message.cluster!r}, not {cluster!r}")
     _check_fresh(message, now, TIMESTAMP_WINDOW)
@@ -645,13 +655,11 @@ def _build(cls: type[Message], envelope: list[Any]) -> Message:
     if type(body) is not dict:
         raise Malformed(f"{cls.KIND.name} body must be a map")
     values = dict(zip(_ENVELOPE, head))
-    for f in fields(cls):
-        if f.name in _ENVELOPE:
-            continue
-        if f.name in body:
-            values[f.name] = body[f.name]
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise Malformed(f"{cls.KIND.name} lacks field {f.name!r}")
+    for name, required in _BODY_FIELDS[cls]:
+        if name in body:
+            values[name] = body[name]
+        elif required:
+            raise Malformed(f"{cls.KIND.name} lacks field {name!r}")
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
