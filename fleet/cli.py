@@ -117,6 +117,8 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
 def add_supervisor_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="ENDPOINT",
                         help="answer `fleet stats` on this ZeroMQ endpoint, e.g. ipc:///run/fleet/stats")
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve the same figures as Prometheus text on http://HOST:PORT/metrics")
     parser.add_argument("--log-file", metavar="PATH",
                         help="append log lines here instead of stderr; SIGUSR1 reopens it")
     parser.add_argument("--logger", type=_logger, metavar="zeromq:ENDPOINT",

@@ -21,6 +21,7 @@ from fleet.config import (
 from fleet.exitcodes import APP_LOAD_FAILED
 from fleet.logs.local import setup_logging
 from fleet.mongrel2.server_config import merge, read_server_config
+from fleet.supervisor.metrics import metrics_address
 from fleet.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("fleet.master")
@@ -86,7 +87,8 @@ def run_master(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     agent = make_agent(args, "master", config=config.to_dict()) if cluster_requested(args) else None
     try:
-        return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats, log_file=args.log_file,
+        return Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
+                          metrics=metrics_address(args.metrics), log_file=args.log_file,
                           cluster=agent).run()
     finally:
         if agent is not None:

@@ -16,6 +16,7 @@ from fleet.cluster.policy import NodePolicy, PolicyRefused, load_policy
 from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
 from fleet.exitcodes import RESTART
 from fleet.logs.local import setup_logging
+from fleet.supervisor.metrics import metrics_address
 from fleet.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("fleet.node")
@@ -56,6 +57,7 @@ def run_node(args: argparse.Namespace) -> int:
                 continue
             try:
                 supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
+                                        metrics=metrics_address(args.metrics),
                                         log_file=args.log_file, cluster=agent,
                                         cluster_generation=agent.generation, adapt_config=adapt)
             except ConfigError as error:  # e.g. an --http port taken on this host

@@ -74,6 +74,7 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], d
             "rss": sum(row["rss"] or 0 for row in rows),
             "backlog": dispatcher.backlog,
         },
+        "requests_served": dispatcher.total_served(),  # every worker's since the master started
         "reloads": counters.reloads,
         "failed_reloads": counters.failed_reloads,
         "respawns": counters.respawns,

@@ -25,7 +25,7 @@ import zmq
 
 from fleet import native
 from fleet.cluster.agent import ClusterAgent, HostStatus
-from fleet.config import ConfigError, HandlerConfig
+from fleet.config import ConfigError, HandlerConfig, HttpAddress
 from fleet.dispatch.dispatcher import Dispatcher
 from fleet.exitcodes import APP_LOAD_FAILED, OK, RESTART
 from fleet.http.front import listen
@@ -33,6 +33,7 @@ from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.mongrel2.uploads import UploadPolicy
 from fleet.supervisor.figures import Counters, StatsEndpoint, host_figures, master_figures
 from fleet.supervisor.limits import Limits
+from fleet.supervisor.metrics import MetricsEndpoint
 from fleet.supervisor.process import WorkerProcess, describe_exit
 from fleet.supervisor.rollout import Rollout
 from fleet.supervisor.signals import SignalQueue
@@ -81,6 +82,7 @@ class Supervisor:
         *,
         log_level: str = "info",
         stats_endpoint: str | None = None,
+        metrics: HttpAddress | None = None,
         log_file: str | None = None,
         cluster: ClusterAgent | None = None,
         cluster_generation: int = 1,
@@ -116,6 +118,7 @@ class Supervisor:
         )
         self.limits = Limits(self.dispatcher, self.counters)
         self.stats_endpoint = StatsEndpoint(self.context, stats_endpoint, self.stats) if stats_endpoint else None
+        self.metrics = MetricsEndpoint(metrics) if metrics is not None else None
         self.spec_json = self.worker_spec(config).to_json()
 
     def worker_spec(self, config: HandlerConfig) -> WorkerSpec:
@@ -176,6 +179,8 @@ class Supervisor:
         self.reap_workers()
         if self.stats_endpoint is not None:
             self.stats_endpoint.answer()
+        if self.metrics is not None and self.metrics.due(now := time.monotonic()):
+            self.metrics.update(self.stats(), now)
         if self.rollout is not None:
             self.rollout.talk(time.time(), self.host_status)
         if self.stopping:
@@ -195,6 +200,8 @@ class Supervisor:
             self.cluster.leave()
         if self.stats_endpoint is not None:
             self.stats_endpoint.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.dispatcher.close()
         self.close_http()
         self.context.term()
