@@ -18,6 +18,7 @@ from fleet.exitcodes import RESTART
 from fleet.logs.local import setup_logging
 from fleet.supervisor.metrics import metrics_address
 from fleet.supervisor.supervisor import Supervisor
+from fleet.supervisor.systemd import Notifier
 
 log = logging.getLogger("fleet.node")
 
@@ -36,6 +37,10 @@ def run_node(args: argparse.Namespace) -> int:
     adapt = local_overrides(args, agent.options.interface, policy)
     log.info("node %s: asking cluster %s on %s for its configuration", args.node_name, agent.options.describe(),
              agent.options.interface)
+    # Under systemd (Type=notify) the node is up now; it serves once the cluster says what.
+    started = Notifier()
+    started.ready("waiting for the cluster's configuration")
+    started.close()
     if policy.empty:
         log.warning("node %s has no policy: any holder of the cluster key decides what it imports and where it "
                     "reads uploads (give --allow-module and the other --allow-*/--max-* options, or "

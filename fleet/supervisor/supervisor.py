@@ -37,6 +37,7 @@ from fleet.supervisor.metrics import MetricsEndpoint
 from fleet.supervisor.process import WorkerProcess, describe_exit
 from fleet.supervisor.rollout import Rollout
 from fleet.supervisor.signals import SignalQueue
+from fleet.supervisor.systemd import Notifier
 from fleet.worker.spec import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -119,6 +120,7 @@ class Supervisor:
         self.limits = Limits(self.dispatcher, self.counters)
         self.stats_endpoint = StatsEndpoint(self.context, stats_endpoint, self.stats) if stats_endpoint else None
         self.metrics = MetricsEndpoint(metrics) if metrics is not None else None
+        self.notifier = Notifier()  # systemd's Type=notify, when it runs us
         self.spec_json = self.worker_spec(config).to_json()
 
     def worker_spec(self, config: HandlerConfig) -> WorkerSpec:
@@ -173,6 +175,7 @@ class Supervisor:
 
     def supervise(self, sample: bool) -> bool:
         """One pass of process management; False once a stop has finished."""
+        self.notifier.tick(time.monotonic())  # the watchdog: this loop is alive
         self.handle_signals()
         for pid, version in self.dispatcher.take_ready():
             self._worker_ready(pid, version)
@@ -202,6 +205,7 @@ class Supervisor:
             self.stats_endpoint.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.notifier.close()
         self.dispatcher.close()
         self.close_http()
         self.context.term()
@@ -266,6 +270,7 @@ class Supervisor:
         self.respawn_at = 0.0
         batch = self.config.reload_batch or self.target
         log.info("reload: starting generation %d (%d worker(s), %d at a time)", self.generation, self.target, batch)
+        self.notifier.reloading(f"reloading to generation {self.generation}")
 
     def reload_failed(self, why: str) -> None:
         """The new generation cannot start: keep the old workers serving."""
@@ -277,6 +282,7 @@ class Supervisor:
             if worker.generation == failed and not worker.retiring:
                 self.retire_worker(worker)
         log.error("reload failed: %s; generation %d keeps serving", why, self.generation)
+        self.notifier.ready(f"reload failed; generation {self.generation} serves")
         if self.rollout is not None:
             self.rollout.reload_failed(why)
 
@@ -335,6 +341,7 @@ class Supervisor:
                 self.spawn_worker()
         if self.reloading is not None and not outgoing and len(ready) >= self.target:
             log.info("reload complete: generation %d, %d worker(s) ready", self.generation, len(ready))
+            self.notifier.ready(f"generation {self.generation}: {len(ready)} worker(s) ready")
             self.reloading = None
             if self.rollout is not None:
                 self.rollout.reload_complete()
@@ -374,6 +381,7 @@ class Supervisor:
             self.announced_ready = True
             role = "node" if self.cluster is not None and self.cluster.role == "node" else "master"
             log.info("%s ready: %d worker(s) x %d thread(s)", role, self.target, self.config.threads)
+            self.notifier.ready(f"generation {self.generation}: {self.target} worker(s) ready")
 
     def reap_workers(self) -> None:
         for pid, worker in list(self.workers.items()):
@@ -430,6 +438,7 @@ class Supervisor:
             return
         now = time.monotonic()
         self.stopping_since = now
+        self.notifier.stopping("stopping: the workers finish their requests" if graceful else "stopping")
         self.close_http()  # the workers finish what they accepted; no new connections
         if graceful:
             # Detach from Mongrel2 first and serve what already came, then

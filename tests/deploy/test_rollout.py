@@ -167,6 +167,11 @@ def test_playbook_deploys_serves_from_every_host_reruns_clean_and_upgrades_witho
 
     score, rating = rollout.exposure("fleet.service")
     assert rating in ("SAFE", "OK"), f"systemd-analyze security rates fleet.service {score} {rating}"
+    # Type=notify under the real systemd: started means the workers are ready, and the loop pings the watchdog.
+    shown = rollout.lab.ssh(rollout.master, "systemctl show -p Type -p StatusText -p WatchdogUSec "
+                                            "-p WatchdogTimestampMonotonic fleet").stdout
+    assert "Type=notify" in shown and "StatusText=generation 1: 2 worker(s) ready" in shown, shown
+    assert "WatchdogUSec=30s" in shown and "WatchdogTimestampMonotonic=0" not in shown, shown
 
     load = rollout.load()
     try:
