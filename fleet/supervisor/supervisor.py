@@ -37,7 +37,7 @@ from fleet.supervisor.metrics import MetricsEndpoint
 from fleet.supervisor.process import WorkerProcess, describe_exit
 from fleet.supervisor.rollout import Rollout
 from fleet.supervisor.signals import SignalQueue
-from fleet.supervisor.systemd import Notifier
+from fleet.supervisor.systemd import Notifier, activated_socket
 from fleet.worker.spec import WorkerSpec
 
 log = logging.getLogger("fleet.supervisor")
@@ -67,6 +67,10 @@ def listen_all(config: HandlerConfig) -> list[socket.socket]:
     """The --http sockets, or one clear line saying why one cannot be had."""
     listeners: list[socket.socket] = []
     for address in config.http_addresses:
+        activated = activated_socket(address.host, address.port)  # systemd's (socket activation), if any
+        if activated is not None:
+            listeners.append(activated)
+            continue
         try:
             listeners.append(listen(address))
         except OSError as error:

@@ -6,6 +6,10 @@ completed or failed, STOPPING=1 on a stop, and WATCHDOG=1 from the
 supervisor's loop every half WatchdogSec, so a loop that hangs is restarted.
 One datagram to $NOTIFY_SOCKET each, as sd_notify(3) sends them; without
 that variable (not under systemd, or another Type) every call does nothing.
+
+Socket activation (sd_listen_fds(3)): the listening sockets systemd passes
+from fd 3 on serve the --http addresses they are bound to, instead of
+sockets fleet binds itself (``activated_socket``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,39 @@ import socket
 import time
 
 log = logging.getLogger("fleet.supervisor")
+
+SD_LISTEN_FDS_START = 3
+_activated: list[socket.socket] | None = None  # taken once per process: a node makes several supervisors
+
+
+def activated_socket(host: str, port: int) -> socket.socket | None:
+    """A copy of the socket systemd passed for (host, port), or None."""
+    for sock in _activated_sockets():
+        try:
+            bound = sock.getsockname()
+        except OSError:
+            continue
+        if bound[1] == port and (bound[0] == host or (host in ("0.0.0.0", "") and bound[0] in ("0.0.0.0", "::"))):
+            copy = sock.dup()
+            copy.set_inheritable(True)
+            return copy
+    return None
+
+
+def _activated_sockets() -> list[socket.socket]:
+    global _activated
+    if _activated is None:
+        _activated = []
+        if os.environ.get("LISTEN_PID") == str(os.getpid()):
+            count = os.environ.get("LISTEN_FDS", "0")
+            for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + (int(count) if count.isdigit() else 0)):
+                try:
+                    _activated.append(socket.socket(fileno=fd))
+                except OSError as error:
+                    log.warning("socket activation: fd %d is not a socket: %s", fd, error)
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)  # ours alone: not for the workers
+    return _activated
 
 
 class Notifier:
