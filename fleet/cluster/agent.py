@@ -25,6 +25,7 @@ heartbeat so the hosts send it their heartbeats too. A datagram heard twice
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -87,6 +88,7 @@ class ClusterOptions:
     # port, for short-lived commands) and the seed peers it starts from.
     unicast_bind: Address | None = None
     peers: tuple[Address, ...] = ()
+    key_file: str | None = None  # where the keyring came from: HUP reads it again
 
     def describe(self) -> str:
         """The channels, for log lines: '225.1.1.1:1717', 'peers 10.0.0.2:1717,...', or both."""
@@ -310,6 +312,22 @@ class ClusterAgent:
         if self._status is not None:
             self._next_heartbeat = now + self.options.heartbeat_interval
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, self._status))
+
+    def reload_keyring(self) -> None:
+        """Read the key file again (HUP): a key rotation needs no restart. Its first key
+        signs from now on, all of them verify; a file that cannot be read keeps the old keyring."""
+        path = self.options.key_file
+        if path is None:
+            return
+        try:
+            with open(path) as file:
+                keyring = proto.parse_key_file(file.read())
+        except (OSError, ValueError) as error:
+            log.error("cluster: could not read the key file %s again (%s); keeping the keys in use",
+                      path, getattr(error, "strerror", None) or error)
+            return
+        self.options = dataclasses.replace(self.options, keyring=keyring)
+        log.info("cluster: key file read again: %r", keyring)
 
     def leave(self) -> None:
         self._send(proto.Leave, self.clock())

@@ -81,7 +81,8 @@ def cluster_options(args: argparse.Namespace, role: str = "node") -> ClusterOpti
         raise ConfigError(f"--cluster-heartbeat {args.cluster_heartbeat}: must be 0.05-60 seconds")
     return ClusterOptions(group, interface, _keyring(args), ttl=args.cluster_ttl, name=args.cluster_name,
                           node_name=args.node_name, heartbeat_interval=args.cluster_heartbeat,
-                          unicast_bind=unicast_bind, peers=tuple(peers))
+                          unicast_bind=unicast_bind, peers=tuple(peers),
+                          key_file=args.cluster_key_file or os.environ.get(KEY_FILE_ENV) or None)
 
 
 def make_agent(args: argparse.Namespace, role: str, **kwargs) -> ClusterAgent:

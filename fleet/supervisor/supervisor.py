@@ -244,6 +244,8 @@ class Supervisor:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
+        if self.cluster is not None:
+            self.cluster.reload_keyring()  # a key rotation step, with no restart
         self.reload()
 
     def handle_ttin(self) -> None:

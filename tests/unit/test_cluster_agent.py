@@ -277,3 +277,42 @@ def test_nodes_ask_for_the_configuration_at_jittered_times(options) -> None:
     finally:
         for node in nodes:
             node.close()
+
+
+def test_a_key_rotation_is_read_again_without_a_restart(options, tmp_path, caplog) -> None:
+    """The three steps of a rotation, each a HUP (reload_keyring): add the new key
+    second, sign with it (first), drop the old; an unreadable file keeps the keys in use."""
+    old, new = proto.keygen(), proto.keygen()
+    files = {name: tmp_path / f"{name}.key" for name in ("m", "cli")}
+    for path in files.values():
+        path.write_text(old)
+
+    def agent(name: str, role: str, **kwargs) -> ClusterAgent:
+        keyring = proto.parse_key_file(files[name].read_text())
+        return ClusterAgent(dataclasses.replace(options(name, keyring), key_file=str(files[name])), role, **kwargs)
+
+    master, observer = agent("m", "master", config=CONFIG), agent("cli", "observer")
+
+    def heard() -> bool:
+        observer.members = type(observer.members)(observer.options.heartbeat_interval)
+        master._next_heartbeat = 0.0
+        master.tick(time.time(), STATUS)
+        pump(observer, rounds=5)
+        return bool(observer.members.status(time.time())["hosts"])
+
+    try:
+        assert heard()
+        files["m"].write_text(new + old)  # the master signs with the new key; the observer knows only the old
+        master.reload_keyring()
+        assert not heard() and observer.rejected_by_reason.get("BadSignature")
+        files["cli"].write_text(old + new)  # step 1 on the observer: it verifies the new key too
+        observer.reload_keyring()
+        assert heard()
+        files["m"].write_text("not a key\n")
+        with caplog.at_level("ERROR", logger="fleet.cluster"):
+            master.reload_keyring()
+        assert "keeping the keys in use" in caplog.text
+        assert heard()  # still signing with the new key
+    finally:
+        master.close()
+        observer.close()
