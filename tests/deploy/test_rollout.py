@@ -42,6 +42,11 @@ EXPOSURE = re.compile(r"Overall exposure level for \S+: ([\d.]+) (\S+)")
 pytestmark = pytest.mark.slow
 
 
+def keygen() -> str:
+    done = subprocess.run([str(VENV_BIN / "fleet"), "keygen"], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
 class Rollout:
     """The test's inventory, vault and wheels, and the playbook runs against the lab."""
 
@@ -84,7 +89,7 @@ class Rollout:
         self.vault_password = self.workdir / "vault-password"
         self.vault_password.write_text(secrets.token_hex(16) + "\n")
         self.vault_password.chmod(0o600)
-        key = subprocess.run([str(VENV_BIN / "fleet"), "keygen"], capture_output=True, text=True, check=True).stdout
+        key = self.key = keygen()
         vaulted = subprocess.run(
             [str(ANSIBLE_BIN / "ansible-vault"), "encrypt_string", "--vault-password-file", str(self.vault_password),
              "--stdin-name", "vault_fleet_cluster_key"],
@@ -137,6 +142,9 @@ class Rollout:
         self.lab.controller_call(load.start)  # its client threads live in the controller's namespace
         return load
 
+    def main_pid(self, host) -> str:
+        return self.lab.ssh(host, "systemctl show -p MainPID --value fleet").stdout.strip()
+
     def exposure(self, unit: str) -> tuple[float, str]:
         out = self.lab.ssh(self.master, f"systemd-analyze security {unit}").stdout
         match = EXPOSURE.search(out)
@@ -184,6 +192,25 @@ def test_playbook_deploys_serves_from_every_host_reruns_clean_and_upgrades_witho
     answers = rollout.answers(120)
     assert {a["host"] for a in answers} == names and {a["version"] for a in answers} == {"2.0"}, answers[:5]
 
+    # A key rotation under load in three plays (docs/security.md): add the new key second, sign with
+    # it, drop the old. Each changes the key file, which HUPs the service: no restart, nothing lost.
+    old, new = rollout.key, keygen()
+    pids = {host.name: rollout.main_pid(host) for host in rollout.lab.hosts}
+    load = rollout.load()
+    try:
+        load.wait_succeeded(50)
+        for number, keys in enumerate((f"{old}\n{new}", f"{new}\n{old}", new), 1):
+            recap, timings[f"key rotation play {number}"], output = rollout.play(
+                "2.0", "-e", json.dumps({"fleet_cluster_key": keys}))
+            assert all(r["failed"] == 0 for r in recap.values()), f"{recap}\n{output[-4000:]}"
+        load.wait_succeeded(50)
+    finally:
+        rotation = load.stop()
+    assert rotation.clean, rotation.summary()
+    assert {host.name: rollout.main_pid(host) for host in rollout.lab.hosts} == pids, "a service was restarted"
+    rollout.key = new
+    assert {a["host"] for a in rollout.answers(60)} == names
+
     # A host that fails stops the rollout before the next batch is touched.
     first, second = rollout.nodes
     host_vars = rollout.inventory / "host_vars"
@@ -194,4 +221,5 @@ def test_playbook_deploys_serves_from_every_host_reruns_clean_and_upgrades_witho
     assert {a["host"] for a in rollout.answers(60)} == names  # and every host still serves
 
     print(f"\nrollout on {len(names)} hosts: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-          + f"; fleet.service exposure {score} {rating}; under load during the upgrade: {report.summary()}")
+          + f"; fleet.service exposure {score} {rating}; under load during the upgrade: {report.summary()}"
+          + f"; during the key rotation: {rotation.summary()}")
