@@ -6,6 +6,7 @@ build is optional: without a C compiler and the Python headers pip still
 installs fleet, which then runs pure (scripts/bootstrap installs both).
 """
 
+import glob
 import runpy
 
 from setuptools import Extension, setup
@@ -14,10 +15,14 @@ CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-fiel
 # The list lives once, in fleet/native.py (which the tests check is all built); read
 # without importing the package, which may not be importable while it is being built.
 COMPILED = runpy.run_path("fleet/native.py")["COMPILED"]
+# The headers the C files share: a change to one rebuilds them all.
+HEADERS = sorted(glob.glob("fleet/**/*.h", recursive=True))
 
 setup(
     ext_modules=[
-        Extension(name, [name.replace(".", "/") + ".c"], extra_compile_args=CFLAGS, optional=True)
+        Extension(
+            name, [name.replace(".", "/") + ".c"], depends=HEADERS, extra_compile_args=CFLAGS, optional=True
+        )
         for name in COMPILED
     ],
 )

@@ -8,16 +8,13 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include <string.h>
+
+#include "../mongrel2/_request_slots.h"
 
 /* The reference's "[0-9]{1,18}": a length that fits a long long. */
 #define MAX_LENGTH_DIGITS 18
 
-static PyTypeObject *request_type; /* fleet.mongrel2.codec.Request */
-/* Where Request's slots are, in _REQUEST_FIELDS order (as fleet/mongrel2/_codec.c makes it). */
-#define REQUEST_FIELDS 5
-static Py_ssize_t field_offsets[REQUEST_FIELDS];
 static PyObject *s_content_length, *s_METHOD, *s_VERSION, *s_URI, *s_PATH, *s_QUERY, *s_PATTERN, *s_URL_SCHEME,
     *s_REMOTE_ADDR, *s_HTTP_10, *s_HTTP_11, *s_slash, *s_sender;
 
@@ -185,18 +182,11 @@ static PyObject *take_simple(PyObject *module, PyObject *const *args, Py_ssize_t
         PyDict_SetItem(headers, s_PATTERN, s_slash) < 0 || PyDict_SetItem(headers, s_URL_SCHEME, scheme) < 0 ||
         PyDict_SetItem(headers, s_REMOTE_ADDR, remote_addr) < 0)
         goto fail_headers;
-    PyObject *request = NULL;
     PyObject *parts[REQUEST_FIELDS] = {Py_NewRef(s_sender), Py_NewRef(conn_id),
                                        PyBytes_FromStringAndSize((const char *)target, path_len), headers,
                                        PyBytes_FromStringAndSize(NULL, 0)};
     headers = NULL; /* parts holds it */
-    if (parts[2] && parts[4] && (request = request_type->tp_alloc(request_type, 0))) {
-        for (int i = 0; i < REQUEST_FIELDS; i++) {
-            *(PyObject **)((char *)request + field_offsets[i]) = parts[i]; /* the slot takes the reference */
-            parts[i] = NULL;
-        }
-    }
-    for (int i = 0; i < REQUEST_FIELDS; i++) Py_XDECREF(parts[i]);
+    PyObject *request = request_from_parts(parts);
     if (!request) goto done;
     PyObject *body = PyBytes_FromStringAndSize((const char *)data + head_size, (Py_ssize_t)body_size);
     if (body) result = Py_BuildValue("(NNn)", request, body, head_size + (Py_ssize_t)body_size);
@@ -228,24 +218,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "fleet.http._simple",
 PyMODINIT_FUNC PyInit__simple(void) {
     PyObject *codec = PyImport_ImportModule("fleet.mongrel2.codec");
     if (!codec) return NULL;
-    request_type = (PyTypeObject *)PyObject_GetAttrString(codec, "Request");
-    PyObject *fields = PyObject_GetAttrString(codec, "_REQUEST_FIELDS");
+    int failed = request_slots_init(codec, "_simple.c") < 0;
     Py_DECREF(codec);
-    if (!request_type || !fields) return NULL;
-    int usable = PyType_Check(request_type) && PyTuple_Check(fields) && PyTuple_GET_SIZE(fields) == REQUEST_FIELDS;
-    for (int i = 0; usable && i < REQUEST_FIELDS; i++) {
-        PyObject *slot = PyDict_GetItemWithError(request_type->tp_dict, PyTuple_GET_ITEM(fields, i));
-        usable = slot && Py_IS_TYPE(slot, &PyMemberDescr_Type) &&
-                 ((PyMemberDescrObject *)slot)->d_member->type == T_OBJECT_EX;
-        if (usable) field_offsets[i] = ((PyMemberDescrObject *)slot)->d_member->offset;
-    }
-    Py_DECREF(fields);
-    if (!usable) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ImportError, "fleet.mongrel2.codec.Request is no longer a slotted class "
-                                               "of _REQUEST_FIELDS: _simple.c must follow it");
-        return NULL;
-    }
+    if (failed) return NULL;
     INTERN(s_content_length, "content-length");
     INTERN(s_METHOD, "METHOD");
     INTERN(s_VERSION, "VERSION");

@@ -12,8 +12,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <structmember.h>
 #include <string.h>
+
+#include "_request_slots.h"
 
 /* Equal to the reference's limits (codec.py); the test checks. */
 #define MAX_SENDER_BYTES 256
@@ -24,11 +25,6 @@
 #define MAX_TNET_DIGITS 9
 
 static PyObject *reference_parse;  /* fleet.mongrel2.codec.parse_message */
-static PyTypeObject *request_type; /* fleet.mongrel2.codec.Request */
-/* Where Request's slots are, in _REQUEST_FIELDS order: a Request is made as
- * codec._new_request makes it, by its slot descriptors, without a Python call. */
-#define REQUEST_FIELDS 5
-static Py_ssize_t field_offsets[REQUEST_FIELDS];
 static PyObject *str_method, *str_download_credits;
 
 /* A canonical decimal of 1..max_digits digits ending at `stop`; its value, or -1. */
@@ -149,18 +145,10 @@ static PyObject *parse_common(const char *raw, Py_ssize_t size) {
         Py_DECREF(headers);
         return NULL;
     }
-    PyObject *request = NULL;
     PyObject *parts[REQUEST_FIELDS] = {
         PyBytes_FromStringAndSize(sender, sender_len), PyBytes_FromStringAndSize(conn_id, conn_len),
         PyBytes_FromStringAndSize(path, path_len), headers, PyBytes_FromStringAndSize(body, body_len)};
-    if (parts[0] && parts[1] && parts[2] && parts[4] && (request = request_type->tp_alloc(request_type, 0))) {
-        for (int i = 0; i < REQUEST_FIELDS; i++) {
-            *(PyObject **)((char *)request + field_offsets[i]) = parts[i]; /* the slot takes the reference */
-            parts[i] = NULL;
-        }
-    }
-    for (int i = 0; i < REQUEST_FIELDS; i++) Py_XDECREF(parts[i]);
-    return request;
+    return request_from_parts(parts);
 }
 
 static PyObject *parse_message(PyObject *module, PyObject *raw) {
@@ -184,24 +172,9 @@ PyMODINIT_FUNC PyInit__codec(void) {
     PyObject *codec = PyImport_ImportModule("fleet.mongrel2.codec");
     if (!codec) return NULL;
     reference_parse = PyObject_GetAttrString(codec, "parse_message");
-    request_type = (PyTypeObject *)PyObject_GetAttrString(codec, "Request");
-    PyObject *fields = PyObject_GetAttrString(codec, "_REQUEST_FIELDS");
+    int failed = !reference_parse || request_slots_init(codec, "_codec.c") < 0;
     Py_DECREF(codec);
-    if (!reference_parse || !request_type || !fields) return NULL;
-    int usable = PyType_Check(request_type) && PyTuple_Check(fields) && PyTuple_GET_SIZE(fields) == REQUEST_FIELDS;
-    for (int i = 0; usable && i < REQUEST_FIELDS; i++) {
-        PyObject *slot = PyDict_GetItemWithError(request_type->tp_dict, PyTuple_GET_ITEM(fields, i));
-        usable = slot && Py_IS_TYPE(slot, &PyMemberDescr_Type) &&
-                 ((PyMemberDescrObject *)slot)->d_member->type == T_OBJECT_EX;
-        if (usable) field_offsets[i] = ((PyMemberDescrObject *)slot)->d_member->offset;
-    }
-    Py_DECREF(fields);
-    if (!usable) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ImportError, "fleet.mongrel2.codec.Request is no longer a slotted class "
-                                               "of _REQUEST_FIELDS: _codec.c must follow it");
-        return NULL;
-    }
+    if (failed) return NULL;
     if (!(str_method = PyUnicode_InternFromString("METHOD"))) return NULL;
     if (!(str_download_credits = PyUnicode_InternFromString("DOWNLOAD_CREDITS"))) return NULL;
     PyObject *m = PyModule_Create(&module);
