@@ -27,6 +27,7 @@ from fleet.dispatch import frames
 from fleet.worker import worker as worker_module
 from fleet.worker.sources import BrokerSource
 from fleet.worker.spec import WorkerSpec
+from fleet.worker.tally import Tally
 
 BATCH = 200  # requests queued on the link before each timed call
 
@@ -54,6 +55,7 @@ def make_loop(lane: object) -> tuple:
     config = HandlerConfig(endpoints=(Endpoint("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),), app="app", processes=2)
     worker = worker_module.Worker(WorkerSpec(config, path, os.getpid()), application)
     publishers = [CountingPublisher()]
+    tally = Tally()
     batch = frames.encode([frames.tagged(frames.REQUEST, 0), TNET_GET]) * BATCH
 
     def drain() -> None:
@@ -67,7 +69,7 @@ def make_loop(lane: object) -> tuple:
         worker_module.lane = lane
         dispatcher.sendall(batch)
         for _ in range(BATCH):
-            worker.handle(source.next(), source, publishers)
+            worker.handle(source.next(), source, publishers, tally)
         drain()
 
     return run

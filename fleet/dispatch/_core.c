@@ -183,8 +183,8 @@ typedef struct {
 } Core;
 
 static PyObject *zero, *one;
-static PyObject *str_on_tick, *str_on_fd, *str_on_lost, *str_on_ready, *str_on_rejected, *str_on_unknown,
-    *str_answer, *str_request_credits, *str_control_event, *str_credits, *str_disconnect, *str_dropped;
+static PyObject *str_on_tick, *str_on_fd, *str_on_lost, *str_on_ready, *str_on_figures, *str_on_rejected,
+    *str_on_unknown, *str_answer, *str_request_credits, *str_control_event, *str_credits, *str_disconnect, *str_dropped;
 
 #define LOCK(self) do { Py_BEGIN_ALLOW_THREADS pthread_mutex_lock(&(self)->mutex); Py_END_ALLOW_THREADS } while (0)
 #define UNLOCK(self) pthread_mutex_unlock(&(self)->mutex)
@@ -973,6 +973,8 @@ static void from_worker(Core *self, Conn *conn, PyObject **frames, int n) {
         } else {
             glue_notify(self, str_on_ready, "(lO)", pid, Py_None);
         }
+    } else if (kind == 'F' && n >= 2) {
+        glue_notify(self, str_on_figures, "(lO)", strtol(PyBytes_AS_STRING(ident), NULL, 10), frames[1]);
     } else {
         glue_notify(self, str_on_unknown, "(Oy#)", ident, head, head_len ? (Py_ssize_t)1 : (Py_ssize_t)0);
     }
@@ -1597,6 +1599,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     INTERN(str_on_fd, "on_fd");
     INTERN(str_on_lost, "on_lost");
     INTERN(str_on_ready, "on_ready");
+    INTERN(str_on_figures, "on_figures");
     INTERN(str_on_rejected, "on_rejected");
     INTERN(str_on_unknown, "on_unknown");
     INTERN(str_answer, "answer");

@@ -22,7 +22,7 @@ Both cores have this interface and pass the same tests
 
 An orphan is a tuple (index, sender, conn_id, age, running, behind, raw).
 The glue's callbacks run on the loop's thread with the core's lock held:
-on_rejected(index, raw, reason), on_lost(index), on_ready(pid, version),
+on_rejected(index, raw, reason), on_lost(index), on_ready(pid, version), on_figures(pid, payload),
 answer(orphans, status), request_credits(index, raw) -> int | None,
 control_event(index, raw) -> ("credits", n) | ("disconnect",) | None,
 on_fd(fd), on_tick(now), on_unknown(ident, kind).
@@ -40,7 +40,19 @@ import threading
 import time
 
 from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
-from fleet.dispatch.frames import CONTROL, CREDIT, DONE, DONE_LAST, READY, REQUEST, RETIRE, RETIRED, ident_pid, tagged
+from fleet.dispatch.frames import (
+    CONTROL,
+    CREDIT,
+    DONE,
+    DONE_LAST,
+    FIGURES,
+    READY,
+    REQUEST,
+    RETIRE,
+    RETIRED,
+    ident_pid,
+    tagged,
+)
 from fleet.dispatch.link import LinkServer
 from fleet.mongrel2.codec import ProtocolError, peek_route
 from fleet.mongrel2.zmtp import FrameReader, ZmtpError
@@ -312,6 +324,9 @@ class Core:
             elif kind == READY:
                 version = frames[1].decode("utf-8", "replace") if len(frames) > 1 and frames[1] else None
                 self.glue.on_ready(ident_pid(ident), version)
+                continue
+            elif kind == FIGURES and len(frames) > 1:
+                self.glue.on_figures(ident_pid(ident), frames[1])
                 continue
             else:
                 self.glue.on_unknown(ident, kind)

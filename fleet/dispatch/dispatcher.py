@@ -23,7 +23,9 @@ import math
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+
+import msgpack
 
 from fleet.config import Endpoint
 from fleet.dispatch import core as pure_core
@@ -32,6 +34,7 @@ from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, encode_clos
 from fleet.mongrel2.connection import Publisher, Puller
 from fleet.mongrel2.uploads import DONE_HEADER, UploadPolicy, discard_upload
 from fleet.native import twin
+from fleet.worker.tally import Totals, valid_vector
 from fleet.wsgi.response import error_response
 
 # The dispatcher's hot loop: compiled when built (fleet/dispatch/_core.c), else the reference.
@@ -64,6 +67,8 @@ class Dispatcher:
         self.watched: dict[int, int] = {}  # fd of a connecting puller -> its index
         self.publishers = [Publisher(e.recv_spec) for e in endpoints]
         self.ready_workers: deque[tuple[int, str | None]] = deque()
+        self.served_figures = Totals()  # what the workers say they served (their FIGURES)
+        self.answered_by_us: Counter[int] = Counter()  # error answers we gave ourselves, by status
         self.notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._detach_until: float | None = None
         self.detached = threading.Event()
@@ -90,6 +95,8 @@ class Dispatcher:
 
     def worker_started(self, pid: int) -> None:
         self.core.worker_started(pid)
+        with self.core.lock:
+            self.served_figures.started(pid)
 
     def worker_gone(self, pid: int, timed_out_after: float = 0.0) -> tuple[int, int]:
         """Answer what a dead worker held: 504 for a request it was running for
@@ -102,6 +109,7 @@ class Dispatcher:
             self._answer(late, 504)
             self._answer(rest, 502)
             self._discard_uploads([o for o in orphans if o.behind])
+            self.served_figures.gone(pid)
         return len(rest), len(late)
 
     def retire_worker(self, pid: int) -> None:
@@ -113,6 +121,20 @@ class Dispatcher:
 
     def total_served(self) -> int:
         return self.core.total_served()
+
+    def worker_figures(self) -> tuple[list[float], dict[int, int]]:
+        """The sum of what every worker has said it served (fleet.worker.tally's vector),
+        and the error answers the dispatcher gave itself, by status."""
+        with self.core.lock:
+            return list(self.served_figures.total), dict(self.answered_by_us)
+
+    def answered(self, pid: int | None = None) -> int:
+        """Requests answered by the worker ``pid`` (or by all, the gone included), in any mode:
+        the dispatcher's own count (broker mode, at once) or the workers' (every mode, up to a
+        second late), whichever is ahead."""
+        with self.core.lock:
+            reported = self.served_figures.requests(pid)
+        return max(reported, (self.core.total_served() if pid is None else self.core.served(pid)) or 0)
 
     def busy_threads(self, pid: int, stuck_after: float = math.inf) -> int:
         return self.core.busy_threads(pid, stuck_after)
@@ -205,6 +227,16 @@ class Dispatcher:
         self.ready_workers.append((pid, version))
         os.eventfd_write(self.notify_fd, 1)
 
+    def on_figures(self, pid: int, payload: bytes) -> None:
+        try:
+            vector = msgpack.unpackb(payload)
+        except Exception as error:  # msgpack raises several kinds; a worker is ours, so this is a bug
+            vector = error
+        if not valid_vector(vector):
+            log.warning("dropped worker %d's figures: not what a worker sends (%.80r)", pid, vector)
+            return
+        self.served_figures.update(pid, vector)
+
     def on_rejected(self, index: int, raw: bytes, reason: str) -> None:
         log.warning("dropped a malformed message from Mongrel2 %d: %s", index, reason)
 
@@ -252,6 +284,7 @@ class Dispatcher:
     def _answer(self, orphans: list[Orphan], status: int) -> None:
         """Send a complete error response and close, for requests no worker will answer."""
         body = error_response(status)
+        self.answered_by_us[status] += len(orphans)
         for orphan in orphans:
             publisher = self.publishers[orphan.index]
             publisher.send(encode_response(orphan.sender, [orphan.conn_id], body))

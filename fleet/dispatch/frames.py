@@ -23,6 +23,8 @@ thread -> dispatcher
     [READY, version]        (a worker's control identity) the app is loaded
                             (version: its __version__, or empty),
                             replies can reach Mongrel2
+    [FIGURES, payload]      (the control identity) what the worker has served
+                            so far (msgpack; fleet.worker.tally)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ DONE = b"="
 DONE_LAST = b"-"
 RETIRE = b"!"
 READY = b"R"
+FIGURES = b"F"
 HELLO = b"H"
 
 CONTROL_THREAD = b"c"

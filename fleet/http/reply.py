@@ -24,6 +24,7 @@ class SocketReply:
         self.conn_id = conn_id
         self.timeout = timeout
         self.gone = False
+        self.status: str | None = None
         self.close_requested = False
         self.bytes_sent = 0
         self.messages_sent = 0

@@ -80,6 +80,8 @@ class PushHandler(logging.Handler):
     host's own log handler: it hears about drops too.
     """
 
+    dropped_total = 0  # every handler's in this process, for the metrics (emit() holds a handler's lock)
+
     def __init__(self, endpoint: str, local: logging.Handler | None = None, hwm: int = SEND_HWM,
                  host: str | None = None) -> None:
         super().__init__()
@@ -124,6 +126,7 @@ class PushHandler(logging.Handler):
 
     def _drop(self) -> None:
         self.dropped += 1
+        PushHandler.dropped_total += 1
         if self.dropped == 1:
             self._tell_local(logging.WARNING,
                              f"log collector {self.endpoint} is unreachable or too slow: dropping log lines "
@@ -154,3 +157,8 @@ class PushHandler(logging.Handler):
         finally:
             self.release()
         super().close()
+
+
+def lines_dropped() -> int:
+    """Log lines this process could not hand to its collector, since it started."""
+    return PushHandler.dropped_total

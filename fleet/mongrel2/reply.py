@@ -46,6 +46,7 @@ class Reply:
         self.poll_control = poll_control
         self.clock = clock
         self.gone = False
+        self.status: str | None = None
         self.bytes_sent = 0
         self.messages_sent = 0
         self._buffer: list[bytes] = []

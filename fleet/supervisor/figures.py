@@ -17,7 +17,9 @@ import zmq
 
 from fleet.cluster.agent import HostStatus
 from fleet.dispatch.dispatcher import Dispatcher
+from fleet.logs.push import lines_dropped
 from fleet.supervisor.process import WorkerProcess
+from fleet.worker import tally
 
 
 @dataclass
@@ -44,13 +46,12 @@ def worker_state(worker: WorkerProcess, dispatcher: Dispatcher) -> str:
 
 def worker_row(worker: WorkerProcess, dispatcher: Dispatcher, threads: int) -> dict[str, Any]:
     rss, cpu = worker.usage()
-    served = dispatcher.served(worker.pid)
     age = dispatcher.oldest_request_age(worker.pid)
     return {
         "pid": worker.pid,
         "generation": worker.generation,
         "state": worker_state(worker, dispatcher),
-        "requests": served or 0,
+        "requests": dispatcher.answered(worker.pid),
         "busy_threads": dispatcher.busy_threads(worker.pid),
         "threads": threads,
         "request_age": round(age, 3) if age is not None else None,
@@ -62,6 +63,9 @@ def worker_row(worker: WorkerProcess, dispatcher: Dispatcher, threads: int) -> d
 def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], dispatcher: Dispatcher, threads: int,
                    counters: Counters, cluster: dict[str, Any] | None) -> dict[str, Any]:
     rows = sorted((worker_row(w, dispatcher, threads) for w in workers), key=lambda row: row["pid"])
+    vector, answered_by_dispatcher = dispatcher.worker_figures()
+    served = tally.figures(vector)  # what the workers answered, by kind, status class and latency
+    served["log_lines_dropped"] += lines_dropped()  # the workers' and the master's own
     figures = {
         "pid": pid,
         "generation": generation,
@@ -74,14 +78,16 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], d
             "rss": sum(row["rss"] or 0 for row in rows),
             "backlog": dispatcher.backlog,
         },
-        "requests_served": dispatcher.total_served(),  # every worker's since the master started
+        "requests_served": dispatcher.answered(),  # every worker's since the master started
         "reloads": counters.reloads,
         "failed_reloads": counters.failed_reloads,
         "respawns": counters.respawns,
         "harakiri_kills": counters.harakiri_kills,
         "recycles": {"max_requests": counters.recycled_max_requests, "rss": counters.recycled_rss},
         "answered_502": counters.answered_502,
+        "answered_503": answered_by_dispatcher.get(503, 0),
         "answered_504": counters.answered_504,
+        "served": served,
     }
     if cluster is not None:
         figures["cluster"] = cluster
@@ -102,7 +108,7 @@ def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, gener
     return HostStatus(state=state, generation=generation,
                       # during a reload old and new workers are both ready for a moment
                       workers_ready=min(ready, target), workers_total=target,
-                      requests_served=dispatcher.total_served(),
+                      requests_served=dispatcher.answered(),
                       rss=sum(worker.rss() or 0 for worker in workers), error=error,
                       app_version=versions.most_common(1)[0][0] if versions else None)
 
@@ -110,7 +116,8 @@ def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, gener
 def render_table(stats: dict[str, Any]) -> str:
     lines = [f"master {stats['pid']}  generation {stats['generation']}  "
              f"reloads {stats['reloads']} (failed {stats['failed_reloads']})  respawns {stats['respawns']}  "
-             f"harakiri {stats['harakiri_kills']}  502s {stats['answered_502']}  504s {stats['answered_504']}"]
+             f"harakiri {stats['harakiri_kills']}  502s {stats['answered_502']}  503s {stats['answered_503']}  "
+             f"504s {stats['answered_504']}"]
     lines.append(f"{'pid':>8} {'gen':>4} {'state':<9} {'requests':>9} {'busy':>6} {'age s':>7} "
                  f"{'rss MB':>8} {'cpu %':>6}")
     for row in stats["workers"]:
@@ -122,6 +129,9 @@ def render_table(stats: dict[str, Any]) -> str:
     totals = stats["totals"]
     lines.append(f"{'total':>8} {'':>4} {totals['ready']:>2} ready  {totals['requests']:>9} "
                  f"{totals['busy']:>6} {'':>7} {totals['rss'] / 1048576:>8.1f}   backlog {totals['backlog']}")
+    for kind, classes in stats["served"]["requests"].items():
+        if any(classes.values()):
+            lines.append(f"{kind} answered: " + "  ".join(f"{name} {count}" for name, count in classes.items()))
     return "\n".join(lines)
 
 

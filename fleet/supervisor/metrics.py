@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from fleet.config import ConfigError, HttpAddress, parse_host_port
+from fleet.worker.tally import LATENCY_BUCKETS
 
 log = logging.getLogger("fleet.supervisor")
 
@@ -60,8 +61,16 @@ class MetricsEndpoint:
         if figures is None:
             return
         totals = figures["totals"]
-        yield _counter("fleet_requests", "Requests the dispatcher handed to workers and saw finished "
-                       "(Mongrel2, broker mode).", figures["requests_served"])
+        served = figures["served"]
+        yield _counter("fleet_requests", "Requests the workers finished, every kind.", figures["requests_served"])
+        answered = CounterMetricFamily("fleet_requests_answered", "Requests the workers answered, by how they came "
+                                       "(mongrel2, http) and the class of the status sent.", labels=["kind", "class"])
+        for kind, classes in served["requests"].items():
+            for name, count in classes.items():
+                answered.add_metric([kind, name], count)
+        yield answered
+        yield _histogram("fleet_request_duration_seconds", "Time from a request reaching a worker thread to its "
+                         "response sent (or handed to Mongrel2).", served)
         workers = GaugeMetricFamily("fleet_workers", "Worker processes by state.", labels=["state"])
         for state in WORKER_STATES:
             workers.add_metric([state], sum(row["state"] == state for row in figures["workers"]))
@@ -84,11 +93,13 @@ class MetricsEndpoint:
         for reason, count in figures["recycles"].items():
             recycles.add_metric([reason], count)
         yield recycles
-        answered = CounterMetricFamily("fleet_answered", "Error answers the master gave itself.",
+        answered = CounterMetricFamily("fleet_answered", "Error answers the master gave itself (no worker did).",
                                        labels=["status"])
-        answered.add_metric(["502"], figures["answered_502"])
-        answered.add_metric(["504"], figures["answered_504"])
+        for status in ("502", "503", "504"):
+            answered.add_metric([status], figures[f"answered_{status}"])
         yield answered
+        yield _counter("fleet_log_lines_dropped", "Log lines the workers and the master could not hand to the "
+                       "--logger collector.", served["log_lines_dropped"])
         cluster = figures.get("cluster")
         if cluster is not None:
             datagrams = CounterMetricFamily("fleet_cluster_datagrams", "Cluster datagrams received, by outcome.",
@@ -106,3 +117,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def _histogram(name: str, documentation: str, served: dict[str, Any]) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), served["latency_buckets"]):
+        cumulative += count
+        buckets.append((str(bound), cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=served["latency_seconds"])

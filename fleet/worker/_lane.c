@@ -6,7 +6,7 @@
  * flow control) whose app returns a list or tuple of bytes. It uses the
  * compiled codec, environ and framer, calls the app once, writes the one
  * Mongrel2 message (and the close when the connection must end) through the
- * thread's Publisher, and reports (conn_id, closed).
+ * thread's Publisher, and reports (conn_id, closed, status line).
  *
  * Everything else stays in Python, so the rules live in one place:
  *  - a message that is not a plain request: serve() returns None before any
@@ -307,7 +307,7 @@ static PyObject *finish_common(PyObject *request, Response *response, PyObject *
         goto done;
     if (closed && publish(response->responder, mongrel2_message(response->sender, response->conn_id, "", 0)) < 0)
         goto done;
-    outcome = Py_BuildValue("(OO)", response->conn_id, closed ? Py_True : Py_False);
+    outcome = Py_BuildValue("(OOO)", response->conn_id, closed ? Py_True : Py_False, response->status);
 done:
     Py_DECREF(data);
     Py_XDECREF(length);
@@ -414,7 +414,7 @@ done:
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
      "serve(app, raw, responder, poll_control, multithread, multiprocess)\n"
-     "-> None (not taken: nothing done), (conn_id, closed) (served), or\n"
+     "-> None (not taken: nothing done), (conn_id, closed, status) (served), or\n"
      "(request, response, framer, result, error) for fleet.wsgi.serve.respond."},
     {NULL, NULL, 0, NULL},
 };

@@ -24,6 +24,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+
+import msgpack
 
 from fleet import native
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
@@ -34,6 +37,7 @@ from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED, CRASHED
 from fleet.http.front import Exchange, HttpFront, HttpLimits
 from fleet.http.reply import SocketReply
 from fleet.logs.local import reopen_log_file, setup_logging
+from fleet.logs.push import lines_dropped
 from fleet.mongrel2 import codec
 from fleet.mongrel2.codec import ProtocolError, Request, encode_close, peek_route
 from fleet.mongrel2.connection import Publisher
@@ -42,6 +46,7 @@ from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, Upl
 from fleet.worker.outbox import STALL, Outbox
 from fleet.worker.sources import FINISHED, POLL_INTERVAL_MS, BrokerSource, DirectSource, HttpShare, Message
 from fleet.worker.spec import WorkerSpec
+from fleet.worker.tally import Tally, snapshot
 from fleet.wsgi.response import error_response
 from fleet.wsgi.serve import ClientGone, ReplyChannel, respond, serve
 
@@ -52,6 +57,8 @@ parse_message = native.twin("fleet.mongrel2._codec", "parse_message", codec.pars
 # The common request from its bytes to its reply, in C (fleet/worker/_lane.c); None: handle() does it all.
 lane = native.compiled("fleet.worker._lane")
 
+# How often (seconds) at most the worker tells the master what it has served.
+FIGURES_INTERVAL = 1.0
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).
 SUBSCRIBE_WAIT = 5.0
@@ -70,6 +77,7 @@ class Worker:
         self.responders: list[list[Publisher]] = []
         self.threads: list[threading.Thread] = []
         self.outboxes: list[Outbox] = []  # one per request thread, when the lane is built
+        self.tallies: list[Tally] = []  # one per serving thread: what it served (fleet.worker.tally)
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
         self.multiprocess = self.config.processes > 1
@@ -82,8 +90,13 @@ class Worker:
                 [socket.socket(fileno=fd) for fd in spec.http_fds],
                 HttpLimits(self.config.http_keepalive, self.config.http_timeout, self.config.http_max_body),
                 self.config.threads,
-                inline=self.answer_http if alone else None,
+                inline=partial(self.answer_http, tally=self._new_tally()) if alone else None,
             )
+
+    def _new_tally(self) -> Tally:
+        tally = Tally()
+        self.tallies.append(tally)
+        return tally
 
     def retire(self) -> None:
         """Finish what was received, take nothing new, then exit (SIGTERM, SIGHUP)."""
@@ -134,6 +147,7 @@ class Worker:
         """One request thread, either dispatch mode: serve what the source gives until it is finished."""
         responders = self.responders[number]
         source = self.work_source(number)
+        tally = self._new_tally()
         outbox = None
         if lane is not None:  # the lane's finished replies wait for the next ones (fleet.worker.outbox)
             outbox = Outbox(responders, getattr(getattr(source, "link", None), "send_encoded", None))
@@ -143,11 +157,11 @@ class Worker:
         try:
             while (work := source.next()) is not FINISHED:
                 if isinstance(work, Message):
-                    self.handle(work, source, responders, outbox)
+                    self.handle(work, source, responders, tally, outbox)
                 elif work is not None:
                     if outbox is not None:
                         outbox.flush()
-                    self.serve_http(work)
+                    self.serve_http(work, tally)
                 if outbox is not None and (not source.has_more() or outbox.due()):
                     outbox.flush()  # before next() blocks, or when replies have waited long enough
         finally:
@@ -167,10 +181,12 @@ class Worker:
         return DirectSource(self.config.endpoints, http, self.retiring)
 
     def handle(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher],
-               outbox: Outbox | None = None) -> None:
-        """Serve one message from Mongrel2 and tell the source it is done. With an outbox, the
-        lane's complete replies and their DONEs wait in it; everything else is sent at once."""
-        if lane is not None and message.credits is None and self._take_lane(message, source, responders, outbox):
+               tally: Tally, outbox: Outbox | None = None) -> None:
+        """Serve one message from Mongrel2, count it in ``tally`` and tell the source it is done. With
+        an outbox, the lane's complete replies and their DONEs wait in it; the rest is sent at once."""
+        started = time.monotonic()
+        if (lane is not None and message.credits is None
+                and self._take_lane(message, source, responders, tally, started, outbox)):
             return
         if outbox is not None:
             outbox.flush()
@@ -195,10 +211,11 @@ class Worker:
         reply = Reply(responders[message.index], event.sender, event.conn_id, credits=credits,
                       poll_control=source.poll_control)
         closed = self._guarded(reply, "connection", lambda: self._serve(event, reply))
+        tally.record("mongrel2", reply.status, time.monotonic() - started)
         source.done(message.index, event.conn_id, reply.bytes_sent if credits is not None else None, closed)
 
     def _take_lane(self, message: Message, source: BrokerSource | DirectSource, responders: list[Publisher],
-                   outbox: Outbox | None) -> bool:
+                   tally: Tally, started: float, outbox: Outbox | None) -> bool:
         """The common request through the compiled lane (fleet/worker/_lane.c); False if it
         is not one (nothing was done, handle() goes on). What the lane does not finish
         after calling the app goes on in fleet.wsgi.serve.respond, as in serve()."""
@@ -214,8 +231,8 @@ class Worker:
                 outbox.holding = False
             if outcome is None:
                 return False
-            if len(outcome) == 2:
-                conn_id, closed = outcome
+            if len(outcome) == 3:
+                conn_id, closed, status = outcome
             else:
                 if outbox is not None:
                     outbox.flush()  # the rest of this response is sent as it comes
@@ -223,6 +240,7 @@ class Worker:
                 conn_id, reply = request.conn_id, response.reply
                 closed = self._guarded(reply, "connection",
                                        lambda: respond(request, reply, response, framer, result, error))
+                status = response.status if response.head_sent else reply.status
         except Exception:
             # A fault of fleet's own: the client may have had part of a response; end its connection.
             if outbox is not None:
@@ -231,23 +249,25 @@ class Worker:
             sender, conn_id, _ = peek_route(message.raw)
             log.exception("internal error serving connection %s", conn_id.decode())
             responders[message.index].send(encode_close(sender, [conn_id]))
-            closed = True
+            closed, status = True, None
         finally:
             if self.http is not None:
                 self.http.thread_idle()
+        tally.record("mongrel2", status, time.monotonic() - started)
         if outbox is None:
             source.done(message.index, conn_id, None, closed)
         else:
             outbox.hold_done(source.done_message(message.index, conn_id, None, closed))
         return True
 
-    def serve_http(self, exchange: Exchange) -> None:
+    def serve_http(self, exchange: Exchange, tally: Tally) -> None:
         """A request thread's --http request: answered, then its connection goes back to the I/O thread."""
-        self.http.give_back(exchange.client, keep=self.answer_http(exchange))
+        self.http.give_back(exchange.client, keep=self.answer_http(exchange, tally))
 
-    def answer_http(self, exchange: Exchange) -> bool:
-        """Serve one --http request; True if its connection stays open for the next one.
-        When it is the worker's only serving thread, the I/O thread calls this itself."""
+    def answer_http(self, exchange: Exchange, tally: Tally) -> bool:
+        """Serve one --http request, counted in ``tally``; True if its connection stays open for the
+        next one. When it is the worker's only serving thread, the I/O thread calls this itself."""
+        started = time.monotonic()
         client, ready = exchange.client, exchange.ready
         request = ready.request
         if self.http.retiring.is_set() or self.config.http_keepalive <= 0:
@@ -260,6 +280,7 @@ class Worker:
         finally:
             ready.body.close()
             reply.release()
+        tally.record("http", reply.status, time.monotonic() - started)
         return not (closed or reply.gone or reply.close_requested)
 
     def _guarded(self, reply: ReplyChannel, what: str, job: Callable[[], bool]) -> bool:
@@ -279,6 +300,8 @@ class Worker:
 
     def _fail(self, reply: ReplyChannel) -> bool:
         try:
+            if not reply.messages_sent:
+                reply.status = "500"
             reply.finish(b"" if reply.messages_sent else error_response(500), close=True)
         except Exception:
             log.exception("could not even close connection %s", reply.conn_id.decode())
@@ -316,6 +339,7 @@ class Worker:
 
     def _refuse(self, request: Request, reply: Reply, error: UploadRejected) -> bool:
         log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
+        reply.status = "400"
         try:
             reply.finish(error_response(400), close=True)
         except ClientGone:
@@ -324,9 +348,11 @@ class Worker:
 
     # -- life ---------------------------------------------------------------
 
-    def wait(self) -> None:
+    def wait(self, report: Callable[[list[float]], None]) -> None:
         """Run until every thread has drained after a retire, or the parent is gone; meanwhile
-        send the finished replies of threads held up in a slow request."""
+        send the finished replies of threads held up in a slow request, and ``report`` what
+        the threads have served when it changed (at most every FIGURES_INTERVAL, and at the end)."""
+        reported, reported_at = None, time.monotonic()
         while any(t.is_alive() for t in self.threads):
             time.sleep(STALL)
             now = time.monotonic()
@@ -335,6 +361,15 @@ class Worker:
             if os.getppid() != self.spec.parent_pid:
                 log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
                 os._exit(BOOT_FAILED)
+            if now - reported_at >= FIGURES_INTERVAL:
+                reported, reported_at = self._report(report, reported), now
+        self._report(report, reported)
+
+    def _report(self, report: Callable[[list[float]], None], last: list[float] | None) -> list[float]:
+        figures = snapshot(self.tallies, lines_dropped())
+        if figures != last:
+            report(figures)
+        return figures
 
     def close(self) -> None:
         for responders in self.responders:
@@ -386,7 +421,14 @@ def main(argv: list[str]) -> int:
         spec.config.threads, spec.config.dispatch, ", ".join(r.spec for r in worker.responders[0]) or "none",
         ", ".join(spec.config.http) or "none",
     )
-    worker.wait()
+
+    def report(figures: list[float]) -> None:
+        try:
+            control.send([frames.FIGURES, msgpack.packb(figures)])
+        except OSError:
+            pass  # the master is going away: nobody to count them
+
+    worker.wait(report)
     control.close()
     worker.close()
     return 0

@@ -38,6 +38,7 @@ class ReplyChannel(Protocol):
 
     conn_id: bytes
     gone: bool  # the client has gone: nothing more can reach it
+    status: str | None  # the status line the client was sent, once it was (for the worker's tally)
     bytes_sent: int
     messages_sent: int
 
@@ -80,6 +81,7 @@ class _Response:
         if not self.head_sent:
             head = self.framer.start(self.status, self.headers, body_length)
             self.head_sent = True
+            self.reply.status = self.status
             self.reply.send(head + self.framer.body(data))
         elif data:
             self.reply.send(self.framer.body(data))
@@ -164,6 +166,7 @@ def _fail(request: Request, reply: ReplyChannel, response: _Response, error: Exc
         if response.head_sent:
             reply.finish(close=True)  # too late for a 500: cut the response short
         else:
+            reply.status = "500"
             reply.finish(error_response(500), close=True)
     except ClientGone:
         pass

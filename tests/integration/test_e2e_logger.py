@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from fleet.dev.mongrel2 import free_port
-from tests.support.harness import Harness, fleet_cli, master_args, request, wait_for, worker_pids
+from tests.support.harness import Harness, fleet_cli, master_args, request, scrape_metrics, wait_for, worker_pids
 
 LINE = re.compile(r"^\S+Z (?P<host>\S+) \[(?P<pid>\d+)\] (?P<level>\w+) (?P<name>\S+): (?P<message>.*)$")
 COLLECTOR_TIMEOUT = 30.0
@@ -118,7 +118,8 @@ def test_master_and_workers_send_their_lines_to_the_collector(harness: Harness) 
 def test_a_dead_collector_fails_no_request_and_the_drop_count_arrives_later(harness: Harness) -> None:
     collector = LogCollector(harness, "collected").start()
     server = harness.mongrel2([("/t/", "tnetstring")])
-    master = harness.master(app_args(server, 1, 2, logger_arg(collector)))
+    metrics_port = free_port()
+    master = harness.master(app_args(server, 1, 2, [*logger_arg(collector), "--metrics", f"127.0.0.1:{metrics_port}"]))
     (worker,) = worker_pids(master)
     serve(server, "before")
     collector.wait_line("the first request's line", lambda line: line.message == "request before line 0")
@@ -140,6 +141,10 @@ def test_a_dead_collector_fails_no_request_and_the_drop_count_arrives_later(harn
     received = sum(1 for line in collector.lines() if line.message.startswith("request dead-"))
     assert received < 5000 and received + count >= 5000  # lines were dropped, and every one was counted
     assert count <= 5000 + len(after)  # (an "after" line sent before the reconnection is dropped too)
+    counted = ("fleet_log_lines_dropped_total", ())
+    dropped = wait_for(lambda: (n := scrape_metrics(metrics_port)[counted]) >= count and n, 10,
+                       what="the drops in the metrics")
+    assert dropped <= count + len(after) + 50  # the workers' drops, and the master's few lines meanwhile
     local = master.stderr_text()
     assert local.count("request dead-") == 5000  # nothing lost in the host's own log
     assert "is unreachable or too slow: dropping log lines" in local

@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.dev.mongrel2 import HandlerRoute, Mongrel2, new_ident, tcp_pair
 
@@ -405,6 +407,16 @@ def fleet_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     """`python -m fleet ARGS...`, captured."""
     return subprocess.run([sys.executable, "-m", "fleet", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def scrape_metrics(port: int) -> dict[tuple[str, tuple], float]:
+    """A master's --metrics on 127.0.0.1:port, read by prometheus_client's own exposition-format
+    parser: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        assert answer.status == 200
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def fleet_stats(endpoint: str, timeout: float = 5.0) -> dict:

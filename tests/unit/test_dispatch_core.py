@@ -43,6 +43,7 @@ class Glue:
 
     def __init__(self) -> None:
         self.ready: list = []
+        self.figures: list = []
         self.rejected: list = []
         self.unknown: list = []
         self.answered: list = []
@@ -60,6 +61,9 @@ class Glue:
 
     def on_ready(self, pid: int, version: str | None) -> None:
         self.ready.append((pid, version))
+
+    def on_figures(self, pid: int, payload: bytes) -> None:
+        self.figures.append((pid, payload))
 
     def on_rejected(self, index: int, raw: bytes, reason: str) -> None:
         self.rejected.append((index, raw))
@@ -323,12 +327,14 @@ def test_bad_input_is_reported_and_serving_goes_on(rig) -> None:
     assert rig.got(b"100/0") == [[b"Q\x00", req(1)]]
 
 
-def test_ready_and_lost_and_watched_fds_reach_the_glue(rig) -> None:
+def test_ready_figures_lost_and_watched_fds_reach_the_glue(rig) -> None:
     control_link = rig.thread(b"100/c", credits=0)
     control_link.send([wire.READY, b"1.2"])
     control_link.send([wire.READY, b""])
+    control_link.send([wire.FIGURES, b"\x93\x01\x02\x03"])
     rig.settle()
     assert rig.glue.ready == [(100, "1.2"), (100, None)]
+    assert rig.glue.figures == [(100, b"\x93\x01\x02\x03")]  # the glue decodes (and checks) them
     a, b = socket.socketpair()
     rig.core.watch(a.fileno(), False)
     b.send(b"x")

@@ -188,7 +188,7 @@ def test_a_stuck_request_does_not_hold_back_the_reply_before_it(monkeypatch):
     time.sleep(0.05)
     assert wire.log == [], "the first reply waits while the next request is in hand"
 
-    waiter = threading.Thread(target=worker.wait, daemon=True)  # the worker's main thread
+    waiter = threading.Thread(target=worker.wait, args=(lambda figures: None,), daemon=True)  # the worker's main thread
     waiter.start()
     assert wire.wait_for(lambda log: [where for where, _ in log] == ["m2-0", "link"])
     assert b"200 OK" in wire.log[0][1] and b" 1:1, " in wire.log[0][1]

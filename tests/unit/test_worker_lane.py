@@ -24,6 +24,7 @@ from fleet.mongrel2.codec import Disconnect
 from fleet.worker import worker as worker_module
 from fleet.worker.sources import Message
 from fleet.worker.spec import WorkerSpec
+from fleet.worker.tally import Tally
 from tests.support.encoders import encode_json_request, encode_tnetstring_request
 
 pytestmark = pytest.mark.skipif(native.PURE, reason="FLEET_PURE is set: the compiled lane is not used")
@@ -74,9 +75,10 @@ def serve_both_ways(app, raw: bytes, monkeypatch, caplog, **source_kw) -> list:
         worker, source, publisher = make_worker(app), Source(**source_kw), Publisher()
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="fleet.worker"):
-            worker.handle(Message(0, raw, None), source, [publisher])
+            tally = Tally()
+            worker.handle(Message(0, raw, None), source, [publisher], tally)
         logs = [(r.levelname, r.getMessage(), r.exc_info[0] if r.exc_info else None) for r in caplog.records]
-        outcomes.append((publisher.sent, source.done_calls, logs))
+        outcomes.append((publisher.sent, source.done_calls, logs, tally.statuses))
     return outcomes
 
 
@@ -261,7 +263,7 @@ def test_what_the_lane_does_not_take_is_served_by_python(monkeypatch, caplog) ->
 def test_the_common_request_is_finished_in_c(monkeypatch) -> None:
     lane = native.compiled("fleet.worker._lane")
     publisher = Publisher()
-    assert lane.serve(hello, request(), publisher, Source().poll_control, False, True) == (b"42", False)
+    assert lane.serve(hello, request(), publisher, Source().poll_control, False, True) == (b"42", False, "200 OK")
     assert publisher.sent == [SENDER + b" 2:42, HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                                        b"Content-Length: 12\r\n\r\nHello world!"]
     ClosingIterable.closed.clear()
