@@ -97,7 +97,9 @@ def run_reload(args: argparse.Namespace) -> int:
             print("fleet: error: no master heard on the cluster; nothing reloaded", file=sys.stderr)
             return 1
         target = max(h["generation"] for h in hosts) + 1
-        agent.send_reload(target, args.batch)
+        # Addressed to the master boots we heard, so a replay reaches no restarted master.
+        boots = [bytes.fromhex(h["boot_id"]) for h in masters if h.get("boot_id")]
+        agent.send_reload(target, args.batch, boots if len(boots) == len(masters) else ())
         print(f"reload to generation {target} sent; waiting for {len(hosts)} host(s)")
         deadline = time.monotonic() + args.timeout
         pending = {h["node_id"] for h in hosts}

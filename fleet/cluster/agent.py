@@ -34,7 +34,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,9 +335,12 @@ class ClusterAgent:
     def send_log(self, level: str, text: str) -> None:
         self._send(proto.Log, self.clock(), level=level, text=text)
 
-    def send_reload(self, generation: int, batch: int | None = None) -> bytes:
+    def send_reload(self, generation: int, batch: int | None = None,
+                    masters: Iterable[bytes] = ()) -> bytes:
+        """Ask the masters whose boot ids are `masters` (all, if none) for `generation`."""
         command_id = proto.new_command_id()
-        self._send(proto.Reload, self.clock(), command_id=command_id, generation=generation, batch=batch)
+        self._send(proto.Reload, self.clock(), command_id=command_id, generation=generation, batch=batch,
+                   masters=list(masters))
         return command_id
 
     def _heartbeat_body(self, now: float, status: HostStatus) -> dict[str, Any]:
@@ -474,6 +477,12 @@ class ClusterAgent:
             return None
         if isinstance(message, proto.Reload):
             if self.role != "master" or message.command_id in self._seen_commands:
+                return None
+            if message.masters and self.origin.boot_id not in message.masters:
+                # Meant for an earlier boot of this master: a replay, or sent just before we restarted.
+                self.rejected_by_reason["NotThisBoot"] = self.rejected_by_reason.get("NotThisBoot", 0) + 1
+                log.warning("cluster: ignored a reload command from %s meant for another master boot "
+                            "(a replay, or sent before this master started)", source[0])
                 return None
             self._seen_commands.add(message.command_id)
             return ReloadRequested(max(message.generation, self.generation + 1), message.batch)

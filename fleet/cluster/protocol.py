@@ -104,6 +104,7 @@ TIMESTAMP_WINDOW = 30.0  # seconds either side of `now`: replay window, and cloc
 NODE_ID_LEN = 16  # stable per host (derive_node_id)
 BOOT_ID_LEN = 16  # random per process start: 128 bits never repeat
 COMMAND_ID_LEN = 16  # random per command, so a node acts on each command once
+MAX_RELOAD_MASTERS = 16  # boots one Reload names: one master, or a few in a conflict
 KEY_LEN = 32  # key-file keys: 256 bits, HMAC-SHA256's block-friendly size
 MIN_KEY_LEN = 16  # anything shorter is guessable; Keyring refuses it
 
@@ -379,6 +380,9 @@ class Reload(Message):
     command_id: bytes  # random; lets a node act on a command once however often it hears it
     generation: int
     batch: int | None = None
+    # The boot ids of the masters the sender heard: a master restarted since acts
+    # on no replay of it. Optional: empty (an older `fleet reload`) means any master.
+    masters: list = field(default_factory=list, hash=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -386,6 +390,11 @@ class Reload(Message):
         _check_int("generation", self.generation, 1)
         if self.batch is not None:
             _check_int("batch", self.batch, 1, MAX_WORKERS)
+        if type(self.masters) not in (list, tuple) or len(self.masters) > MAX_RELOAD_MASTERS:
+            raise ValueError(f"masters must be a list of at most {MAX_RELOAD_MASTERS} boot ids")
+        for boot in self.masters:
+            _check_bytes("masters item", boot, BOOT_ID_LEN)
+        object.__setattr__(self, "masters", list(self.masters))
 
 
 @dataclass(frozen=True, kw_only=True)

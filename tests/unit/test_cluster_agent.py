@@ -79,6 +79,31 @@ def test_heartbeats_fill_the_table_and_reloads_reach_the_master(options) -> None
             agent.close()
 
 
+def test_a_reload_replayed_to_a_restarted_master_is_refused(options) -> None:
+    """The replay gap a fresh ReplayGuard leaves: `fleet reload` names the master boots it heard."""
+    observer = ClusterAgent(options("cli"), "observer")
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    restarted = None
+    try:
+        command = observer.origin.make(proto.Reload, time.time(), command_id=proto.new_command_id(),
+                                       generation=2, masters=[master.origin.boot_id])
+        datagram = observer._encode(command)
+        observer.channel.send(datagram)
+        assert ("master", ReloadRequested(2, None)) in pump(master)
+        master.close()
+        restarted = ClusterAgent(options("m"), "master", config=CONFIG)  # same host, new boot
+        observer.channel.send(datagram)  # the captured datagram, well within the window
+        assert pump(restarted) == []
+        assert restarted.counters()["rejected_by_reason"] == {"NotThisBoot": 1}
+        # Unaddressed (an older `fleet reload`) still reaches any master.
+        observer.send_reload(3)
+        assert ("master", ReloadRequested(3, None)) in pump(restarted)
+    finally:
+        for agent in (observer, master, restarted):
+            if agent is not None:
+                agent.close()
+
+
 def test_forged_and_garbled_datagrams_are_dropped_and_counted(options) -> None:
     master = ClusterAgent(options("m"), "master", config=CONFIG)
     forger = ClusterAgent(options("evil", proto.Keyring([b"x" * 32])), "observer")
