@@ -36,7 +36,13 @@ MAX_CONTENT_LENGTH_DIGITS = 19
 
 
 class UploadRejected(ValueError):
-    """A forged or unsafe upload message; str(e) is the reason, the worker answers 400."""
+    """A forged or unsafe upload message; str(e) is the reason, the worker answers 400.
+
+    ``repeats_start``: a done message refused for its path or file, which its
+    start message (same path, same file) was refused and logged for already.
+    """
+
+    repeats_start = False
 
 
 class UploadGone(UploadRejected):
@@ -113,7 +119,14 @@ def check_upload(request: Request, policy: UploadPolicy) -> UploadStarted | Uplo
         raise UploadRejected("upload message with a body (forged)")
     chunked, content_length = _body_framing(request, policy)
 
-    real_path = _resolve(start, policy.chroot, policy.temp_store)
+    # Past the framing check the message is Mongrel2's own (a client cannot make it
+    # stream a body to a file), so a done message refused for its path or file had
+    # its start message refused, and logged, for the same reason.
+    try:
+        real_path = _resolve(start, policy.chroot, policy.temp_store)
+    except UploadRejected as error:
+        error.repeats_start = done is not None
+        raise
     # mkstemp creates the file before the start message is sent, so a missing
     # file means a forgery or a chroot that is not this Mongrel2's.
     try:
@@ -121,9 +134,13 @@ def check_upload(request: Request, policy: UploadPolicy) -> UploadStarted | Uplo
     except OSError as e:
         if done is None and e.errno == errno.ENOENT:
             raise UploadGone(f"upload file is not accessible: {e.strerror}") from None
-        raise UploadRejected(f"upload file is not accessible: {e.strerror}") from None
+        error = UploadRejected(f"upload file is not accessible: {e.strerror}")
+        error.repeats_start = done is not None and e.errno != errno.ENOENT  # a missing start is not logged
+        raise error from None
     if not stat.S_ISREG(st.st_mode):
-        raise UploadRejected("upload path is not a regular file")
+        error = UploadRejected("upload path is not a regular file")
+        error.repeats_start = done is not None
+        raise error
     if done is None:
         return UploadStarted(path=start)
     if chunked:

@@ -338,7 +338,10 @@ class Worker:
                 log.warning("could not delete upload %s: %s", upload.real_path, error)
 
     def _refuse(self, request: Request, reply: Reply, error: UploadRejected) -> bool:
-        log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
+        # In direct mode the done message of a refused start reaches a worker too (in
+        # broker mode the dispatcher drops it): answered again, but the event is logged once.
+        log.log(logging.DEBUG if error.repeats_start else logging.WARNING,
+                "refused upload on connection %s: %s", request.conn_id.decode(), error)
         reply.status = "400"
         try:
             reply.finish(error_response(400), close=True)

@@ -90,12 +90,13 @@ def test_forged_upload_headers_are_rejected(m2: Mongrel2, prefix: str, planted: 
     assert b"root:" not in resp.body and b"secret" not in resp.body
 
 
-def test_a_refused_upload_is_refused_and_logged_once(harness) -> None:
+@pytest.mark.parametrize("dispatch", ["broker", "direct"])
+def test_a_refused_upload_is_refused_and_logged_once(harness, dispatch: str) -> None:
     """Mongrel2's temp_store is not the one fleet was told: the upload's start is refused
-    (400, close). Mongrel2 still sends the done message; the dispatcher drops it instead
-    of having it refused, and logged, a second time."""
+    (400, close). Mongrel2 still sends the done message: the dispatcher drops it (broker),
+    or a worker answers it again and logs it only at debug (direct), never a second warning."""
     m2 = harness.mongrel2(upload_store="/tmp/other.upload.XXXXXX")
-    master = harness.master(master_args(m2))
+    master = harness.master(master_args(m2, extra=["--dispatch", dispatch]))
     for _ in range(3):
         assert request(m2, "POST", "/t/upload", body=os.urandom(300_000), timeout=30).status == 400
     wait_for(lambda: log_text(master).count("refused upload") >= 3, 10, what="three refusals in the log")

@@ -340,3 +340,25 @@ def test_discard_never_deletes_what_a_forged_message_names(policy: UploadPolicy,
     for request in forged:
         assert discard_upload(request, policy) is None
     assert outside.exists() and inside_but_wrong_name.exists() and (chroot / "tmp" / NAME).exists()
+
+
+def test_a_done_message_refused_as_its_start_was_says_so(policy: UploadPolicy, chroot: Path) -> None:
+    """Direct mode hands the done message of a refused start to a worker too: the worker answers
+    it again but logs the refusal once, at the start. Only path and file refusals repeat one."""
+    (chroot / "tmp" / "mongrel2.upload.Dir123").mkdir()
+    repeated = [("tmp/other.upload.abcdef", {}), ("/etc/passwd", {}),
+                ("tmp/mongrel2.upload.Dir123", {"chunked": True, "content_length": None})]
+    for path, framing in repeated:
+        with pytest.raises(UploadRejected) as done:
+            check_upload(upload_request(path, path, **framing), policy)
+        with pytest.raises(UploadRejected) as start:
+            check_upload(upload_request(path, None, **framing), policy)
+        assert done.value.repeats_start and not start.value.repeats_start, path
+    # Its own refusals: forged shapes, a missing file (a start that finds none is not logged), a short file.
+    own = [upload_request(body=b"abc", content_length="3"), upload_request(done="tmp/other"),
+           upload_request("tmp/mongrel2.upload.Gone12", "tmp/mongrel2.upload.Gone12"),
+           upload_request(content_length="30000")]
+    for message in own:
+        with pytest.raises(UploadRejected) as done:
+            check_upload(message, policy)
+        assert not done.value.repeats_start, done.value
