@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import signal
 from collections.abc import Callable
 
 from fleet.appload import preflight_app
@@ -48,33 +49,83 @@ def run_node(args: argparse.Namespace) -> int:
     else:
         log.info("node policy: %s", policy.describe())
     said: list[str] = []  # the problem last reported, so a refusal repeated every announce is logged once
+    waiting = WaitingSignals(agent)
     try:
         while True:
-            try:
-                config = _wait_for_config(agent, adapt)
-            except PolicyRefused as refused:  # on the first join: run nothing, say why
-                _cannot_serve(agent, str(refused), said)
-                continue
-            setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or our own
-            problem = preflight_app(config)
-            if problem is not None:
-                _cannot_serve(agent, problem, said)
-                continue
+            with waiting:  # no supervisor yet: HUP and TERM are ours to handle
+                try:
+                    config = _wait_for_config(agent, adapt, waiting)
+                except PolicyRefused as refused:  # on the first join: run nothing, say why
+                    _cannot_serve(agent, str(refused), said, waiting)
+                    continue
+                setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or ours
+                problem = preflight_app(config)
+                if problem is not None:
+                    _cannot_serve(agent, problem, said, waiting)
+                    continue
             try:
                 supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
                                         metrics=metrics_address(args.metrics),
                                         log_file=args.log_file, cluster=agent,
                                         cluster_generation=agent.generation, adapt_config=adapt)
             except ConfigError as error:  # e.g. an --http port taken on this host
-                _cannot_serve(agent, str(error), said)
+                with waiting:
+                    _cannot_serve(agent, str(error), said, waiting)
                 continue
             said.clear()
             code = supervisor.run()
             if code != RESTART:
                 return code
+    except StopWaiting as stop:
+        log.info("node %s: %s while waiting for a configuration; stopped", args.node_name, stop)
+        return 0
     finally:
         agent.leave()
         agent.close()
+
+
+class StopWaiting(Exception):
+    """TERM or INT while the node runs no supervisor."""
+
+
+class WaitingSignals:
+    """The node's signals while it has no supervisor (waiting for its first configuration,
+    or reporting one it cannot serve), as a supervisor would take them: HUP reads the
+    key file again and asks for the configuration at once (a node that joined with a
+    stale key recovers without a restart); TERM and INT stop, saying goodbye."""
+
+    SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, agent: ClusterAgent) -> None:
+        self.agent = agent
+        self.hup = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> WaitingSignals:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.hup = True  # taken by take_hup() in the waiting loop, not here in the handler
+        else:
+            raise StopWaiting(signal.Signals(signum).name)
+
+    def take_hup(self) -> bool:
+        """After a HUP: read the keys again and ask again. True if there was one."""
+        if not self.hup:
+            return False
+        self.hup = False
+        log.info("HUP: reading the key file again and asking the cluster for the configuration")
+        self.agent.reload_keyring()
+        self.agent.ask_config_now()
+        return True
 
 
 def node_policy(args: argparse.Namespace) -> NodePolicy:
@@ -114,12 +165,14 @@ def local_overrides(args: argparse.Namespace, own_address: str, policy: NodePoli
     return adapt
 
 
-def _wait_for_config(agent: ClusterAgent, adapt: Adapt) -> HandlerConfig:
+def _wait_for_config(agent: ClusterAgent, adapt: Adapt, signals: WaitingSignals) -> HandlerConfig:
     while True:
-        if agent.config is None:
-            for event in agent.converse(math.inf, until=lambda: agent.config is not None, pause=0.05):
+        while agent.config is None:
+            for event in agent.converse(math.inf, until=lambda: agent.config is not None or signals.hup,
+                                        pause=0.05):
                 if isinstance(event, ApplyConfig):
                     log.info("cluster: configuration of generation %d received", event.generation)
+            signals.take_hup()
         unknown = HandlerConfig.unknown_settings(agent.config)
         if unknown:
             log.warning("cluster: this fleet version ignores the master's %s; upgrade this node", ", ".join(unknown))
@@ -132,13 +185,15 @@ def _wait_for_config(agent: ClusterAgent, adapt: Adapt) -> HandlerConfig:
             agent.config = None
 
 
-def _cannot_serve(agent: ClusterAgent, problem: str, said: list[str]) -> None:
-    """Heartbeat the error for a while instead of crash-looping, then ask again.
-    The same problem as last time (``said``) is not logged again."""
+def _cannot_serve(agent: ClusterAgent, problem: str, said: list[str], signals: WaitingSignals) -> None:
+    """Heartbeat the error for a while instead of crash-looping, then ask again (at once
+    after a HUP). The same problem as last time (``said``) is not logged again."""
     if said != [problem]:
         log.error("cannot serve generation %d: %s", agent.generation, problem)
         said[:] = [problem]
     agent.config = None
     status = HostStatus(state="degraded", generation=agent.generation, workers_ready=0, workers_total=0,
                         requests_served=0, rss=0, error=problem[:500])
-    agent.converse(ERROR_REPORT, status, pause=0.1)
+    agent.converse(ERROR_REPORT, status, until=lambda: signals.hup, pause=0.1)
+    if signals.take_hup():
+        said.clear()  # asked to try again: say what happens this time

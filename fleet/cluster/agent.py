@@ -329,6 +329,10 @@ class ClusterAgent:
         self.options = dataclasses.replace(self.options, keyring=keyring)
         log.info("cluster: key file read again: %r", keyring)
 
+    def ask_config_now(self) -> None:
+        """A node without a configuration asks at its next tick, not after the interval."""
+        self._next_request = 0.0
+
     def leave(self) -> None:
         self._send(proto.Leave, self.clock())
 

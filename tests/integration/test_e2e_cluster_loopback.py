@@ -8,6 +8,7 @@ so tests cannot hear each other.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -74,6 +75,22 @@ def test_a_node_with_the_wrong_key_never_joins(harness: Harness, cluster_args: l
     assert not node.descendants(), "a node with the wrong key started workers"
     assert [h["hostname"] for h in status(cluster_args)["hosts"]] != ["intruder"]
     assert "intruder" not in {h["hostname"] for h in status(cluster_args)["hosts"]}
+
+    # Given the cluster's key and a HUP (as `systemctl reload` sends), it joins without a restart.
+    wrong.write_text(Path(cluster_args[cluster_args.index("--cluster-key-file") + 1]).read_text())
+    node.proc.send_signal(signal.SIGHUP)
+    node.wait_ready()
+    assert "HUP: reading the key file again" in node.stderr_text()
+    assert node.proc.poll() is None and node.descendants()
+
+
+def test_a_waiting_node_stops_cleanly_on_term(harness: Harness, cluster_args: list[str]) -> None:
+    """No master yet: no supervisor either, and TERM still ends the node cleanly."""
+    node = harness.node(cluster_args + ["--node-name", "early"], ready=False)
+    wait_for(lambda: "asking cluster" in node.stderr_text(), 10, what="the node waiting")
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.wait_exit() == 0, node.stderr_text()
+    assert "SIGTERM while waiting for a configuration; stopped" in node.stderr_text()
 
 
 def test_fleet_log_reaches_every_host(harness: Harness, cluster_args: list[str]) -> None:
