@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=_positive_int, metavar="T", help="override the master's thread count")
     node.add_argument("--mongrel2-chroot", metavar="DIR",
                       help="where Mongrel2's uploads are on this host, if it differs from the master's")
+    node.add_argument("--mongrel2-config", metavar="PATH",
+                      help="this host's own Mongrel2 (its config.sqlite): the handlers of its routes, its "
+                           "chroot, upload.temp_store and limits.content_length replace the master's")
+    node.add_argument("--mongrel2-server", metavar="UUID",
+                      help="with --mongrel2-config: which server (needed when it has several)")
+    node.add_argument("--mongrel2-route", action="append", default=[], metavar="PATH",
+                      help="with --mongrel2-config: serve only the handler of this route (repeatable)")
     policy = node.add_argument_group("policy", "what a master may ask of this node; a configuration outside it "
                                                 "is refused (the node keeps what it runs and reports "
                                                 "'refused: <reason>'); not given: not restricted")

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import signal
 from collections.abc import Callable
 
@@ -14,9 +15,17 @@ from fleet.appload import preflight_app
 from fleet.cluster.agent import ApplyConfig, ClusterAgent, HostStatus
 from fleet.cluster.options import make_agent
 from fleet.cluster.policy import NodePolicy, PolicyRefused, load_policy
-from fleet.config import WILDCARD_HOSTS, ConfigError, HandlerConfig, HttpAddress
+from fleet.config import (
+    DEFAULT_CONTENT_LENGTH,
+    DEFAULT_UPLOAD_STORE,
+    WILDCARD_HOSTS,
+    ConfigError,
+    HandlerConfig,
+    HttpAddress,
+)
 from fleet.exitcodes import RESTART
 from fleet.logs.local import setup_logging
+from fleet.mongrel2.server_config import merge, read_server_config
 from fleet.supervisor.metrics import metrics_address
 from fleet.supervisor.supervisor import Supervisor
 from fleet.supervisor.systemd import Notifier
@@ -35,7 +44,11 @@ def run_node(args: argparse.Namespace) -> int:
     policy = node_policy(args)
     setup_logging(args.log_level, args.log_file)
     agent = make_agent(args, "node")
-    adapt = local_overrides(args, agent.options.interface, policy)
+    try:
+        adapt = local_overrides(args, agent.options.interface, policy)
+    except ConfigError:
+        agent.close()
+        raise
     log.info("node %s: asking cluster %s on %s for its configuration", args.node_name, agent.options.describe(),
              agent.options.interface)
     # Under systemd (Type=notify) the node is up now; it serves once the cluster says what.
@@ -147,6 +160,7 @@ def local_overrides(args: argparse.Namespace, own_address: str, policy: NodePoli
     mean every address anywhere; a node's own --http replaces them all."""
     changes = {name: getattr(args, name) for name in ("processes", "threads", "mongrel2_chroot", "logger")
                if getattr(args, name, None) is not None}
+    changes.update(own_mongrel2(args))
     own_http = getattr(args, "http", None)
     if own_http:
         changes["http"] = tuple(str(HttpAddress.parse(text)) for text in own_http)
@@ -163,6 +177,29 @@ def local_overrides(args: argparse.Namespace, own_address: str, policy: NodePoli
         return config
 
     return adapt
+
+
+def own_mongrel2(args: argparse.Namespace) -> dict[str, object]:
+    """With --mongrel2-config: this host's Mongrel2 settings, which replace the master's
+    (ConfigError, one line, for a file that cannot be used)."""
+    path = getattr(args, "mongrel2_config", None)
+    if not path:
+        if getattr(args, "mongrel2_server", None) or getattr(args, "mongrel2_route", None):
+            raise ConfigError("--mongrel2-server and --mongrel2-route need --mongrel2-config PATH")
+        return {}
+    server = read_server_config(path, args.mongrel2_server)
+    settings, notes = merge(server, endpoints=(), chroot=args.mongrel2_chroot and os.path.abspath(args.mongrel2_chroot),
+                            upload_store=None, content_length=None, routes=tuple(args.mongrel2_route),
+                            default_upload_store=DEFAULT_UPLOAD_STORE, default_content_length=DEFAULT_CONTENT_LENGTH)
+    for note in notes:
+        log.warning("%s", note)
+    changes: dict[str, object] = {"mongrel2_chroot": settings.chroot, "upload_store": settings.upload_store,
+                                  "content_length_limit": settings.content_length}
+    if settings.endpoints:
+        changes["endpoints"] = settings.endpoints
+    log.info("this host's Mongrel2 (server %s): %d handler(s), chroot %s, upload store %s, content-length limit %d",
+             server.uuid, len(settings.endpoints), settings.chroot, settings.upload_store, settings.content_length)
+    return changes
 
 
 def _wait_for_config(agent: ClusterAgent, adapt: Adapt, signals: WaitingSignals) -> HandlerConfig:

@@ -12,7 +12,7 @@ import pytest
 
 from fleet.dev.mongrel2 import Mongrel2
 from fleet.mongrel2.server_config import read_server_config
-from tests.support.harness import APPS, Harness, fleet_cli, log_text, request, wait_for
+from tests.support.harness import APPS, Harness, fleet_cli, log_text, master_args, request, wait_for
 
 OTHER_STORE = "/tmp/other.upload.XXXXXX"  # not fleet's default: a user who forgets to say it gets 400s
 
@@ -97,3 +97,29 @@ def test_several_servers_need_a_choice(tmp_path: Path) -> None:
     assert [(r.path, r.endpoint.send_spec, r.endpoint.recv_spec) for r in server.routes] == \
         [("/b/", "tcp://127.0.0.1:19999", "tcp://127.0.0.1:19998")]  # a wildcard bind is reached on loopback
     assert server.chroot == str(tmp_path)
+
+
+def test_a_node_serves_its_own_mongrel2_from_its_config(harness: Harness, cluster_args: list[str]) -> None:
+    """Every host may run its own Mongrel2: a node's --mongrel2-config replaces the master's
+    handlers, chroot, temp_store and content_length with its own, uploads included."""
+    mine = harness.mongrel2([("/t/", "tnetstring")])
+    harness.master(master_args(mine, processes=1, threads=1) + cluster_args + ["--node-name", "m"])
+    theirs = harness.mongrel2(upload_store=OTHER_STORE, content_length=10000)
+    node = harness.node(cluster_args + ["--node-name", "n", "--mongrel2-config", str(theirs.workdir / "config.sqlite")])
+    assert request(theirs, "GET", "/t/hello").body == b"Hello world!"
+    assert request(theirs, "GET", "/j/hello").body == b"Hello world!"
+    payload = os.urandom(200_000)
+    answer = request(theirs, "POST", "/t/upload", body=payload, timeout=60)
+    assert answer.status == 200, answer.body[:300]
+    assert answer.json()["sha256"] == hashlib.sha256(payload).hexdigest()
+    wait_for(lambda: stored_uploads(theirs) == [], 10, what="the upload temp file to be removed")
+    assert request(mine, "GET", "/t/hello").body == b"Hello world!"  # the master's own Mongrel2 still served
+    text = log_text(node)
+    assert "this host's Mongrel2" in text and "refused upload" not in text
+
+
+def test_a_node_given_a_bad_config_says_so_in_one_line(tmp_path: Path, cluster_args: list[str]) -> None:
+    result = fleet_cli("node", *cluster_args, "--mongrel2-config", str(tmp_path / "absent.sqlite"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no such file" in lines[0], result.stderr
