@@ -181,6 +181,12 @@ def test_playbook_deploys_serves_from_every_host_reruns_clean_and_upgrades_witho
     assert "Type=notify" in shown and "StatusText=generation 1: 2 worker(s) ready" in shown, shown
     assert "WatchdogUSec=30s" in shown and "WatchdogTimestampMonotonic=0" not in shown, shown
 
+    # Every event once in the journal (each line carries its own timestamp and pid, so a repeat is a double).
+    for host in rollout.lab.hosts:
+        journal = rollout.lab.ssh(host, "journalctl -u fleet -o cat --no-pager").stdout.splitlines()
+        lines = [line for line in journal if line.startswith("20")]  # fleet's own, not systemd's
+        assert lines and len(lines) == len(set(lines)), f"{host.name}: a line logged twice:\n" + "\n".join(journal)
+
     load = rollout.load()
     try:
         load.wait_succeeded(50)
