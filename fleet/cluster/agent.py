@@ -42,6 +42,7 @@ from fleet.cluster import protocol as proto
 from fleet.cluster.membership import ConfigConflicts, Membership
 from fleet.cluster.peers import DEFAULT_EXPIRE_INTERVALS, Address, PeerTable
 from fleet.cluster.transport import Transport
+from fleet.cluster.turns import Turns
 from fleet.multicast import Group
 
 log = logging.getLogger("fleet.cluster")
@@ -64,12 +65,6 @@ MASTER_LOST_AFTER = 3  # announce intervals
 REJECT_LOG_INTERVAL = 60.0
 REJECT_LOG_SOURCES = 32
 DEFAULT_CLUSTER_NAME = "fleet"
-# Rolling reloads: at most this many nodes reload at once (each one gracefully,
-# so its own capacity never drops either)...
-ROLL_HOSTS = 2
-# ...unless the nodes ahead of it have not finished after this long (a node
-# whose reload failed must not hold the rest of the fleet back).
-ROLL_TIMEOUT = 30.0
 # Datagrams remembered to drop the second copy of one heard both by multicast
 # and by unicast: a few seconds of a busy fleet's traffic.
 RECENT_DATAGRAMS = 2048
@@ -171,6 +166,7 @@ class ClusterAgent:
         self._last_served: tuple[float, int] | None = None
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
+        self.turns = Turns()
         self.master_members: list[dict[str, Any]] = []  # the master's node table, from its announced pages
         self.master_node_id: str | None = None  # hex, of the master whose announce we last heard
         self._announced_pages: dict[int, tuple[list, float]] = {}  # page -> (rows, when heard)
@@ -262,14 +258,15 @@ class ClusterAgent:
         self.announce(self.clock())
 
     def may_roll(self, generation: int, now: float) -> bool:
-        """Whether this node may move to `generation` now: nodes take turns in
-        node-id order, at most ROLL_HOSTS at a time, judged from the heartbeats
-        every node hears (no coordinator needed)."""
-        me = self.origin.node_id.hex()
-        ahead = [h for h in self.members.hosts(now)
-                 if h.role == "node" and h.node_id < me and h.generation < generation
-                 and h.state in ("starting", "ready", "lost")]
-        return len(ahead) < ROLL_HOSTS
+        """Whether this node may move to `generation` now: its turn (fleet.cluster.turns),
+        judged from the heartbeats every node hears (no coordinator needed)."""
+        others = [(h.node_id, h.generation) for h in self.members.hosts(now)
+                  if h.role == "node" and h.state in ("starting", "ready", "lost")]
+        go = self.turns.may_roll(self.origin.node_id.hex(), generation, others, time.monotonic())
+        for node_id in self.turns.newly_passed_over:
+            log.warning("cluster: node %s has been in its reload turn for %.0f s without reaching generation %d; "
+                        "the next node takes its turn", node_id[:8], self.turns.timeout, generation)
+        return go
 
     @property
     def unicast(self) -> bool:

@@ -2,7 +2,8 @@
 generation, one turn at a time, and say in heartbeats where this host stands.
 
 Nodes take turns (rolling): a change waits here until ``may_roll`` says it is
-this node's turn, or until ROLL_TIMEOUT has passed. The generation the
+this node's turn (fleet.cluster.turns: paced by the nodes ahead, a stuck one
+passed over after ROLL_TIMEOUT in its turn). The generation the
 heartbeats report is the one the workers run: it moves only when the reload
 to it has completed, so ``fleet reload`` sees a host on the new generation
 only once it really is.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from fleet.cluster.agent import ROLL_TIMEOUT, ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
+from fleet.cluster.agent import ApplyConfig, ClusterAgent, HostStatus, ReloadRequested
 from fleet.cluster.policy import PolicyRefused
 from fleet.config import ConfigError, HandlerConfig
 
@@ -102,12 +103,12 @@ class Rollout:
         if self.waiting is None or self.host.stopping:
             return
         event, since = self.waiting
-        waited = time.monotonic() - since
-        if not self.agent.may_roll(event.generation, time.time()) and waited < ROLL_TIMEOUT:
+        if not self.agent.may_roll(event.generation, time.time()):
             return
         self.waiting = None
-        if waited >= ROLL_TIMEOUT:
-            log.warning("cluster: nodes ahead have not finished their reload in %.0f s; going anyway", waited)
+        waited = time.monotonic() - since
+        if waited >= 1.0:
+            log.info("cluster: our turn for generation %d came after %.1f s", event.generation, waited)
         try:
             config = self.adapt_config(HandlerConfig.from_dict(event.config))
         except PolicyRefused as refused:  # outside this node's policy: keep what runs, say why

@@ -32,6 +32,7 @@ CODECS = (
     "fleet.cluster.protocol",
     "fleet.cluster.membership",
     "fleet.cluster.peers",
+    "fleet.cluster.turns",
     "fleet.worker.tally",
 )
 
