@@ -65,6 +65,8 @@ MASTER_LOST_AFTER = 3  # announce intervals
 REJECT_LOG_INTERVAL = 60.0
 REJECT_LOG_SOURCES = 32
 DEFAULT_CLUSTER_NAME = "fleet"
+# Boots whose config requests the master remembers until an announce answers them.
+MAX_ASKERS = 1024
 # Datagrams remembered to drop the second copy of one heard both by multicast
 # and by unicast: a few seconds of a busy fleet's traffic.
 RECENT_DATAGRAMS = 2048
@@ -163,6 +165,7 @@ class ClusterAgent:
         self.other_cluster = 0
         self._reject_log = RejectLog()
         self._next_heartbeat = self._next_announce = self._next_request = 0.0
+        self._beaten: tuple[str, int] | None = None  # state and generation of our last heartbeat
         self._last_served: tuple[float, int] | None = None
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
@@ -175,6 +178,9 @@ class ClusterAgent:
         self._status: HostStatus | None = None  # as of the last tick: what a status request is answered with
         self._answered_at = 0.0
         self._config_answered_at = -math.inf  # when the master last answered a config request
+        self._askers: OrderedDict[bytes, None] = OrderedDict()  # boots whose config requests await an answer
+        self._configured = False  # a node: took a configuration in this boot (before: answers to us only)
+        self._master_boot: tuple[bytes, bytes, float] | None = None  # node id, boot id, latest timestamp
         self._asking_since: float | None = None  # an observer waiting for answers (fleet status)
         self._next_ask = 0.0
         if not len(options.keyring):
@@ -197,8 +203,11 @@ class ClusterAgent:
         self._status = status
         if self._asking_since is not None and now >= self._next_ask:
             self._ask(now)
-        if status is not None and now >= self._next_heartbeat:
+        if status is not None and (now >= self._next_heartbeat or self._changed(status)):
+            # A change of state or generation is told at once: the node behind in a rolling
+            # reload, and the master's view of a join, wait for it.
             self._next_heartbeat = now + self.options.heartbeat_interval
+            self._beaten = (status.state, status.generation)
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, status))
         if self.role == "master" and now >= self._next_announce:
             self.announce(now)
@@ -216,6 +225,9 @@ class ClusterAgent:
         for gone in self.peers.expire(now):
             log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
+    def _changed(self, status: HostStatus) -> bool:
+        return self._beaten is not None and self._beaten != (status.state, status.generation)
+
     def announce(self, now: float, every_page: bool = False) -> None:
         """The configuration and one page of the node table (the next, in turn), or every page.
 
@@ -231,10 +243,11 @@ class ClusterAgent:
             size = self._rows_per_page
             pages = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
             chosen = range(len(pages)) if every_page else [self._page % len(pages)]
+            answers = list(self._askers)[: proto.MAX_ANNOUNCE_ANSWERS]
             try:
                 messages = [self.origin.make(proto.Announce, now, generation=self.generation, config=self.config,
                                              address=self.address, members=pages[n], peers=peers, page=n,
-                                             pages=len(pages)) for n in chosen]
+                                             pages=len(pages), answers=answers) for n in chosen]
                 datagrams = [self._encode(message) for message in messages]
             except proto.TooLarge:
                 if size == 1 and not peers:
@@ -247,6 +260,8 @@ class ClusterAgent:
                 continue
             for datagram in datagrams:
                 self.channel.send(datagram)
+            for boot in answers:
+                del self._askers[boot]
             if not every_page:
                 self._page = (self._page + 1) % len(pages)
             # Our own announce takes part too: another master that disagrees with it is a conflict.
@@ -291,8 +306,12 @@ class ClusterAgent:
         self._next_ask = now + ASK_AGAIN
         self._send(proto.StatusRequest, now)
 
-    def _answer_config_request(self, now: float) -> None:
-        """An announce now, or, if one went out less than CONFIG_ANSWER_INTERVAL ago, as soon as that has passed."""
+    def _answer_config_request(self, asker: bytes, now: float) -> None:
+        """An announce naming `asker`'s boot now, or, if one went out less than
+        CONFIG_ANSWER_INTERVAL ago, as soon as that has passed (one answers many)."""
+        self._askers[asker] = None
+        while len(self._askers) > MAX_ASKERS:
+            self._askers.popitem(last=False)
         due = self._config_answered_at + CONFIG_ANSWER_INTERVAL
         if now >= due:
             self.announce(now)
@@ -308,6 +327,7 @@ class ClusterAgent:
             self.announce(now, every_page=True)
         if self._status is not None:
             self._next_heartbeat = now + self.options.heartbeat_interval
+            self._beaten = (self._status.state, self._status.generation)
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, self._status))
 
     def reload_keyring(self) -> None:
@@ -489,7 +509,7 @@ class ClusterAgent:
             return ReloadRequested(max(message.generation, self.generation + 1), message.batch)
         if isinstance(message, proto.ConfigRequest):
             if self.role == "master":
-                self._answer_config_request(now)
+                self._answer_config_request(message.boot_id, now)
             return None
         if isinstance(message, proto.StatusRequest):
             self._answer_status(now)
@@ -500,7 +520,7 @@ class ClusterAgent:
 
     def _announced(self, message: proto.Announce, now: float) -> ApplyConfig | None:
         self._report_conflicts(message, now)
-        if self.role == "master":
+        if self.role == "master" or self._from_an_earlier_master_boot(message):
             return None
         self._take_page(message, now)
         self.master_node_id = message.node_id.hex()
@@ -509,11 +529,26 @@ class ClusterAgent:
         if self.master_lost:
             log.info("cluster: master is back")
         self._master_seen = now
+        if (self.role == "node" and not self._configured and message.answers is not None
+                and self.origin.boot_id not in message.answers):
+            return None  # before our first configuration, only an answer to our own request: no replay is one
         if self.config == message.config and message.generation <= self.generation:
             return None
         self.config = message.config
         self.generation = message.generation
+        self._configured = True
         return ApplyConfig(message.config, message.generation)
+
+    def _from_an_earlier_master_boot(self, message: proto.Announce) -> bool:
+        """An announce of a boot of our master before the one we follow (its timestamps, on
+        the master's own clock, are older): a late datagram or a replay, never acted on."""
+        known = self._master_boot
+        if known is not None and known[0] == message.node_id and known[1] != message.boot_id \
+                and message.timestamp <= known[2]:
+            self.rejected_by_reason["EarlierBoot"] = self.rejected_by_reason.get("EarlierBoot", 0) + 1
+            return True
+        self._master_boot = (message.node_id, message.boot_id, message.timestamp)
+        return False
 
     def _take_page(self, message: proto.Announce, now: float) -> None:
         """One page of the master's node table; the table is every page heard lately."""

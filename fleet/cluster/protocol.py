@@ -105,6 +105,7 @@ NODE_ID_LEN = 16  # stable per host (derive_node_id)
 BOOT_ID_LEN = 16  # random per process start: 128 bits never repeat
 COMMAND_ID_LEN = 16  # random per command, so a node acts on each command once
 MAX_RELOAD_MASTERS = 16  # boots one Reload names: one master, or a few in a conflict
+MAX_ANNOUNCE_ANSWERS = 32  # config requests one announce answers; more wait for the next
 KEY_LEN = 32  # key-file keys: 256 bits, HMAC-SHA256's block-friendly size
 MIN_KEY_LEN = 16  # anything shorter is guessable; Keyring refuses it
 
@@ -307,10 +308,20 @@ class Announce(Message):
     # page `page` of `pages`. Optional: an older master sends the only page.
     page: int = 0
     pages: int = 1
+    # The boot ids of the hosts whose config requests this announce answers: a
+    # joining node takes its first configuration only from an answer naming its
+    # boot (new at each start), so no replay can be one. None: an older master.
+    answers: list | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("generation", self.generation)
+        if self.answers is not None:
+            if type(self.answers) not in (list, tuple) or len(self.answers) > MAX_ANNOUNCE_ANSWERS:
+                raise ValueError(f"answers must be a list of at most {MAX_ANNOUNCE_ANSWERS} boot ids")
+            for boot in self.answers:
+                _check_bytes("answers item", boot, BOOT_ID_LEN)
+            object.__setattr__(self, "answers", list(self.answers))
         if type(self.config) is not dict:
             raise ValueError(f"config must be a dict, not {type(self.config).__name__}")
         _check_plain("config", self.config, 3)  # envelope, body, config: depth 3

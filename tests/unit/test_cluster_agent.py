@@ -341,3 +341,60 @@ def test_a_key_rotation_is_read_again_without_a_restart(options, tmp_path, caplo
     finally:
         master.close()
         observer.close()
+
+
+def test_a_joining_node_takes_its_first_configuration_only_from_an_answer_to_it(options) -> None:
+    """A replayed announce (here: one made for the purpose, as a capture would be) reaches a node
+    that has never heard this master boot; it names no request of this node's boot, so it is not
+    taken. The answer to the node's own request is."""
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    node = ClusterAgent(options("n"), "node")
+    try:
+        old = dict(CONFIG, app="old_app")
+        replay = master.origin.make(proto.Announce, time.time() - 5, generation=1, config=old,
+                                    address=master.address, answers=[])
+        master.channel.send(master._encode(replay))
+        assert pump(node, rounds=5) == []
+        node.tick(time.time(), None)  # asks
+        pump(master, rounds=5)
+        assert ("node", ApplyConfig(CONFIG, 1)) in pump(node)
+    finally:
+        master.close()
+        node.close()
+
+
+def test_an_announce_of_an_earlier_master_boot_is_not_acted_on(options) -> None:
+    first = ClusterAgent(options("m"), "master", config=dict(CONFIG, app="v1"))
+    node = ClusterAgent(options("n"), "node")
+    second = None
+    try:
+        # Captured from the first boot (but never heard by this node) ...
+        late = first._encode(first.origin.make(proto.Announce, time.time() - 2, generation=1,
+                                               config=dict(CONFIG, app="v1"), address=first.address, answers=[]))
+        first.close()
+        second = ClusterAgent(options("m"), "master", config=CONFIG)  # ... then the master restarted
+        node.tick(time.time(), None)
+        pump(second, rounds=5)
+        assert ("node", ApplyConfig(CONFIG, 1)) in pump(node)
+        second.channel.send(late)
+        assert pump(node, rounds=5) == []
+        assert node.counters()["rejected_by_reason"].get("EarlierBoot") == 1
+        assert node.config == CONFIG
+    finally:
+        for agent in (first, node, second):
+            if agent is not None:
+                agent.close()
+
+
+def test_a_new_generation_is_heartbeaten_at_once(options) -> None:
+    node = ClusterAgent(options("n"), "node")
+    observer = ClusterAgent(options("cli"), "observer")
+    try:
+        node.tick(time.time(), STATUS)
+        pump(observer, rounds=5)
+        node.tick(time.time(), HostStatus(**{**STATUS.__dict__, "generation": 2}))  # well within the interval
+        pump(observer, rounds=5)
+        assert [h["generation"] for h in observer.members.status(time.time())["hosts"]] == [2]
+    finally:
+        node.close()
+        observer.close()
