@@ -152,6 +152,61 @@ def log_events(proc: FleetProc, pattern: str) -> dict[str, float]:
     return found
 
 
+def first_line_at(proc: FleetProc, marker: str, after: int = 0) -> float | None:
+    """Wall time (epoch) of the first log line containing `marker`, past the first `after` such lines."""
+    seen = 0
+    for line in proc.log_text().splitlines():
+        if marker in line:
+            seen += 1
+            stamp = LOG_TIME.match(line)
+            if seen > after and stamp:
+                return datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def wait_lines(procs: list[FleetProc], marker: str, timeout: float, after: int = 0) -> list[float]:
+    """Each process's wall time of its first `marker` line past `after` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        times = [first_line_at(proc, marker, after) for proc in procs]
+        if all(t is not None for t in times):
+            return times  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            late = [str(proc) for proc, t in zip(procs, times) if t is None]
+            raise RuntimeError(f"{len(late)} processes without {marker!r} after {timeout}s: {late[:5]}")
+        time.sleep(0.1)
+
+
+def floor(cluster: FleetCluster, n: int) -> dict:
+    """The same processes with no cluster at all: a standalone `fleet master` serving
+    Mongrel2 with the same app and worker count on h2 .. hN, all started at once, then
+    all HUPed at once: what starting and reloading that many workers costs this machine,
+    the floor the cluster's join and reload are held to."""
+    args = []
+    for route in cluster.m2.routes:
+        args += ["--zeromq", f"{route.send_spec},{route.recv_spec}"]
+    args += ["--module", "hostapp", "--pythonpath", str(netns.APPS), *NODE_ARGS, "--graceful-timeout", "5"]
+    wall0 = time.time()
+    procs = []
+    for i in range(2, n + 1):
+        proc = FleetProc(cluster.net.host(i), "master", args, cluster.workdir / f"floor-h{i}-{len(cluster.procs)}.log")
+        cluster.procs.append(proc)
+        procs.append(proc)
+    ready = wait_lines(procs, "master ready", 180)
+    result = {"floor_all_ready_s": round(max(ready) - wall0, 3)}
+    time.sleep(1.0)
+    hup = time.time()
+    for proc in procs:
+        proc.send_signal(signal.SIGHUP)
+    done = wait_lines(procs, "reload complete", 180)
+    result["floor_all_reloaded_s"] = round(max(done) - hup, 3)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.stop(None, timeout=netns.STOP_TIMEOUT)
+    return result
+
+
 # -- one round -------------------------------------------------------------------------
 
 
@@ -188,6 +243,7 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
     counter = GroupCounter(probe, cluster.group)
     observer = cluster.observer(probe)
     try:
+        result.update(floor(cluster, n))
         master = cluster.start_master(processes=1, threads=1)
 
         # 1. join
@@ -225,6 +281,18 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         result["master_log_all_joined_s"] = None if missing else round(max(joined[x] for x in node_names) - wall0, 3)
         result["master_log_all_ready_s"] = (None if any(x not in ready for x in node_names)
                                             else round(max(ready[x] for x in node_names) - wall0, 3))
+        node_procs = [cluster.nodes[i] for i in range(2, n + 1)]
+        nodes_ready = wait_lines(node_procs, "node ready", 60)
+        result["nodes_log_all_ready_s"] = round(max(nodes_ready) - wall0, 3)
+        # The cluster's own part, per node: asking to configuration received; its ready to the master's log.
+        asked = wait_lines(node_procs, "for its configuration", 5)
+        received = wait_lines(node_procs, "configuration of generation", 5)
+        config_s = [r - a for a, r in zip(asked, received)]
+        seen_s = [ready[f"h{i}"] - t for i, t in zip(range(2, n + 1), nodes_ready) if f"h{i}" in ready]
+        for key, values in (("node_config_s", config_s), ("master_sees_ready_s", seen_s)):
+            if values:
+                result[f"{key}_median"] = round(statistics.median(values), 3)
+                result[f"{key}_worst"] = round(max(values), 3)
         served = serve_check(cluster, names)
         result["hosts_that_served"] = sum(1 for x in names if served.get(x))
         result["hosts_that_did_not_serve"] = [x for x in names if not served.get(x)]
@@ -278,15 +346,47 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError("the restarted node did not come back ready")
 
-        # 4. fleet reload
+        # 4. fleet reload, under load through Mongrel2, with the fleet's ready workers sampled
+        load = cluster.load(clients=4, timeout=10.0, max_duration=args.reload_timeout + 60)
+        load.wait_succeeded(20)
+        serving: list[float] = []
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.1):
+                with observer.lock:
+                    views = [v for v in observer.views.values() if v["state"] != "dead"]
+                total = sum(v["workers_total"] for v in views)
+                if total:
+                    serving.append(sum(v["workers_ready"] for v in views) / total)
+
+        sampler = threading.Thread(target=sample, name="serving-sampler", daemon=True)
+        sampler.start()
         m0, t = cpu_seconds([master.pid]), time.monotonic()
-        out = cluster.fleet(probe, "reload", "--timeout", str(args.reload_timeout), timeout=args.reload_timeout + 60)
-        took = time.monotonic() - t
+        try:
+            out = cluster.fleet(probe, "reload", "--timeout", str(args.reload_timeout),
+                                timeout=args.reload_timeout + 60)
+            took = time.monotonic() - t
+        finally:
+            sampling.set()
+            sampler.join(5)
+            report = load.stop()
+        result["reload_load"] = {"sent": report.sent, "succeeded": report.succeeded, "failed": report.failed,
+                                 "hung": report.hung}
+        result["reload_min_workers_serving_pct"] = round(100 * min(serving), 1) if serving else None
         m1 = cpu_seconds([master.pid])
         result["reload_s"] = round(took, 3)
         result["reload_exit"] = out.returncode
         result["reload_first_line"] = out.stdout.splitlines()[0] if out.stdout else out.stderr[-300:]
         result["reload_hosts_ok"] = out.stdout.count(": ok")
+        # Nodes reloading at once: from each node's "reload: starting" to its "reload complete".
+        spans = []
+        for proc in cluster.nodes.values():
+            begin, end = first_line_at(proc, "reload: starting"), first_line_at(proc, "reload complete")
+            if begin is not None and end is not None:
+                spans.append((begin, end))
+        result["nodes_reloading_at_once_max"] = max(
+            (sum(1 for b, e in spans if b <= moment < e) for moment, _ in spans), default=0)
         result["master_cpu_pct_during_reload"] = round(100 * (m1 - m0) / took, 2)
         # Turns (fleet.cluster.turns): a node in its turn too long is passed over, logged by every waiter.
         result["nodes_passed_over_in_their_turn"] = len({
@@ -354,7 +454,10 @@ def medians(rounds: list[dict]) -> dict:
                 "status_lists_all_ready_s", "status_wall_s", "frames_per_s", "frame_bytes_per_s",
                 "master_cpu_pct", "node_cpu_pct_mean", "detection_observer_s", "detection_master_log_s",
                 "reload_s", "master_cpu_pct_during_reload", "master_cpu_s_during_join",
-                "nodes_passed_over_in_their_turn"):
+                "nodes_passed_over_in_their_turn", "floor_all_ready_s", "floor_all_reloaded_s",
+                "nodes_log_all_ready_s", "nodes_reloading_at_once_max", "node_config_s_median",
+                "node_config_s_worst", "master_sees_ready_s_median", "master_sees_ready_s_worst",
+                "reload_min_workers_serving_pct"):
         values = [r[key] for r in good if r.get(key) is not None]
         med[key] = round(statistics.median(values), 3) if values else None
     for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size", "join_datagrams"):
@@ -446,10 +549,13 @@ def buffer_capacity(datagram: bytes, sent: int = 2000) -> int:
 
 def print_table(results: dict) -> None:
     sizes = results["sizes"]
-    keys = ["start_spread_s", "master_log_all_joined_s", "master_log_all_ready_s", "observer_all_ready_s",
+    keys = ["floor_all_ready_s", "floor_all_reloaded_s", "nodes_log_all_ready_s", "node_config_s_median",
+            "node_config_s_worst", "master_sees_ready_s_median", "master_sees_ready_s_worst", "start_spread_s",
+            "master_log_all_joined_s", "master_log_all_ready_s", "observer_all_ready_s",
             "status_lists_all_ready_s", "status_wall_s", "detection_observer_s", "detection_master_log_s",
             "reload_s", "frames_per_s", "frame_bytes_per_s", "master_cpu_pct", "master_cpu_pct_during_reload",
-            "node_cpu_pct_mean", "master_cpu_s_during_join", "nodes_passed_over_in_their_turn", "rounds_ok"]
+            "node_cpu_pct_mean", "master_cpu_s_during_join", "nodes_passed_over_in_their_turn",
+            "nodes_reloading_at_once_max", "reload_min_workers_serving_pct", "rounds_ok"]
     width = max(map(len, keys))
     print("\nmedians" + " " * (width - 7) + "".join(f"{s['hosts']:>12} h" for s in sizes))
     for key in keys:
