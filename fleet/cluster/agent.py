@@ -275,8 +275,7 @@ class ClusterAgent:
     def may_roll(self, generation: int, now: float) -> bool:
         """Whether this node may move to `generation` now: its turn (fleet.cluster.turns),
         judged from the heartbeats every node hears (no coordinator needed)."""
-        others = [(h.node_id, h.generation) for h in self.members.hosts(now)
-                  if h.role == "node" and h.state in ("starting", "ready", "lost")]
+        others = self.members.generations("node", ("starting", "ready", "lost"))
         go = self.turns.may_roll(self.origin.node_id.hex(), generation, others, time.monotonic())
         for node_id in self.turns.newly_passed_over:
             log.warning("cluster: node %s has been in its reload turn for %.0f s without reaching generation %d; "

@@ -176,6 +176,12 @@ class Membership:
         changes, self._pending = self._pending, []
         return changes
 
+    def generations(self, role: str, states: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(node id hex, generation) of each host of `role` in one of `states`: what rolling
+        turns need, on every pass of a waiting node's loop, without building the views."""
+        return [(host.beat.node_id.hex(), host.beat.generation) for host in self._hosts.values()
+                if host.beat.role == role and host.state in states]
+
     def hosts(self, now: float) -> list[HostView]:
         """The table, by hostname then node id."""
         views = [self._view(host, now) for host in self._hosts.values()]
