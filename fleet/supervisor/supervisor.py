@@ -336,6 +336,7 @@ class Supervisor:
         excess = len(ready) + len(outgoing) - self.target
         for worker in outgoing[: max(0, excess)]:
             self.retire_worker(worker)
+        outgoing = [w for w in outgoing if not w.retiring]  # a reload completes in this pass, not the next
         if len(current) > self.target:  # TTOU: retire the oldest beyond the target
             for worker in sorted(current, key=lambda w: w.started_at)[: len(current) - self.target]:
                 self.retire_worker(worker)
