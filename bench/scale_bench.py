@@ -362,7 +362,8 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
 
         sampler = threading.Thread(target=sample, name="serving-sampler", daemon=True)
         sampler.start()
-        m0, t = cpu_seconds([master.pid]), time.monotonic()
+        reload_pids = [proc.pid for proc in cluster.nodes.values()]
+        m0, nr0, t = cpu_seconds([master.pid]), cpu_seconds(reload_pids), time.monotonic()
         try:
             out = cluster.fleet(probe, "reload", "--timeout", str(args.reload_timeout),
                                 timeout=args.reload_timeout + 60)
@@ -374,7 +375,8 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         result["reload_load"] = {"sent": report.sent, "succeeded": report.succeeded, "failed": report.failed,
                                  "hung": report.hung}
         result["reload_min_workers_serving_pct"] = round(100 * min(serving), 1) if serving else None
-        m1 = cpu_seconds([master.pid])
+        m1, nr1 = cpu_seconds([master.pid]), cpu_seconds(reload_pids)
+        result["node_cpu_pct_mean_during_reload"] = round(100 * (nr1 - nr0) / took / len(reload_pids), 2)
         result["reload_s"] = round(took, 3)
         result["reload_exit"] = out.returncode
         result["reload_first_line"] = out.stdout.splitlines()[0] if out.stdout else out.stderr[-300:]
@@ -457,7 +459,7 @@ def medians(rounds: list[dict]) -> dict:
                 "nodes_passed_over_in_their_turn", "floor_all_ready_s", "floor_all_reloaded_s",
                 "nodes_log_all_ready_s", "nodes_reloading_at_once_max", "node_config_s_median",
                 "node_config_s_worst", "master_sees_ready_s_median", "master_sees_ready_s_worst",
-                "reload_min_workers_serving_pct"):
+                "reload_min_workers_serving_pct", "node_cpu_pct_mean_during_reload"):
         values = [r[key] for r in good if r.get(key) is not None]
         med[key] = round(statistics.median(values), 3) if values else None
     for key in ("datagrams_per_s", "datagram_bytes_per_s", "datagram_mean_size", "join_datagrams"):
@@ -555,7 +557,8 @@ def print_table(results: dict) -> None:
             "status_lists_all_ready_s", "status_wall_s", "detection_observer_s", "detection_master_log_s",
             "reload_s", "frames_per_s", "frame_bytes_per_s", "master_cpu_pct", "master_cpu_pct_during_reload",
             "node_cpu_pct_mean", "master_cpu_s_during_join", "nodes_passed_over_in_their_turn",
-            "nodes_reloading_at_once_max", "reload_min_workers_serving_pct", "rounds_ok"]
+            "nodes_reloading_at_once_max", "reload_min_workers_serving_pct", "node_cpu_pct_mean_during_reload",
+            "rounds_ok"]
     width = max(map(len, keys))
     print("\nmedians" + " " * (width - 7) + "".join(f"{s['hosts']:>12} h" for s in sizes))
     for key in keys:

@@ -170,6 +170,8 @@ class ClusterAgent:
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
         self.turns = Turns()
+        self._roll_key: tuple[int, int] | None = None  # may_roll's last answer, and what it was for
+        self._roll_checked, self._roll_go = 0.0, False
         self.master_members: list[dict[str, Any]] = []  # the master's node table, from its announced pages
         self.master_node_id: str | None = None  # hex, of the master whose announce we last heard
         self._announced_pages: dict[int, tuple[list, float]] = {}  # page -> (rows, when heard)
@@ -275,8 +277,14 @@ class ClusterAgent:
     def may_roll(self, generation: int, now: float) -> bool:
         """Whether this node may move to `generation` now: its turn (fleet.cluster.turns),
         judged from the heartbeats every node hears (no coordinator needed)."""
+        # Asked on every pass of a waiting node's loop (one per datagram heard): look again
+        # only when the table moved, or a second on (a node ahead may have overstayed its turn).
+        key, moment = (self.members.version, generation), time.monotonic()
+        if key == self._roll_key and moment - self._roll_checked < 1.0:
+            return self._roll_go
         others = self.members.generations("node", ("starting", "ready", "lost"))
-        go = self.turns.may_roll(self.origin.node_id.hex(), generation, others, time.monotonic())
+        go = self.turns.may_roll(self.origin.node_id.hex(), generation, others, moment)
+        self._roll_key, self._roll_checked, self._roll_go = key, moment, go
         for node_id in self.turns.newly_passed_over:
             log.warning("cluster: node %s has been in its reload turn for %.0f s without reaching generation %d; "
                         "the next node takes its turn", node_id[:8], self.turns.timeout, generation)

@@ -119,6 +119,9 @@ class Membership:
         self._hosts: dict[bytes, _Host] = {}
         self._departed: OrderedDict[tuple[bytes, bytes], float] = OrderedDict()  # said goodbye
         self._pending: list[Change] = []
+        # Counts every change of the table's hosts, states and generations: what
+        # rolling turns depend on, so a waiting node need not look again until it moves.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -197,6 +200,8 @@ class Membership:
         if message.seq <= host.beat.seq:
             return  # reordered or duplicated: the newer one is already in
         previous_liveness, previous_state = host.liveness, host.beat.state
+        if message.generation != host.beat.generation:
+            self.version += 1
         silent = now - host.last_seen
         host.beat, host.source, host.last_seen, host.liveness = message, _source(source_address), now, "alive"
         if previous_liveness != "alive":
@@ -239,6 +244,7 @@ class Membership:
                        f"table full ({self.max_hosts} hosts), silent for {now - host.last_seen:.1f} s")
 
     def _note(self, kind: ChangeKind, beat: Heartbeat, state: str, detail: str = "") -> None:
+        self.version += 1
         self._pending.append(Change(kind, beat.node_id.hex(), beat.hostname, state, detail))
 
     def _view(self, host: _Host, now: float) -> HostView:
