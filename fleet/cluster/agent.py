@@ -67,6 +67,8 @@ REJECT_LOG_SOURCES = 32
 DEFAULT_CLUSTER_NAME = "fleet"
 # Boots whose config requests the master remembers until an announce answers them.
 MAX_ASKERS = 1024
+# Masters whose latest boot a node remembers (one, or a few in a conflict).
+MAX_MASTERS_FOLLOWED = 64
 # Datagrams remembered to drop the second copy of one heard both by multicast
 # and by unicast: a few seconds of a busy fleet's traffic.
 RECENT_DATAGRAMS = 2048
@@ -142,7 +144,8 @@ class ClusterAgent:
         if config is not None:
             # Refuse at start a configuration that cannot travel in one datagram.
             self._encode(self.origin.make(proto.Announce, clock(), generation=generation,
-                                          config=config, address=(options.interface, 65535)))
+                                          config=config, address=(options.interface, 65535),
+                                          answers=[bytes(proto.BOOT_ID_LEN)]))
         self.peers = PeerTable(options.peers, None, DEFAULT_EXPIRE_INTERVALS * options.heartbeat_interval)
         self.channel = Transport(group=options.group, interface=options.interface, ttl=options.ttl,
                                  unicast_bind=options.unicast_bind, peers=self.peers)
@@ -182,7 +185,8 @@ class ClusterAgent:
         self._config_answered_at = -math.inf  # when the master last answered a config request
         self._askers: OrderedDict[bytes, None] = OrderedDict()  # boots whose config requests await an answer
         self._configured = False  # a node: took a configuration in this boot (before: answers to us only)
-        self._master_boot: tuple[bytes, bytes, float] | None = None  # node id, boot id, latest timestamp
+        # Per master node id: the boot we follow and its latest announce timestamp (its own clock).
+        self._master_boots: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._asking_since: float | None = None  # an observer waiting for answers (fleet status)
         self._next_ask = 0.0
         if not len(options.keyring):
@@ -241,24 +245,29 @@ class ClusterAgent:
         rows = [[h.node_id, h.hostname, list(h.address), h.role, h.state, h.generation, h.workers_ready,
                  h.workers_total, round(h.last_seen_age, 1)] for h in hosts]
         peers = [list(address) for address in self.peers.addresses()][: proto.MAX_ANNOUNCED_PEERS]
+        answers = list(self._askers)[: proto.MAX_ANNOUNCE_ANSWERS]
         while True:
             size = self._rows_per_page
             pages = [rows[i:i + size] for i in range(0, len(rows), size)] or [[]]
             chosen = range(len(pages)) if every_page else [self._page % len(pages)]
-            answers = list(self._askers)[: proto.MAX_ANNOUNCE_ANSWERS]
             try:
                 messages = [self.origin.make(proto.Announce, now, generation=self.generation, config=self.config,
                                              address=self.address, members=pages[n], peers=peers, page=n,
                                              pages=len(pages), answers=answers) for n in chosen]
                 datagrams = [self._encode(message) for message in messages]
             except proto.TooLarge:
-                if size == 1 and not peers:
-                    raise
-                # Long host names, many peers: fewer rows a page, then fewer peers.
-                if size > 1:
+                # Many askers, long host names, many peers: fewer answers (the rest wait for
+                # the next announce), fewer rows a page, fewer peers; the last asker last.
+                if len(answers) > 1:
+                    answers = answers[: len(answers) // 2]
+                elif size > 1:
                     self._rows_per_page = size // 2
-                else:
+                elif peers:
                     peers = peers[: len(peers) // 2]
+                elif answers:
+                    answers = []
+                else:
+                    raise
                 continue
             for datagram in datagrams:
                 self.channel.send(datagram)
@@ -508,6 +517,7 @@ class ClusterAgent:
                 return None
             if message.masters and self.origin.boot_id not in message.masters:
                 # Meant for an earlier boot of this master: a replay, or sent just before we restarted.
+                self.accepted -= 1  # counted once, as dropped
                 self.rejected_by_reason["NotThisBoot"] = self.rejected_by_reason.get("NotThisBoot", 0) + 1
                 log.warning("cluster: ignored a reload command from %s meant for another master boot "
                             "(a replay, or sent before this master started)", source[0])
@@ -549,12 +559,15 @@ class ClusterAgent:
     def _from_an_earlier_master_boot(self, message: proto.Announce) -> bool:
         """An announce of a boot of our master before the one we follow (its timestamps, on
         the master's own clock, are older): a late datagram or a replay, never acted on."""
-        known = self._master_boot
-        if known is not None and known[0] == message.node_id and known[1] != message.boot_id \
-                and message.timestamp <= known[2]:
+        known = self._master_boots.pop(message.node_id, None)
+        if known is not None and known[0] != message.boot_id and message.timestamp <= known[1]:
+            self._master_boots[message.node_id] = known
+            self.accepted -= 1  # counted once, as dropped
             self.rejected_by_reason["EarlierBoot"] = self.rejected_by_reason.get("EarlierBoot", 0) + 1
             return True
-        self._master_boot = (message.node_id, message.boot_id, message.timestamp)
+        self._master_boots[message.node_id] = (message.boot_id, message.timestamp)
+        while len(self._master_boots) > MAX_MASTERS_FOLLOWED:
+            self._master_boots.popitem(last=False)
         return False
 
     def _take_page(self, message: proto.Announce, now: float) -> None:

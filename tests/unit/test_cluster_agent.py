@@ -398,3 +398,49 @@ def test_a_new_generation_is_heartbeaten_at_once(options) -> None:
     finally:
         node.close()
         observer.close()
+
+
+def test_an_earlier_boot_is_refused_with_another_master_in_between(options) -> None:
+    """The boot a node follows is remembered per master: an announce of a second master in
+    between must not let a late one of the first master's earlier boot through."""
+    first = ClusterAgent(options("m"), "master", config=dict(CONFIG, app="v1"))
+    other = ClusterAgent(options("m2"), "master", config=CONFIG)
+    node = ClusterAgent(options("n"), "node")
+    second = None
+    try:
+        late = first._encode(first.origin.make(proto.Announce, time.time() - 2, generation=1,
+                                               config=dict(CONFIG, app="v1"), address=first.address, answers=[]))
+        first.close()
+        second = ClusterAgent(options("m"), "master", config=CONFIG)
+        node.tick(time.time(), None)
+        pump(second, other, rounds=5)
+        pump(node)
+        other.announce(time.time())
+        pump(node, rounds=5)
+        second.channel.send(late)
+        assert pump(node, rounds=5) == []
+        assert node.counters()["rejected_by_reason"].get("EarlierBoot") == 1
+    finally:
+        for agent in (first, other, node, second):
+            if agent is not None:
+                agent.close()
+
+
+def test_many_askers_never_stop_the_announces(options, monkeypatch) -> None:
+    """A configuration near the datagram limit leaves little room for answers: the announce
+    answers fewer askers (the rest in the next ones) instead of failing for good."""
+    big = dict(CONFIG, extra={"pad": "x" * 7600})  # fits with one answer, not with 32
+    master = ClusterAgent(options("m"), "master", config=big)
+    sent = []
+    monkeypatch.setattr(master.channel, "send", sent.append)
+    try:
+        for _ in range(proto.MAX_ANNOUNCE_ANSWERS):
+            master._answer_config_request(proto.new_boot_id(), time.time())
+        for _ in range(proto.MAX_ANNOUNCE_ANSWERS):
+            master.announce(time.time())
+            if not master._askers:
+                break
+        assert not master._askers and sent
+        assert all(len(datagram) <= proto.MAX_DATAGRAM for datagram in sent)
+    finally:
+        master.close()
