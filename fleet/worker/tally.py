@@ -110,8 +110,11 @@ class Totals:
         return int(sum(vector[:_ANSWERED])) if vector else 0
 
     def started(self, pid: int) -> None:
-        """A new worker has this pid (one used before, long ago): its figures start from zero."""
+        """A new worker has this pid (one used before, long ago): its figures start from zero,
+        and the old worker's place among the gone ones goes too, or its expiry would drop the new one's."""
         self._last.pop(pid, None)
+        if pid in self._gone:
+            self._gone.remove(pid)
 
     def gone(self, pid: int) -> None:
         self._gone.append(pid)

@@ -64,6 +64,12 @@ def test_totals_add_what_grew_and_keep_the_gone_workers() -> None:
     totals.started(11)  # a pid used again by a new worker: all of it is new
     totals.update(11, vector_of(1))
     assert totals.requests() == 8
+    # The old worker 11 leaving the gone list must not take the new one's figures with it,
+    # or the new one's next report would be counted again whole.
+    totals.gone(13)
+    totals.gone(14)
+    totals.update(11, vector_of(2))
+    assert totals.requests() == 9
 
 
 @pytest.mark.parametrize("payload", [[1, 2], "x", [-1] * VECTOR_SIZE, [True] * VECTOR_SIZE, None])
