@@ -65,26 +65,26 @@ def run_node(args: argparse.Namespace) -> int:
     waiting = WaitingSignals(agent)
     try:
         while True:
-            with waiting:  # no supervisor yet: HUP and TERM are ours to handle
-                try:
-                    config = _wait_for_config(agent, adapt, waiting)
-                except PolicyRefused as refused:  # on the first join: run nothing, say why
-                    _cannot_serve(agent, str(refused), said, waiting)
-                    continue
-                setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or ours
-                problem = preflight_app(config)
-                if problem is not None:
-                    _cannot_serve(agent, problem, said, waiting)
-                    continue
+            waiting.install()  # no supervisor (any more): HUP and TERM are ours until one runs
+            try:
+                config = _wait_for_config(agent, adapt, waiting)
+            except PolicyRefused as refused:  # on the first join: run nothing, say why
+                _cannot_serve(agent, str(refused), said, waiting)
+                continue
+            setup_logging(args.log_level, args.log_file, config.logger)  # the master's collector, or ours
+            problem = preflight_app(config)
+            if problem is not None:
+                _cannot_serve(agent, problem, said, waiting)
+                continue
             try:
                 supervisor = Supervisor(config, log_level=args.log_level, stats_endpoint=args.stats,
                                         metrics=metrics_address(args.metrics),
                                         log_file=args.log_file, cluster=agent,
                                         cluster_generation=agent.generation, adapt_config=adapt)
             except ConfigError as error:  # e.g. an --http port taken on this host
-                with waiting:
-                    _cannot_serve(agent, str(error), said, waiting)
+                _cannot_serve(agent, str(error), said, waiting)
                 continue
+            waiting.check_stop()  # a TERM during the app check: the supervisor would never see it
             said.clear()
             code = supervisor.run()
             if code != RESTART:
@@ -105,33 +105,41 @@ class WaitingSignals:
     """The node's signals while it has no supervisor (waiting for its first configuration,
     or reporting one it cannot serve), as a supervisor would take them: HUP reads the
     key file again and asks for the configuration at once (a node that joined with a
-    stale key recovers without a restart); TERM and INT stop, saying goodbye."""
+    stale key recovers without a restart); TERM and INT stop, saying goodbye.
+
+    The handlers only set flags, which the waiting loops check (an exception raised
+    from a handler could land inside logging, which swallows it). They stay installed
+    until a supervisor installs its own, so no HUP finds the default action (death)."""
 
     SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, agent: ClusterAgent) -> None:
         self.agent = agent
         self.hup = False
-        self._previous: dict[int, object] = {}
+        self.stop: str | None = None
 
-    def __enter__(self) -> WaitingSignals:
+    def install(self) -> None:
         for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:
-            self.hup = True  # taken by take_hup() in the waiting loop, not here in the handler
+            self.hup = True
         else:
-            raise StopWaiting(signal.Signals(signum).name)
+            self.stop = signal.Signals(signum).name
 
-    def take_hup(self) -> bool:
-        """After a HUP: read the keys again and ask again. True if there was one."""
+    @property
+    def pending(self) -> bool:
+        return self.hup or self.stop is not None
+
+    def check_stop(self) -> None:
+        if self.stop is not None:
+            raise StopWaiting(self.stop)
+
+    def take(self) -> bool:
+        """After a wait: stop if told to; after a HUP, read the keys again and ask again
+        (True if there was one)."""
+        self.check_stop()
         if not self.hup:
             return False
         self.hup = False
@@ -205,11 +213,11 @@ def own_mongrel2(args: argparse.Namespace) -> dict[str, object]:
 def _wait_for_config(agent: ClusterAgent, adapt: Adapt, signals: WaitingSignals) -> HandlerConfig:
     while True:
         while agent.config is None:
-            for event in agent.converse(math.inf, until=lambda: agent.config is not None or signals.hup,
+            for event in agent.converse(math.inf, until=lambda: agent.config is not None or signals.pending,
                                         pause=0.05):
                 if isinstance(event, ApplyConfig):
                     log.info("cluster: configuration of generation %d received", event.generation)
-            signals.take_hup()
+            signals.take()
         unknown = HandlerConfig.unknown_settings(agent.config)
         if unknown:
             log.warning("cluster: this fleet version ignores the master's %s; upgrade this node", ", ".join(unknown))
@@ -231,6 +239,6 @@ def _cannot_serve(agent: ClusterAgent, problem: str, said: list[str], signals: W
     agent.config = None
     status = HostStatus(state="degraded", generation=agent.generation, workers_ready=0, workers_total=0,
                         requests_served=0, rss=0, error=problem[:500])
-    agent.converse(ERROR_REPORT, status, until=lambda: signals.hup, pause=0.1)
-    if signals.take_hup():
+    agent.converse(ERROR_REPORT, status, until=lambda: signals.pending, pause=0.1)
+    if signals.take():
         said.clear()  # asked to try again: say what happens this time
