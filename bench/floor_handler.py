@@ -29,10 +29,16 @@ def serve(send_spec: str, recv_spec: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     ctx = zmq.Context()
+    # The reply path first: a PUB drops what it cannot send yet, so a request taken before
+    # Mongrel2's SUB has shaken hands would be answered into the void (the slow joiner).
+    pub = ctx.socket(zmq.PUB)
+    monitor = pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    pub.connect(recv_spec)
+    monitor.recv_multipart()
+    pub.disable_monitor()
+    monitor.close()
     pull = ctx.socket(zmq.PULL)
     pull.connect(send_spec)
-    pub = ctx.socket(zmq.PUB)
-    pub.connect(recv_spec)
     recv, send = pull.recv, pub.send
     while True:
         sender, conn, path, _ = recv().split(b" ", 3)

@@ -25,17 +25,34 @@ from fleet.dev.mongrel2 import (
     new_ident,
     tcp_pair,
 )
-from tests.support.harness import FLOOR_HANDLER, Harness, raw_exchange, request, split_response, upload_files
+from tests.support.harness import (
+    FLOOR_HANDLER,
+    Harness,
+    raw_exchange,
+    request,
+    split_response,
+    upload_files,
+    wait_for,
+)
 
 
 def test_floor_handler_serves_both_protocols(harness: Harness) -> None:
     server = harness.mongrel2()
     for route in server.routes:
         harness.popen([sys.executable, str(FLOOR_HANDLER), route.send_spec, route.recv_spec, "-p", "2"])
+    for path in ("/t/", "/j/"):  # answering: until Mongrel2's SUB has subscribed, a PUB drops replies
+        wait_for(lambda path=path: _answered(server, path), 15, what=f"the floor handler on {path}")
     for path in ("/t/hello?a=1", "/j/hello", "/t/x", "/j/y"):
         resp = request(server, "GET", path)
         assert (resp.status, resp.body) == (200, b"Hello world!"), path
     assert "Mongrel2/1.12" in server.log_text()
+
+
+def _answered(server: Mongrel2, path: str) -> bool:
+    try:
+        return request(server, "GET", path, timeout=1).status == 200
+    except OSError:
+        return False
 
 
 def test_keep_alive_through_floor_handler(harness: Harness) -> None:
