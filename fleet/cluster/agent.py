@@ -283,7 +283,7 @@ class ClusterAgent:
         self.generation = generation
         self.announce(self.clock())
 
-    def may_roll(self, generation: int, now: float) -> bool:
+    def may_roll(self, generation: int) -> bool:
         """Whether this node may move to `generation` now: its turn (fleet.cluster.turns),
         judged from the heartbeats every node hears (no coordinator needed)."""
         # Asked on every pass of a waiting node's loop (one per datagram heard): look again
@@ -517,8 +517,7 @@ class ClusterAgent:
                 return None
             if message.masters and self.origin.boot_id not in message.masters:
                 # Meant for an earlier boot of this master: a replay, or sent just before we restarted.
-                self.accepted -= 1  # counted once, as dropped
-                self.rejected_by_reason["NotThisBoot"] = self.rejected_by_reason.get("NotThisBoot", 0) + 1
+                self._not_acted_on("NotThisBoot")
                 log.warning("cluster: ignored a reload command from %s meant for another master boot "
                             "(a replay, or sent before this master started)", source[0])
                 return None
@@ -556,14 +555,18 @@ class ClusterAgent:
         self._configured = True
         return ApplyConfig(message.config, message.generation)
 
+    def _not_acted_on(self, reason: str) -> None:
+        """An authentic datagram refused after take() counted it accepted: counted once, as dropped."""
+        self.accepted -= 1
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+
     def _from_an_earlier_master_boot(self, message: proto.Announce) -> bool:
         """An announce of a boot of our master before the one we follow (its timestamps, on
         the master's own clock, are older): a late datagram or a replay, never acted on."""
         known = self._master_boots.pop(message.node_id, None)
         if known is not None and known[0] != message.boot_id and message.timestamp <= known[1]:
             self._master_boots[message.node_id] = known
-            self.accepted -= 1  # counted once, as dropped
-            self.rejected_by_reason["EarlierBoot"] = self.rejected_by_reason.get("EarlierBoot", 0) + 1
+            self._not_acted_on("EarlierBoot")
             return True
         self._master_boots[message.node_id] = (message.boot_id, message.timestamp)
         while len(self._master_boots) > MAX_MASTERS_FOLLOWED:

@@ -214,6 +214,15 @@ def _check_address(name: str, value: Any) -> tuple[str, int]:
     return (host, port)
 
 
+def _check_boot_ids(name: str, value: Any, most: int) -> list[bytes]:
+    """A list of at most `most` boot ids, as a list."""
+    if type(value) not in (list, tuple) or len(value) > most:
+        raise ValueError(f"{name} must be a list of at most {most} boot ids")
+    for boot in value:
+        _check_bytes(f"{name} item", boot, BOOT_ID_LEN)
+    return list(value)
+
+
 def _check_plain(name: str, value: Any, depth: int) -> None:
     """Only msgpack's plain types, within the container and depth limits.
 
@@ -317,11 +326,7 @@ class Announce(Message):
         super().__post_init__()
         _check_int("generation", self.generation)
         if self.answers is not None:
-            if type(self.answers) not in (list, tuple) or len(self.answers) > MAX_ANNOUNCE_ANSWERS:
-                raise ValueError(f"answers must be a list of at most {MAX_ANNOUNCE_ANSWERS} boot ids")
-            for boot in self.answers:
-                _check_bytes("answers item", boot, BOOT_ID_LEN)
-            object.__setattr__(self, "answers", list(self.answers))
+            object.__setattr__(self, "answers", _check_boot_ids("answers", self.answers, MAX_ANNOUNCE_ANSWERS))
         if type(self.config) is not dict:
             raise ValueError(f"config must be a dict, not {type(self.config).__name__}")
         _check_plain("config", self.config, 3)  # envelope, body, config: depth 3
@@ -401,11 +406,7 @@ class Reload(Message):
         _check_int("generation", self.generation, 1)
         if self.batch is not None:
             _check_int("batch", self.batch, 1, MAX_WORKERS)
-        if type(self.masters) not in (list, tuple) or len(self.masters) > MAX_RELOAD_MASTERS:
-            raise ValueError(f"masters must be a list of at most {MAX_RELOAD_MASTERS} boot ids")
-        for boot in self.masters:
-            _check_bytes("masters item", boot, BOOT_ID_LEN)
-        object.__setattr__(self, "masters", list(self.masters))
+        object.__setattr__(self, "masters", _check_boot_ids("masters", self.masters, MAX_RELOAD_MASTERS))
 
 
 @dataclass(frozen=True, kw_only=True)

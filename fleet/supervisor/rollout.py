@@ -103,7 +103,7 @@ class Rollout:
         if self.waiting is None or self.host.stopping:
             return
         event, since = self.waiting
-        if not self.agent.may_roll(event.generation, time.time()):
+        if not self.agent.may_roll(event.generation):
             return
         self.waiting = None
         waited = time.monotonic() - since
