@@ -1,8 +1,9 @@
-"""Import the WSGI callable named by ``MODULE[:CALLABLE]``, with errors a user can act on."""
+"""Import the application callable named by ``MODULE[:CALLABLE]``, with errors a user can act on."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -48,10 +49,26 @@ def load_app(spec: str, pythonpath: Iterable[str] = ()) -> WSGIApp:
     return app
 
 
+def is_async_callable(app: Any) -> bool:
+    """An ASGI application is an ``async def`` function or an object whose __call__ is one."""
+    if inspect.iscoroutinefunction(app):
+        return True
+    return not inspect.isroutine(app) and inspect.iscoroutinefunction(type(app).__call__)
+
+
+def check_interface(app: Any, spec: str, interface: str) -> None:
+    """Refuse the mix-up of the two conventions, which would otherwise fail on every request."""
+    if interface == "asgi" and not is_async_callable(app):
+        raise AppLoadError(f"{spec} is not an async callable, so not an ASGI app; "
+                           "leave out --interface asgi to serve it as WSGI")
+    if interface == "wsgi" and is_async_callable(app):
+        raise AppLoadError(f"{spec} is an async callable (an ASGI app); add --interface asgi")
+
+
 def check_main(argv: list[str]) -> int:
-    """``python -m fleet.appload SPEC [PATH...]``: the master's pre-flight import check."""
+    """``python -m fleet.appload INTERFACE SPEC [PATH...]``: the master's pre-flight import check."""
     try:
-        load_app(argv[0], argv[1:])
+        check_interface(load_app(argv[1], argv[2:]), argv[1], argv[0])
     except AppLoadError as error:
         print(f"fleet: error: {error}", file=sys.stderr)
         return APP_LOAD_FAILED
@@ -62,7 +79,7 @@ def preflight_app(config: HandlerConfig) -> str | None:
     """Import the app in a throwaway process (check_main): a clear error before any
     worker starts, without loading the app (and its side effects) into the supervisor."""
     check = subprocess.run(
-        [sys.executable, "-m", "fleet.appload", config.app, *config.pythonpath],
+        [sys.executable, "-m", "fleet.appload", config.interface, config.app, *config.pythonpath],
         capture_output=True, text=True,
     )
     if check.returncode == 0:

@@ -8,12 +8,15 @@ import sys
 from fleet import __version__, ctl
 from fleet.cluster.options import add_cluster_options
 from fleet.config import (
+    ASGI_LOOPS,
+    DEFAULT_ASGI_CONCURRENCY,
     DEFAULT_CONTENT_LENGTH,
     DEFAULT_HTTP_KEEPALIVE,
     DEFAULT_HTTP_MAX_BODY,
     DEFAULT_HTTP_TIMEOUT,
     DEFAULT_UPLOAD_STORE,
     DISPATCH_MODES,
+    INTERFACES,
     ConfigError,
 )
 from fleet.exitcodes import USAGE
@@ -100,6 +103,14 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
                         help="add up to J to --max-requests per worker, so they do not all recycle at once")
     parser.add_argument("--reload-on-rss", type=_count, default=0, metavar="MB",
                         help="recycle a worker gracefully when its RSS passes MB megabytes")
+    parser.add_argument("--interface", choices=INTERFACES, default="wsgi",
+                        help="how the application is called: wsgi (default, PEP 3333) or asgi (ASGI 3: "
+                             "Starlette, FastAPI, Django's ASGI handler), served by one event loop per process")
+    parser.add_argument("--asgi-concurrency", type=_positive_int, default=DEFAULT_ASGI_CONCURRENCY, metavar="N",
+                        help=f"--interface asgi: requests one worker process serves at once "
+                             f"(default {DEFAULT_ASGI_CONCURRENCY})")
+    parser.add_argument("--asgi-loop", choices=ASGI_LOOPS, default="auto",
+                        help="--interface asgi: the event loop; auto (default) takes uvloop when installed")
     parser.add_argument("--http", action="append", default=[], metavar="HOST:PORT",
                         help="also serve plain HTTP/1.1 here, from the same workers and threads "
                              "(repeatable; :PORT for every address)")

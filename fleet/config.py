@@ -13,6 +13,10 @@ from typing import Any
 DEFAULT_UPLOAD_STORE = "/tmp/mongrel2.upload.XXXXXX"
 DEFAULT_CONTENT_LENGTH = 20480  # Mongrel2's own default for limits.content_length
 DISPATCH_MODES = ("broker", "direct")
+INTERFACES = ("wsgi", "asgi")
+ASGI_LOOPS = ("auto", "asyncio", "uvloop")
+# Requests one ASGI worker process serves at once unless --asgi-concurrency says otherwise.
+DEFAULT_ASGI_CONCURRENCY = 100
 DEFAULT_HTTP_KEEPALIVE = 5.0
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_HTTP_MAX_BODY = 100 * 1024 * 1024
@@ -144,6 +148,9 @@ class HandlerConfig:
     http_timeout: float = DEFAULT_HTTP_TIMEOUT
     http_max_body: int = DEFAULT_HTTP_MAX_BODY
     logger: str | None = None  # 'zeromq:ENDPOINT': every host's log lines also go there (fleet logs --bind)
+    interface: str = "wsgi"  # the application's calling convention: WSGI (PEP 3333) or ASGI 3
+    asgi_concurrency: int = DEFAULT_ASGI_CONCURRENCY  # ASGI: requests one worker process serves at once
+    asgi_loop: str = "auto"  # ASGI: the event loop; auto takes uvloop when it is installed
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,6 +163,7 @@ class HandlerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name} must be a whole number of at least 1, not {value!r}")
+        self._check_interface()
         if self.dispatch not in DISPATCH_MODES:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
         if self.harakiri and self.dispatch == "direct":
@@ -176,6 +184,21 @@ class HandlerConfig:
             raise ConfigError(
                 f"--mongrel2-upload-store {self.upload_store!r}: must end in XXXXXX like Mongrel2's upload.temp_store"
             )
+
+    def _check_interface(self) -> None:
+        if self.interface not in INTERFACES:
+            raise ConfigError(f"--interface must be one of {', '.join(INTERFACES)}, not {self.interface!r}")
+        if self.asgi_loop not in ASGI_LOOPS:
+            raise ConfigError(f"--asgi-loop must be one of {', '.join(ASGI_LOOPS)}, not {self.asgi_loop!r}")
+        if not isinstance(self.asgi_concurrency, int) or self.asgi_concurrency < 1:
+            raise ConfigError(f"--asgi-concurrency must be a whole number of at least 1, not {self.asgi_concurrency!r}")
+        if self.interface != "asgi":
+            return
+        if self.threads > 1:
+            raise ConfigError("--threads is for WSGI apps: an ASGI worker runs one event loop; "
+                              "use --asgi-concurrency for how many requests it serves at once")
+        if self.http:
+            raise ConfigError("--interface asgi serves Mongrel2 (--zeromq) only for now, not --http")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -71,6 +71,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[HandlerConfig, list[str]
         http_timeout=args.http_timeout,
         http_max_body=args.http_max_body,
         logger=args.logger,
+        interface=args.interface,
+        asgi_concurrency=args.asgi_concurrency,
+        asgi_loop=args.asgi_loop,
     ), notes
 
 

@@ -30,6 +30,7 @@ import msgpack
 
 from fleet import native
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
+from fleet.asgi import worker as asgi_worker
 from fleet.dispatch import frames
 from fleet.dispatch.broker import thread_credits
 from fleet.dispatch.link import ThreadLink
@@ -403,6 +404,8 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != spec.parent_pid:
         return BOOT_FAILED
+    if spec.config.interface == "asgi":
+        return asgi_worker.main(spec)
     setup_logging(spec.log_level, spec.log_file, spec.config.logger)
     try:
         app = load_app(spec.config.app, spec.config.pythonpath)

@@ -34,6 +34,8 @@ CODECS = (
     "fleet.cluster.peers",
     "fleet.cluster.turns",
     "fleet.worker.tally",
+    "fleet.asgi.scope",
+    "fleet.asgi.cycle",
 )
 
 

@@ -1,0 +1,1 @@
+"""ASGI 3 applications (``--interface asgi``): one event loop per worker process."""

@@ -1,0 +1,516 @@
+"""An ASGI worker process: one event loop serving up to --asgi-concurrency requests at once.
+
+Started like the WSGI worker (``python -m fleet.worker SPEC_JSON``, which
+comes here when the configuration says ``interface: asgi``) and seen the same
+way by the supervisor: READY and FIGURES on its control link, SIGTERM and
+SIGHUP to retire, the same exit codes.
+
+Requests reach the loop from one of two feeds, both sockets the loop watches:
+- broker mode: one link to the host's dispatcher (fleet.dispatch.link) that
+  asks for --asgi-concurrency requests at once and reports each one DONE, so
+  the dispatcher still knows who holds what and reloads lose nothing; the
+  disconnects and credit grants of the connections held come the same way;
+- direct mode: a ZMTP pull from every Mongrel2, read only while fewer than
+  --asgi-concurrency requests are in flight.
+Replies go straight to Mongrel2 through one Publisher per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import select
+import signal
+import time
+import traceback
+from typing import Any
+
+import msgpack
+
+from fleet import native
+from fleet.appload import AppLoadError, app_version, check_interface, load_app
+from fleet.asgi.cycle import AsgiProtocolError, ResponseCycle
+from fleet.asgi.lifespan import Lifespan, LifespanFailed
+from fleet.asgi.reply import AsyncReply, ClientDisconnected
+from fleet.asgi.scope import NotHttp, http_scope
+from fleet.dispatch import frames
+from fleet.dispatch.link import LinkClosed, ThreadLink
+from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
+from fleet.logs.local import reopen_log_file, setup_logging
+from fleet.logs.push import lines_dropped
+from fleet.mongrel2 import codec
+from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, Request, peek_route
+from fleet.mongrel2.connection import Publisher, Puller, PullerSet
+from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.worker.sources import POLL_INTERVAL_MS
+from fleet.worker.spec import WorkerSpec
+from fleet.worker.tally import Tally, snapshot
+from fleet.wsgi.response import ResponseError, error_response
+from fleet.wsgi.serve import ResponseFramer
+
+log = logging.getLogger("fleet.worker")
+
+parse_message = native.twin("fleet.mongrel2._codec", "parse_message", codec.parse_message)
+
+# How often (seconds) at most the worker tells the master what it has served.
+FIGURES_INTERVAL = 1.0
+# An upload's body reaches the app in pieces of this size.
+UPLOAD_CHUNK = 64 * 1024
+# Direct mode: how often the pullers are looked after (reconnects, slow handshakes).
+DIRECT_REFRESH = 0.1
+SUBSCRIBE_WAIT = 5.0
+
+
+class Exchange:
+    """One request in flight: its task, its reply and what its receive() has to give."""
+
+    __slots__ = ("index", "request", "reply", "task", "cycle", "disconnected", "receiving")
+
+    def __init__(self, index: int, request: Request, reply: AsyncReply) -> None:
+        self.index = index
+        self.request = request
+        self.reply = reply
+        self.task: asyncio.Task | None = None
+        self.cycle: ResponseCycle | None = None
+        self.disconnected = asyncio.Event()  # the client left, or the response is complete
+        self.receiving = False  # the app waits in receive(): a disconnect is its answer, not a cancel
+
+
+class AsgiWorker:
+    def __init__(self, spec: WorkerSpec, app: Any) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.app = app
+        self.policy = UploadPolicy.of(self.config)
+        self.publishers = [Publisher(e.recv_spec) for e in self.config.endpoints]
+        self.lifespan = Lifespan(app)
+        self.tally = Tally()
+        self.exchanges: dict[tuple[int, bytes], Exchange] = {}
+        self.in_flight = 0
+        self.retiring = False
+        self.finished = asyncio.Event()  # retired and every request answered
+        self.feed: BrokerFeed | DirectFeed | None = None
+
+    # -- requests -----------------------------------------------------------
+
+    def take(self, index: int, raw: bytes, credits: int | None) -> None:
+        """A message from Mongrel2: a request starts a task, a control message reaches its exchange."""
+        try:
+            event = parse_message(raw)
+        except ProtocolError as error:
+            log.warning("dropped a malformed Mongrel2 message: %s", error)
+            try:
+                self.feed.done(index, peek_route(raw)[1], None, False)
+            except ProtocolError:
+                pass
+            return
+        if not isinstance(event, Request):
+            self.control(index, event)  # in broker mode the dispatcher sends these outside requests
+            return
+        reply = AsyncReply(self.publishers[index], event.sender, event.conn_id, credits)
+        exchange = Exchange(index, event, reply)
+        self.exchanges[(index, event.conn_id)] = exchange
+        self.in_flight += 1
+        exchange.task = asyncio.get_running_loop().create_task(self.serve(exchange))
+
+    def control(self, index: int, event: Disconnect | Credits | Any) -> None:
+        exchange = self.exchanges.get((index, event.conn_id))
+        if exchange is None:
+            return
+        if isinstance(event, Credits):
+            exchange.reply.grant(event.credits)
+        elif isinstance(event, Disconnect):
+            exchange.reply.disconnect()
+            exchange.disconnected.set()
+            if not exchange.receiving and exchange.task is not None and not exchange.task.done():
+                exchange.task.cancel()  # the app is busy on a client that left: stop it
+
+    async def serve(self, exchange: Exchange) -> None:
+        started = time.monotonic()
+        request, reply = exchange.request, exchange.reply
+        closed = True
+        try:
+            closed = await self._serve(exchange)
+        except asyncio.CancelledError:
+            log.info("client %s went away; its request was cancelled", request.conn_id.decode())
+        except Exception:
+            log.exception("internal error serving connection %s", request.conn_id.decode())
+        finally:
+            del self.exchanges[(exchange.index, request.conn_id)]
+            self.tally.record("mongrel2", reply.status, time.monotonic() - started)
+            try:
+                self.feed.done(exchange.index, request.conn_id,
+                               reply.bytes_sent if reply.credits is not None else None, closed)
+            except OSError as error:
+                log.warning("could not report connection %s done: %s", request.conn_id.decode(), error)
+            self.in_flight -= 1
+            self.feed.resume()
+            self.check_finished()
+
+    async def _serve(self, exchange: Exchange) -> bool:
+        """Returns True if the connection was closed."""
+        request, reply = exchange.request, exchange.reply
+        try:
+            upload = check_upload(request, self.policy)
+        except UploadGone as error:
+            log.info("ignored a late upload-start on connection %s: %s", request.conn_id.decode(), error)
+            return False
+        except UploadRejected as error:
+            log.log(logging.DEBUG if error.repeats_start else logging.WARNING,
+                    "refused upload on connection %s: %s", request.conn_id.decode(), error)
+            return await self._answer_error(reply, 400)
+        if isinstance(upload, UploadStarted):
+            return False  # Mongrel2 is writing the body; the done message follows
+        try:
+            scope = http_scope(request, state=self.lifespan.state if self.lifespan.supported else None)
+        except NotHttp as error:
+            log.warning("connection %s: %s (fleet serves ASGI http only)", request.conn_id.decode(), error)
+            return await self._answer_error(reply, 400)
+        body = None
+        if upload is not None:
+            try:
+                body = open_upload(upload)
+            except UploadRejected as error:
+                log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
+                return await self._answer_error(reply, 400)
+        try:
+            return await self._run_app(exchange, scope, body)
+        finally:
+            if body is not None:
+                body.close()
+                try:
+                    os.unlink(upload.real_path)
+                except OSError as error:
+                    log.warning("could not delete upload %s: %s", upload.real_path, error)
+
+    async def _run_app(self, exchange: Exchange, scope: dict, body) -> bool:
+        request, reply = exchange.request, exchange.reply
+        framer = ResponseFramer(method=scope["method"], version=request.version or "HTTP/1.1",
+                                connection=request.header("connection"))
+        cycle = exchange.cycle = ResponseCycle(framer)
+        pending = [request.body] if body is None else None
+
+        async def receive() -> dict[str, Any]:
+            if exchange.disconnected.is_set():
+                return {"type": "http.disconnect"}
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
+            if body is not None and not body.closed:
+                chunk = body.read(UPLOAD_CHUNK)
+                more = len(chunk) == UPLOAD_CHUNK
+                if not more:
+                    body.close()
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            exchange.receiving = True
+            try:
+                await exchange.disconnected.wait()
+            finally:
+                exchange.receiving = False
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if reply.gone:
+                raise ClientDisconnected(f"client of connection {request.conn_id.decode()} is gone")
+            data = cycle.send(message)
+            if cycle.status is not None and reply.status is None:
+                reply.status = cycle.status
+            if cycle.complete:
+                await reply.finish(data, close=not cycle.keep_alive)
+                exchange.disconnected.set()
+            elif data:
+                await reply.send(data)
+
+        where = f"{scope['method']} {scope['path']}"
+        try:
+            await self.app(scope, receive, send)
+        except (ClientDisconnected, asyncio.CancelledError):
+            raise asyncio.CancelledError() from None
+        except (AsgiProtocolError, ResponseError) as error:
+            log.error("application broke ASGI in %s: %s", where, error)
+            return await self._cut_short(exchange)
+        except Exception:
+            log.error("application error in %s\n%s", where, traceback.format_exc().rstrip())
+            return await self._cut_short(exchange)
+        if not cycle.complete:
+            if not reply.gone:
+                log.error("application returned without completing its response in %s", where)
+            return await self._cut_short(exchange)
+        return not cycle.keep_alive
+
+    async def _cut_short(self, exchange: Exchange) -> bool:
+        """After an application error: a 500 if nothing was sent yet, else the connection closed."""
+        if exchange.reply.gone:
+            return True
+        if exchange.cycle is not None and exchange.cycle.head_sent:
+            await exchange.reply.finish(close=True)
+            return True
+        return await self._answer_error(exchange.reply, 500)
+
+    async def _answer_error(self, reply: AsyncReply, status: int) -> bool:
+        reply.status = str(status)
+        try:
+            await reply.finish(error_response(status), close=True)
+        except ClientDisconnected:
+            pass
+        return True
+
+    # -- life ------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Finish what was received, take nothing new, then end (SIGTERM, SIGHUP)."""
+        if self.retiring:
+            return
+        self.retiring = True
+        self.feed.retire()
+        self.check_finished()
+
+    def check_finished(self) -> None:
+        """Retired, every request received (the dispatcher said so) and answered: the worker can end."""
+        if self.retiring and not self.in_flight and self.feed.drained:
+            self.finished.set()
+
+    async def report_figures(self, control: ThreadLink) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(FIGURES_INTERVAL)
+            last = self.send_figures(control, last)
+
+    def send_figures(self, control: ThreadLink, last: list[float] | None) -> list[float]:
+        figures = snapshot([self.tally], lines_dropped())
+        if figures != last:
+            try:
+                control.send([frames.FIGURES, msgpack.packb(figures)])
+            except OSError:
+                pass  # the master is going away: nobody to count them
+        return figures
+
+
+class BrokerFeed:
+    """Broker mode: the dispatcher's link, read by the loop; credits for the whole concurrency."""
+
+    def __init__(self, worker: AsgiWorker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+        ident = frames.thread_ident(os.getpid(), 0)
+        self.link = ThreadLink(worker.spec.dispatch_endpoint, ident, POLL_INTERVAL_MS / 1000)
+        self.retire_sent = False
+        self.drained = False  # the dispatcher acknowledged the retire: nothing more will come
+        self.link.send([frames.CREDIT, b"%d" % worker.config.asgi_concurrency])
+        loop.add_reader(self.link.socket.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            more = self.link.poll(0)
+        except LinkClosed:
+            log.warning("the dispatcher closed the link; the worker stops taking requests")
+            self._stop_reading()
+            self.drained = True
+            self.worker.retire()
+            self.worker.check_finished()
+            return
+        if not more:
+            return
+        while (received := self.link.take()) is not None:
+            head = received[0]
+            kind = head[:1]
+            if kind == frames.REQUEST:
+                self.worker.take(head[1], received[1], int(received[2]) if len(received) > 2 else None)
+            elif kind == frames.CONTROL:
+                self._control(head[1], received[1])
+            elif head == frames.RETIRED:
+                self._stop_reading()
+                self.drained = True
+                self.worker.check_finished()
+
+    def _control(self, index: int, raw: bytes) -> None:
+        try:
+            event = parse_message(raw)
+        except ProtocolError as error:
+            log.warning("dropped a malformed control message: %s", error)
+            return
+        self.worker.control(index, event)
+
+    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool) -> None:
+        kind = frames.DONE_LAST if self.retire_sent else frames.DONE
+        message = [frames.tagged(kind, index), conn_id]
+        if sent is not None:
+            message.append(b"%d%s" % (sent, b"c" if closed else b""))
+        elif closed:
+            message.append(b"c")
+        self.link.send(message)
+
+    def resume(self) -> None:
+        """Credits come back with each DONE: nothing to do."""
+
+    def retire(self) -> None:
+        if not self.retire_sent:
+            self.retire_sent = True
+            try:
+                self.link.send([frames.RETIRE])
+            except OSError:
+                pass
+
+    def _stop_reading(self) -> None:
+        try:
+            self.loop.remove_reader(self.link.socket.fileno())
+        except (ValueError, OSError):
+            pass
+
+    def close(self) -> None:
+        self._stop_reading()
+        self.link.close()
+
+
+class _LoopPoller:
+    """What fleet.mongrel2.connection.PullerSet registers its sockets with, as loop readers and writers."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ready) -> None:
+        self.loop = loop
+        self.ready = ready
+        self.masks: dict[int, int] = {}
+        self.paused = False
+
+    def register(self, fd: int, mask: int) -> None:
+        self.masks[fd] = mask
+        self._watch(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.unregister(fd)
+        self.register(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.masks.pop(fd, None)
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or start again) reading requests: at the concurrency limit the Mongrel2 queue waits."""
+        if paused == self.paused:
+            return
+        self.paused = paused
+        for fd, mask in self.masks.items():
+            if paused:
+                self.loop.remove_reader(fd)
+            else:
+                self._watch(fd, mask)
+
+    def _watch(self, fd: int, mask: int) -> None:
+        if mask & select.POLLOUT:
+            self.loop.add_writer(fd, self.ready, fd)
+        elif not self.paused:
+            self.loop.add_reader(fd, self.ready, fd)
+
+
+class DirectFeed:
+    """Direct mode: the loop pulls from every Mongrel2 itself, while it has room."""
+
+    def __init__(self, worker: AsgiWorker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.poller = _LoopPoller(loop, self._ready)
+        self.pullers = PullerSet([Puller(e.send_spec) for e in worker.config.endpoints], self.poller)
+        self.arrived: list[bytes] = []
+        self.stopped = False
+        self.drained = True  # what was read is being served; what Mongrel2 queued here is lost, as in WSGI
+        self.pullers.refresh(time.monotonic())
+        self._refresher = loop.create_task(self._look_after())
+
+    async def _look_after(self) -> None:
+        while not self.stopped:
+            self.pullers.refresh(time.monotonic())
+            await asyncio.sleep(DIRECT_REFRESH)
+
+    def _ready(self, fd: int) -> None:
+        index = self.pullers.index(fd)
+        if index is None:
+            return
+        self.pullers.ready(index, self.arrived, time.monotonic())
+        arrived, self.arrived = self.arrived, []
+        for raw in arrived:
+            self.worker.take(index, raw, None)
+        self.resume()
+
+    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool) -> None:
+        """Nobody to tell: Mongrel2 does not track handlers' requests."""
+
+    def resume(self) -> None:
+        self.poller.pause(self.stopped or self.worker.in_flight >= self.worker.config.asgi_concurrency)
+
+    def retire(self) -> None:
+        self.stopped = True
+        self._refresher.cancel()
+        self.pullers.close()
+
+    def close(self) -> None:
+        self.retire()
+
+
+def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
+    """asyncio's loop, or uvloop's when asked for or (auto) installed."""
+    if choice != "asyncio" and (choice == "uvloop" or importlib.util.find_spec("uvloop") is not None):
+        return importlib.import_module("uvloop").new_event_loop()
+    return asyncio.new_event_loop()
+
+
+async def run(spec: WorkerSpec, app: Any) -> int:
+    loop = asyncio.get_running_loop()
+    worker = AsgiWorker(spec, app)
+    try:
+        await worker.lifespan.startup()
+    except LifespanFailed as error:
+        log.error("%s", error)
+        return APP_LOAD_FAILED
+    for publisher in worker.publishers:
+        if not publisher.wait_connected(SUBSCRIBE_WAIT):
+            log.warning("Mongrel2 at %s does not answer yet; is it running? replies sent before it does are lost",
+                        publisher.spec)
+    worker.feed = BrokerFeed(worker, loop) if spec.config.dispatch == "broker" else DirectFeed(worker, loop)
+    loop.add_signal_handler(signal.SIGTERM, worker.retire)
+    loop.add_signal_handler(signal.SIGHUP, worker.retire)
+    loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
+    control = ThreadLink(spec.dispatch_endpoint, frames.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
+    control.send([frames.READY, (app_version(spec.config.app) or "").encode()])
+    log.info("worker ready: ASGI on %s, up to %d requests at once, %s dispatch, replying to %s",
+             type(loop).__module__.split(".")[0], spec.config.asgi_concurrency, spec.config.dispatch,
+             ", ".join(p.spec for p in worker.publishers) or "none")
+    reporter = loop.create_task(worker.report_figures(control))
+    watchdog = loop.create_task(_watch_parent(spec.parent_pid))
+    await worker.finished.wait()
+    reporter.cancel()
+    watchdog.cancel()
+    await worker.lifespan.shutdown(spec.config.graceful_timeout)
+    worker.send_figures(control, None)
+    worker.feed.close()
+    control.close()
+    for publisher in worker.publishers:
+        publisher.close()
+    return 0
+
+
+async def _watch_parent(parent_pid: int) -> None:
+    while True:
+        await asyncio.sleep(0.1)
+        if os.getppid() != parent_pid:
+            log.error("supervisor %d is gone; exiting", parent_pid)
+            os._exit(BOOT_FAILED)
+
+
+def main(spec: WorkerSpec) -> int:
+    """The ASGI worker's life, once fleet.worker.worker.main has checked its parent."""
+    setup_logging(spec.log_level, spec.log_file, spec.config.logger)
+    try:
+        app = load_app(spec.config.app, spec.config.pythonpath)
+        check_interface(app, spec.config.app, "asgi")
+    except AppLoadError as error:
+        log.error("%s", error)
+        return APP_LOAD_FAILED
+    for quick in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(quick, lambda *_: os._exit(0))
+    loop = new_event_loop(spec.config.asgi_loop)
+    try:
+        return loop.run_until_complete(run(spec, app))
+    finally:
+        loop.close()
+

@@ -1,0 +1,334 @@
+"""ASGI applications (`--interface asgi`) through a real Mongrel2, both protocols, both dispatch modes.
+
+A Starlette app shows what a framework user gets (routes, the scope, bodies,
+uploads, streaming, HEAD, errors, lifespan state); ASGI spoken by hand shows
+what a framework hides: disconnects reaching the app, cancellation, protocol
+mistakes, requests served at once by one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import signal
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fleet.dev.mongrel2 import Mongrel2, free_port
+from tests.apps.asgi_apps import HELLO, STREAM_CHUNKS
+from tests.support.harness import (
+    CONTENT_LENGTH,
+    FleetMaster,
+    Harness,
+    fleet_stats,
+    log_text,
+    master_args,
+    request,
+    upload_files,
+    wait_for,
+    wait_log,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def asgi_args(server: Mongrel2, module: str, *, processes: int = 2, extra: list[str] | None = None) -> list[str]:
+    args = master_args(server, module=module, processes=processes, threads=1)
+    return args + ["--interface", "asgi", *(extra or [])]
+
+
+@pytest.fixture(scope="module", params=["broker", "direct"])
+def starlette(request: pytest.FixtureRequest, module_harness: Harness) -> tuple[Mongrel2, FleetMaster]:
+    server = module_harness.mongrel2()
+    loop = "uvloop" if request.param == "broker" else "asyncio"  # both loops, both modes
+    master = module_harness.master(asgi_args(server, "asgi_apps:starlette_routes",
+                                             extra=["--dispatch", request.param, "--asgi-loop", loop]))
+    return server, master
+
+
+@pytest.fixture(scope="module")
+def handmade(module_harness: Harness) -> tuple[Mongrel2, FleetMaster]:
+    server = module_harness.mongrel2()
+    master = module_harness.master(asgi_args(server, "asgi_apps:raw", processes=1))
+    return server, master
+
+
+def test_starlette_answers_on_both_protocols(starlette, prefix: str) -> None:
+    server, master = starlette
+    response = request(server, "GET", f"{prefix}hello")
+    assert (response.status, response.body) == (200, HELLO)
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["content-length"] == str(len(HELLO))
+    assert "ASGI on" in log_text(master)
+
+
+def test_the_scope_carries_the_request(starlette, prefix: str) -> None:
+    server, _ = starlette
+    response = request(server, "GET", f"{prefix}scope?a=1&b=%C3%A9", headers={"X-Trace": "t1", "Cookie": "k=v"})
+    scope = response.json()
+    assert scope["method"] == "GET"
+    assert scope["path"] == "/scope"
+    assert scope["raw_path"] == f"{prefix}scope"
+    assert scope["query_string"] == "a=1&b=%C3%A9"
+    assert scope["http_version"] == "1.1"
+    assert scope["scheme"] == "http"
+    assert scope["client"][0] == "127.0.0.1"
+    assert scope["server"] == ["127.0.0.1", server.port]
+    headers = dict(scope["headers"])
+    assert headers["x-trace"] == "t1" and headers["cookie"] == "k=v"
+    assert headers["host"] == f"127.0.0.1:{server.port}"
+    assert not any(name.isupper() or name.startswith("x-mongrel2") for name, _ in scope["headers"])
+    assert scope["state"]["started_by"].startswith("pid "), "the lifespan's state reaches every request"
+
+
+def test_a_percent_encoded_utf8_path_is_decoded(starlette) -> None:
+    server, _ = starlette
+    response = request(server, "GET", "/t/scope/%C3%A9t%C3%A9")
+    assert response.status == 404  # no such route; the 404 shows Starlette got the decoded path
+    raw = request(server, "GET", "/t/scope")
+    assert raw.status == 200
+
+
+@pytest.mark.parametrize("size", [0, 1000, CONTENT_LENGTH - 1])
+def test_a_request_body_arrives_whole(starlette, prefix: str, size: int) -> None:
+    server, _ = starlette
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    response = request(server, "POST", f"{prefix}echo", body=body)
+    assert response.status == 200
+    assert response.body == body
+    assert response.headers["x-sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_an_upload_reaches_the_app_in_pieces_and_its_file_is_deleted(starlette, prefix: str) -> None:
+    server, _ = starlette
+    body = hashlib.sha256(b"seed").digest() * 40_000  # 1.28 MB: Mongrel2 writes it to a temp file
+    response = request(server, "PUT", f"{prefix}echo", body=body, timeout=60)
+    assert response.status == 200
+    assert response.headers["x-length"] == str(len(body))
+    assert response.headers["x-sha256"] == hashlib.sha256(body).hexdigest()
+    wait_for(lambda: not upload_files(server), 10, what="the upload's temp file deleted")
+
+
+def test_a_stream_is_chunked_and_complete(starlette, prefix: str) -> None:
+    server, _ = starlette
+    response = request(server, "GET", f"{prefix}stream")
+    assert response.status == 200
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert response.body == b"".join(b"chunk %d\n" % n for n in range(STREAM_CHUNKS))
+
+
+def test_head_gets_headers_only_and_the_connection_stays_open(starlette) -> None:
+    server, _ = starlette
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("HEAD", "/t/hello")
+        head = conn.getresponse()
+        assert (head.status, head.read(), head.headers["content-length"]) == (200, b"", str(len(HELLO)))
+        for _ in range(3):  # keep-alive: the same connection serves the next requests
+            conn.request("GET", "/t/hello")
+            assert conn.getresponse().read() == HELLO
+    finally:
+        conn.close()
+
+
+def test_connection_close_is_honoured(starlette) -> None:
+    server, _ = starlette
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /t/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(HELLO)
+
+
+def test_an_app_exception_is_a_500_and_a_traceback_and_the_worker_lives(starlette, prefix: str) -> None:
+    server, master = starlette
+    before = worker_pids(master)
+    response = request(server, "GET", f"{prefix}boom")
+    assert response.status == 500
+    wait_log(master, "RuntimeError: boom from the application")
+    assert request(server, "GET", f"{prefix}hello").body == HELLO
+    assert worker_pids(master) == before
+
+
+def test_a_hundred_slow_requests_are_served_by_one_process_at_once(handmade) -> None:
+    server, master = handmade
+    assert len(worker_pids(master)) == 1
+    key = uuid.uuid4().hex
+
+    def one(_: int) -> tuple[int, bytes]:
+        response = request(server, "GET", f"/t/barrier?key={key}&n=100", timeout=60)
+        return response.status, response.body
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        answers = list(pool.map(one, range(100)))
+    assert [status for status, _ in answers] == [200] * 100, answers[:3]
+    assert {body for _, body in answers} == {b"100 together in %d" % next(iter(worker_pids(master)))}
+
+
+@pytest.mark.parametrize("route", ["/t/", "/j/"])
+def test_a_client_that_leaves_mid_stream_gets_its_task_cancelled(handmade, tmp_path: Path, route: str) -> None:
+    server, _ = handmade
+    record = tmp_path / "record"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET {route}endless?record={record} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"tick 3" not in data:
+            data += sock.recv(65536)
+    wait_for(lambda: record.exists() and record.read_text().strip(), 15, what="the app told of the disconnect")
+    assert record.read_text().split() == ["cancelled"]
+
+
+def test_an_app_waiting_in_receive_gets_http_disconnect(handmade, tmp_path: Path) -> None:
+    server, _ = handmade
+    record = tmp_path / "record"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /t/wait-disconnect?record={record} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"waiting" not in data:
+            data += sock.recv(65536)
+    wait_for(lambda: record.exists() and record.read_text().strip(), 15, what="the app's receive() answered")
+    assert record.read_text().split() == ["http.disconnect"]
+
+
+@pytest.mark.parametrize("action, logged", [
+    ("bad-status", "application broke ASGI in GET /t/bad-status: http.response.start: status must be an int"),
+    ("body-before-start", "expected http.response.start, got 'http.response.body'"),
+    ("incomplete", "application returned without completing its response in GET /t/incomplete"),
+])
+def test_a_protocol_mistake_is_logged_and_answered(handmade, action: str, logged: str) -> None:
+    server, master = handmade
+    data, closed = _raw_get(server, f"/t/{action}")
+    assert closed, "the connection ends after a broken response"
+    # Nothing had left yet (the head waits for the first body message): a 500 is still possible.
+    assert data.startswith(b"HTTP/1.1 500 ")
+    wait_log(master, logged)
+    assert request(server, "GET", "/t/hello").body == HELLO
+
+
+def test_an_error_after_the_head_cuts_the_response_short(handmade) -> None:
+    server, master = handmade
+    data, closed = _raw_get(server, "/t/fail-mid-stream")
+    assert closed
+    assert data.startswith(b"HTTP/1.1 200 OK") and b"first part" in data
+    assert not data.endswith(b"0\r\n\r\n"), "a cut-short chunked body must not look complete"
+    wait_log(master, "RuntimeError: failed half way")
+
+
+def test_django_serves_a_page(harness: Harness, prefix: str) -> None:
+    server = harness.mongrel2()
+    harness.master(asgi_args(server, "django_site:application", processes=1))
+    page = request(server, "GET", f"{prefix}page")
+    assert page.status == 200
+    assert page.body == f"<h1>Hello from Django at /{prefix.strip('/')}/page</h1>".encode()
+    echo = request(server, "POST", "/t/echo?x=1", body=b"posted")
+    assert echo.json() == {"method": "POST", "body": "posted", "query": {"x": "1"}, "script_name": "",
+                           "remote": "127.0.0.1"}
+
+
+def _raw_get(server: Mongrel2, path: str) -> tuple[bytes, bool]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data, True
+            data += chunk
+    return data, False
+
+
+# -- lifespan ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, reason", [
+    ("asgi_apps:startup_fails", "the application's startup failed: the database is not there"),
+    ("asgi_apps:startup_raises", "the application's lifespan raised ConnectionRefusedError: cannot reach the cache"),
+])
+def test_a_failed_startup_fails_the_boot(harness: Harness, module: str, reason: str) -> None:
+    server = harness.mongrel2()
+    master = harness.master(asgi_args(server, module, processes=1), ready=False)
+    code = master.wait_exit(timeout=30)
+    assert code != 0
+    assert reason in master.stderr_text()
+
+
+def test_an_app_without_lifespan_is_served(harness: Harness) -> None:
+    server = harness.mongrel2()
+    master = harness.master(asgi_args(server, "asgi_apps:no_lifespan", processes=1))
+    assert request(server, "GET", "/t/hello").body == HELLO
+    assert "does not speak the ASGI lifespan protocol" in log_text(master)
+
+
+def test_shutdown_runs_on_a_graceful_stop(harness: Harness, tmp_path: Path, monkeypatch) -> None:
+    record = tmp_path / "record"
+    monkeypatch.setenv("FLEET_TEST_RECORD", str(record))
+    server = harness.mongrel2()
+    master = harness.master(asgi_args(server, "asgi_apps:shutdown_recorded", processes=2))
+    pids = worker_pids(master)
+    assert request(server, "GET", "/t/hello").body == HELLO
+    master.stop(signal.SIGTERM)
+    assert sorted(record.read_text().split("\n")[:-1]) == sorted(f"shutdown {pid}" for pid in pids)
+
+
+def test_a_reload_whose_startup_fails_keeps_the_old_generation(harness: Harness, tmp_path: Path) -> None:
+    appdir = tmp_path / "app"
+    appdir.mkdir()
+    module = appdir / "asgi_reload_app.py"
+    source = (
+        "FAIL = {fail!r}\n"
+        "async def app(scope, receive, send):\n"
+        "    if scope['type'] == 'lifespan':\n"
+        "        await receive()\n"
+        "        if FAIL:\n"
+        "            await send({{'type': 'lifespan.startup.failed', 'message': 'broken on purpose'}})\n"
+        "            return\n"
+        "        await send({{'type': 'lifespan.startup.complete'}})\n"
+        "        await receive()\n"
+        "        await send({{'type': 'lifespan.shutdown.complete'}})\n"
+        "        return\n"
+        "    await send({{'type': 'http.response.start', 'status': 200, 'headers': []}})\n"
+        "    await send({{'type': 'http.response.body', 'body': b'version ' + {body!r}}})\n"
+    )
+    module.write_text(source.format(fail=False, body=b"1"))
+    server = harness.mongrel2()
+    master = harness.master(asgi_args(server, "asgi_reload_app:app",
+                                      extra=["--pythonpath", str(appdir)]))
+    old = worker_pids(master)
+    module.write_text(source.format(fail=True, body=b"2"))
+    master.proc.send_signal(signal.SIGHUP)
+    wait_log(master, "reload failed", timeout=60)
+    wait_for(lambda: worker_pids(master) == old, 15, what="only the old workers left")
+    assert request(server, "GET", "/t/").body == b"version 1"
+    assert "broken on purpose" in log_text(master)
+
+
+def test_interface_mix_ups_are_one_line(harness: Harness) -> None:
+    server = harness.mongrel2()
+    wsgi_as_asgi = harness.master(asgi_args(server, "apps:hello", processes=1), ready=False)
+    assert wsgi_as_asgi.wait_exit(timeout=30) != 0
+    assert "is not an async callable, so not an ASGI app" in wsgi_as_asgi.stderr_text()
+    asgi_as_wsgi = harness.master(master_args(server, module="asgi_apps:raw", processes=1, threads=1),
+                                  ready=False)
+    assert asgi_as_wsgi.wait_exit(timeout=30) != 0
+    assert "is an async callable (an ASGI app); add --interface asgi" in asgi_as_wsgi.stderr_text()
+
+
+def test_asgi_requests_are_counted_in_stats(harness: Harness) -> None:
+    server = harness.mongrel2()
+    stats = f"tcp://127.0.0.1:{free_port()}"
+    harness.master(asgi_args(server, "asgi_apps:raw", processes=1, extra=["--stats", stats]))
+    for path, status in [("/t/hello", 200)] * 5 + [("/t/nothing", 404), ("/t/bad-status", 500)]:
+        assert _raw_get(server, path)[0].startswith(b"HTTP/1.1 %d " % status) if status == 500 else \
+            request(server, "GET", path).status == status
+    expected = {"1xx": 0, "2xx": 5, "3xx": 0, "4xx": 1, "5xx": 1}
+    figures = wait_for(lambda: (f := fleet_stats(stats))["served"]["requests"]["mongrel2"] == expected and f, 15,
+                       what="7 ASGI requests in fleet stats")
+    assert figures["totals"]["requests"] == 7
