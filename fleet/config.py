@@ -197,8 +197,6 @@ class HandlerConfig:
         if self.threads > 1:
             raise ConfigError("--threads is for WSGI apps: an ASGI worker runs one event loop; "
                               "use --asgi-concurrency for how many requests it serves at once")
-        if self.http:
-            raise ConfigError("--interface asgi serves Mongrel2 (--zeromq) only for now, not --http")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -20,25 +20,30 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import select
 import signal
+import socket
 import time
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
 
 import msgpack
 
 from fleet import native
 from fleet.appload import AppLoadError, app_version, check_interface, load_app
 from fleet.asgi.cycle import AsgiProtocolError, ResponseCycle
+from fleet.asgi.http import HttpConnection, HttpSide, TransportReply
 from fleet.asgi.lifespan import Lifespan, LifespanFailed
 from fleet.asgi.reply import AsyncReply, ClientDisconnected
 from fleet.asgi.scope import NotHttp, http_scope
 from fleet.dispatch import frames
 from fleet.dispatch.link import LinkClosed, ThreadLink
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
+from fleet.http.front import HttpLimits
 from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.logs.push import lines_dropped
 from fleet.mongrel2 import codec
@@ -57,8 +62,8 @@ parse_message = native.twin("fleet.mongrel2._codec", "parse_message", codec.pars
 
 # How often (seconds) at most the worker tells the master what it has served.
 FIGURES_INTERVAL = 1.0
-# An upload's body reaches the app in pieces of this size.
-UPLOAD_CHUNK = 64 * 1024
+# A request body reaches the app in http.request events of at most this size.
+BODY_CHUNK = 64 * 1024
 # Direct mode: how often the pullers are looked after (reconnects, slow handshakes).
 DIRECT_REFRESH = 0.1
 SUBSCRIBE_WAIT = 5.0
@@ -67,16 +72,23 @@ SUBSCRIBE_WAIT = 5.0
 class Exchange:
     """One request in flight: its task, its reply and what its receive() has to give."""
 
-    __slots__ = ("index", "request", "reply", "task", "cycle", "disconnected", "receiving")
+    __slots__ = ("kind", "request", "reply", "task", "cycle", "disconnected", "receiving")
 
-    def __init__(self, index: int, request: Request, reply: AsyncReply) -> None:
-        self.index = index
+    def __init__(self, kind: str, request: Request, reply: AsyncReply | TransportReply) -> None:
+        self.kind = kind  # "mongrel2" or "http", as the tally counts them
         self.request = request
         self.reply = reply
         self.task: asyncio.Task | None = None
         self.cycle: ResponseCycle | None = None
         self.disconnected = asyncio.Event()  # the client left, or the response is complete
         self.receiving = False  # the app waits in receive(): a disconnect is its answer, not a cancel
+
+    def client_left(self) -> None:
+        """The client is gone: tell the reply, answer a receive(), or cancel the busy app."""
+        self.reply.disconnect()
+        self.disconnected.set()
+        if not self.receiving and self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 class AsgiWorker:
@@ -92,7 +104,8 @@ class AsgiWorker:
         self.in_flight = 0
         self.retiring = False
         self.finished = asyncio.Event()  # retired and every request answered
-        self.feed: BrokerFeed | DirectFeed | None = None
+        self.feed: BrokerFeed | DirectFeed | None = None  # Mongrel2's requests, if it has endpoints
+        self.http: HttpSide | None = None  # --http
 
     # -- requests -----------------------------------------------------------
 
@@ -111,10 +124,33 @@ class AsgiWorker:
             self.control(index, event)  # in broker mode the dispatcher sends these outside requests
             return
         reply = AsyncReply(self.publishers[index], event.sender, event.conn_id, credits)
-        exchange = Exchange(index, event, reply)
-        self.exchanges[(index, event.conn_id)] = exchange
+        exchange = Exchange("mongrel2", event, reply)
+        key = (index, event.conn_id)
+        self.exchanges[key] = exchange
+
+        def finish(closed: bool) -> None:
+            del self.exchanges[key]
+            try:
+                self.feed.done(index, event.conn_id, reply.bytes_sent if reply.credits is not None else None, closed)
+            except OSError as error:
+                log.warning("could not report connection %s done: %s", event.conn_id.decode(), error)
+
+        self.start(exchange, self._serve_mongrel2(exchange), finish)
+
+    def take_http(self, connection: HttpConnection, request: Request, body: IO[bytes]) -> Exchange:
+        """A whole request from an --http client (fleet.asgi.http); its connection waits for it."""
+        exchange = Exchange("http", request, TransportReply(connection))
+
+        def finish(closed: bool) -> None:
+            body.close()
+            connection.finished(closed)
+
+        self.start(exchange, self._serve_http(exchange, body), finish)
+        return exchange
+
+    def start(self, exchange: Exchange, work: Awaitable[bool], finish: Callable[[bool], None]) -> None:
         self.in_flight += 1
-        exchange.task = asyncio.get_running_loop().create_task(self.serve(exchange))
+        exchange.task = asyncio.get_running_loop().create_task(self.serve(exchange, work, finish))
 
     def control(self, index: int, event: Disconnect | Credits | Any) -> None:
         exchange = self.exchanges.get((index, event.conn_id))
@@ -123,34 +159,34 @@ class AsgiWorker:
         if isinstance(event, Credits):
             exchange.reply.grant(event.credits)
         elif isinstance(event, Disconnect):
-            exchange.reply.disconnect()
-            exchange.disconnected.set()
-            if not exchange.receiving and exchange.task is not None and not exchange.task.done():
-                exchange.task.cancel()  # the app is busy on a client that left: stop it
+            exchange.client_left()
 
-    async def serve(self, exchange: Exchange) -> None:
+    async def serve(self, exchange: Exchange, work: Awaitable[bool], finish: Callable[[bool], None]) -> None:
+        """Run ``work`` (True if it closed the connection), then ``finish`` and count it, whatever happens."""
         started = time.monotonic()
-        request, reply = exchange.request, exchange.reply
+        conn_id = exchange.request.conn_id.decode()
         closed = True
         try:
-            closed = await self._serve(exchange)
+            closed = await work
         except asyncio.CancelledError:
-            log.info("client %s went away; its request was cancelled", request.conn_id.decode())
+            log.info("client %s went away; its request was cancelled", conn_id)
         except Exception:
-            log.exception("internal error serving connection %s", request.conn_id.decode())
+            log.exception("internal error serving connection %s", conn_id)
         finally:
-            del self.exchanges[(exchange.index, request.conn_id)]
-            self.tally.record("mongrel2", reply.status, time.monotonic() - started)
-            try:
-                self.feed.done(exchange.index, request.conn_id,
-                               reply.bytes_sent if reply.credits is not None else None, closed)
-            except OSError as error:
-                log.warning("could not report connection %s done: %s", request.conn_id.decode(), error)
+            finish(closed)
+            self.tally.record(exchange.kind, exchange.reply.status, time.monotonic() - started)
             self.in_flight -= 1
-            self.feed.resume()
+            self.resume()
             self.check_finished()
 
-    async def _serve(self, exchange: Exchange) -> bool:
+    async def _serve_http(self, exchange: Exchange, body: IO[bytes]) -> bool:
+        scope = http_scope(exchange.request, state=self._state())
+        return await self._run_app(exchange, scope, body, now=time.time())
+
+    def _state(self) -> dict[str, Any] | None:
+        return self.lifespan.state if self.lifespan.supported else None
+
+    async def _serve_mongrel2(self, exchange: Exchange) -> bool:
         """Returns True if the connection was closed."""
         request, reply = exchange.request, exchange.reply
         try:
@@ -165,44 +201,42 @@ class AsgiWorker:
         if isinstance(upload, UploadStarted):
             return False  # Mongrel2 is writing the body; the done message follows
         try:
-            scope = http_scope(request, state=self.lifespan.state if self.lifespan.supported else None)
+            scope = http_scope(request, state=self._state())
         except NotHttp as error:
             log.warning("connection %s: %s (fleet serves ASGI http only)", request.conn_id.decode(), error)
             return await self._answer_error(reply, 400)
-        body = None
-        if upload is not None:
-            try:
-                body = open_upload(upload)
-            except UploadRejected as error:
-                log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
-                return await self._answer_error(reply, 400)
+        if upload is None:
+            return await self._run_app(exchange, scope, io.BytesIO(request.body))
+        try:
+            body = open_upload(upload)
+        except UploadRejected as error:
+            log.warning("refused upload on connection %s: %s", request.conn_id.decode(), error)
+            return await self._answer_error(reply, 400)
         try:
             return await self._run_app(exchange, scope, body)
         finally:
-            if body is not None:
-                body.close()
-                try:
-                    os.unlink(upload.real_path)
-                except OSError as error:
-                    log.warning("could not delete upload %s: %s", upload.real_path, error)
+            body.close()
+            try:
+                os.unlink(upload.real_path)
+            except OSError as error:
+                log.warning("could not delete upload %s: %s", upload.real_path, error)
 
-    async def _run_app(self, exchange: Exchange, scope: dict, body) -> bool:
+    async def _run_app(self, exchange: Exchange, scope: dict, body: IO[bytes], now: float | None = None) -> bool:
+        """The app on one request whose ``body`` is ready to read; True if the connection was closed.
+        ``now`` adds a Date header (--http: Mongrel2 does not take that duty on)."""
         request, reply = exchange.request, exchange.reply
         framer = ResponseFramer(method=scope["method"], version=request.version or "HTTP/1.1",
-                                connection=request.header("connection"))
+                                connection=request.header("connection"), now=now)
         cycle = exchange.cycle = ResponseCycle(framer)
-        pending = [request.body] if body is None else None
+        body_left = [True]
 
         async def receive() -> dict[str, Any]:
             if exchange.disconnected.is_set():
                 return {"type": "http.disconnect"}
-            if pending:
-                return {"type": "http.request", "body": pending.pop(), "more_body": False}
-            if body is not None and not body.closed:
-                chunk = body.read(UPLOAD_CHUNK)
-                more = len(chunk) == UPLOAD_CHUNK
-                if not more:
-                    body.close()
+            if body_left[0]:
+                chunk = body.read(BODY_CHUNK)
+                more = len(chunk) == BODY_CHUNK
+                body_left[0] = more
                 return {"type": "http.request", "body": chunk, "more_body": more}
             exchange.receiving = True
             try:
@@ -241,9 +275,12 @@ class AsgiWorker:
         return not cycle.keep_alive
 
     async def _cut_short(self, exchange: Exchange) -> bool:
-        """After an application error: a 500 if nothing was sent yet, else the connection closed."""
+        """After an application error: a 500 if nothing was sent yet, else the connection closed
+        (unless the response was already whole: then it was good, and so is the connection)."""
         if exchange.reply.gone:
             return True
+        if exchange.cycle is not None and exchange.cycle.complete:
+            return not exchange.cycle.keep_alive
         if exchange.cycle is not None and exchange.cycle.head_sent:
             await exchange.reply.finish(close=True)
             return True
@@ -264,12 +301,27 @@ class AsgiWorker:
         if self.retiring:
             return
         self.retiring = True
-        self.feed.retire()
+        for side in self.sides:
+            side.retire()
         self.check_finished()
+
+    @property
+    def sides(self) -> list[BrokerFeed | DirectFeed | HttpSide]:
+        return [side for side in (self.feed, self.http) if side is not None]
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.config.asgi_concurrency
+
+    def resume(self) -> None:
+        """A request finished: there may be room to read or accept again."""
+        if self.feed is not None:
+            self.feed.resume()
+        if self.http is not None:
+            self.http.update_accepting()
 
     def check_finished(self) -> None:
         """Retired, every request received (the dispatcher said so) and answered: the worker can end."""
-        if self.retiring and not self.in_flight and self.feed.drained:
+        if self.retiring and not self.in_flight and all(side.drained for side in self.sides):
             self.finished.set()
 
     async def report_figures(self, control: ThreadLink) -> None:
@@ -436,7 +488,7 @@ class DirectFeed:
         """Nobody to tell: Mongrel2 does not track handlers' requests."""
 
     def resume(self) -> None:
-        self.poller.pause(self.stopped or self.worker.in_flight >= self.worker.config.asgi_concurrency)
+        self.poller.pause(self.stopped or not self.worker.has_room())
 
     def retire(self) -> None:
         self.stopped = True
@@ -466,15 +518,21 @@ async def run(spec: WorkerSpec, app: Any) -> int:
         if not publisher.wait_connected(SUBSCRIBE_WAIT):
             log.warning("Mongrel2 at %s does not answer yet; is it running? replies sent before it does are lost",
                         publisher.spec)
-    worker.feed = BrokerFeed(worker, loop) if spec.config.dispatch == "broker" else DirectFeed(worker, loop)
+    if spec.config.endpoints:
+        worker.feed = BrokerFeed(worker, loop) if spec.config.dispatch == "broker" else DirectFeed(worker, loop)
+    if spec.http_fds:
+        config = spec.config
+        worker.http = HttpSide([socket.socket(fileno=fd) for fd in spec.http_fds],
+                               HttpLimits(config.http_keepalive, config.http_timeout, config.http_max_body),
+                               worker.has_room, worker.take_http, worker.check_finished, loop)
     loop.add_signal_handler(signal.SIGTERM, worker.retire)
     loop.add_signal_handler(signal.SIGHUP, worker.retire)
     loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
     control = ThreadLink(spec.dispatch_endpoint, frames.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
     control.send([frames.READY, (app_version(spec.config.app) or "").encode()])
-    log.info("worker ready: ASGI on %s, up to %d requests at once, %s dispatch, replying to %s",
+    log.info("worker ready: ASGI on %s, up to %d requests at once, %s dispatch, replying to %s, HTTP %s",
              type(loop).__module__.split(".")[0], spec.config.asgi_concurrency, spec.config.dispatch,
-             ", ".join(p.spec for p in worker.publishers) or "none")
+             ", ".join(p.spec for p in worker.publishers) or "none", ", ".join(spec.config.http) or "none")
     reporter = loop.create_task(worker.report_figures(control))
     watchdog = loop.create_task(_watch_parent(spec.parent_pid))
     await worker.finished.wait()
@@ -482,7 +540,8 @@ async def run(spec: WorkerSpec, app: Any) -> int:
     watchdog.cancel()
     await worker.lifespan.shutdown(spec.config.graceful_timeout)
     worker.send_figures(control, None)
-    worker.feed.close()
+    for side in worker.sides:
+        side.close()
     control.close()
     for publisher in worker.publishers:
         publisher.close()

@@ -306,8 +306,8 @@ class HttpFront:
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._next_id += 1
-            reader = RequestReader(b"http-%d-%d" % (os.getpid(), self._next_id), _remote_addr(address),
-                                   max_body=self.limits.max_body, body_store=_spooled_body, simple=take_simple)
+            reader = RequestReader(b"http-%d-%d" % (os.getpid(), self._next_id), remote_addr_of(address),
+                                   max_body=self.limits.max_body, body_store=spooled_body, simple=take_simple)
             self._own(Client(sock, reader, deadline=time.monotonic() + self.limits.timeout))
 
     def _own(self, client: Client) -> None:
@@ -442,11 +442,13 @@ class HttpFront:
         self._epoll.close()
 
 
-def _spooled_body() -> tempfile.SpooledTemporaryFile:
+def spooled_body() -> tempfile.SpooledTemporaryFile:
+    """Where a request body is written: memory up to SPOOL_LIMIT, a temporary file past it."""
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_LIMIT)
 
 
-def _remote_addr(address) -> str:
+def remote_addr_of(address) -> str:
+    """The client's address as REMOTE_ADDR (empty for a Unix socket peer)."""
     if isinstance(address, tuple) and address:
         return str(address[0])
     return ""

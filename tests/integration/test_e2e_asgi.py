@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import signal
 import socket
 import time
@@ -22,6 +23,7 @@ import pytest
 from fleet.dev.mongrel2 import Mongrel2, free_port
 from tests.apps.asgi_apps import HELLO, STREAM_CHUNKS
 from tests.support.harness import (
+    APPS,
     CONTENT_LENGTH,
     FleetMaster,
     Harness,
@@ -34,6 +36,7 @@ from tests.support.harness import (
     wait_log,
     worker_pids,
 )
+from tests.support.load import Load
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +46,37 @@ def asgi_args(server: Mongrel2, module: str, *, processes: int = 2, extra: list[
     return args + ["--interface", "asgi", *(extra or [])]
 
 
-@pytest.fixture(scope="module", params=["broker", "direct"])
-def starlette(request: pytest.FixtureRequest, module_harness: Harness) -> tuple[Mongrel2, FleetMaster]:
-    server = module_harness.mongrel2()
-    loop = "uvloop" if request.param == "broker" else "asyncio"  # both loops, both modes
-    master = module_harness.master(asgi_args(server, "asgi_apps:starlette_routes",
-                                             extra=["--dispatch", request.param, "--asgi-loop", loop]))
-    return server, master
+class HttpFront:
+    """Where `fleet master --http` listens, shaped like a Mongrel2 for the request helpers."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+
+    def args(self, module: str, processes: int) -> list[str]:
+        return ["--module", module, "--pythonpath", str(APPS), "-p", str(processes), "--interface", "asgi",
+                "--http", f"127.0.0.1:{self.port}", "--graceful-timeout", "5"]
 
 
-@pytest.fixture(scope="module")
-def handmade(module_harness: Harness) -> tuple[Mongrel2, FleetMaster]:
-    server = module_harness.mongrel2()
-    master = module_harness.master(asgi_args(server, "asgi_apps:raw", processes=1))
-    return server, master
+def serve(harness: Harness, front: str, module: str, *, processes: int = 2,
+          extra: list[str] | None = None) -> tuple[Mongrel2 | HttpFront, FleetMaster]:
+    """A master serving ``module`` through a real Mongrel2 (front: broker or direct) or on --http."""
+    if front == "http":
+        server = HttpFront()
+        return server, harness.master(server.args(module, processes) + list(extra or []))
+    server = harness.mongrel2()
+    loop = "uvloop" if front == "broker" else "asyncio"  # both loops, both modes
+    return server, harness.master(asgi_args(server, module, processes=processes,
+                                            extra=["--dispatch", front, "--asgi-loop", loop, *(extra or [])]))
+
+
+@pytest.fixture(scope="module", params=["broker", "direct", "http"])
+def starlette(request: pytest.FixtureRequest, module_harness: Harness) -> tuple[Mongrel2 | HttpFront, FleetMaster]:
+    return serve(module_harness, request.param, "asgi_apps:starlette_routes")
+
+
+@pytest.fixture(scope="module", params=["broker", "http"])
+def handmade(request: pytest.FixtureRequest, module_harness: Harness) -> tuple[Mongrel2 | HttpFront, FleetMaster]:
+    return serve(module_harness, request.param, "asgi_apps:raw", processes=1)
 
 
 def test_starlette_answers_on_both_protocols(starlette, prefix: str) -> None:
@@ -112,7 +132,8 @@ def test_an_upload_reaches_the_app_in_pieces_and_its_file_is_deleted(starlette, 
     assert response.status == 200
     assert response.headers["x-length"] == str(len(body))
     assert response.headers["x-sha256"] == hashlib.sha256(body).hexdigest()
-    wait_for(lambda: not upload_files(server), 10, what="the upload's temp file deleted")
+    if isinstance(server, Mongrel2):
+        wait_for(lambda: not upload_files(server), 10, what="the upload's temp file deleted")
 
 
 def test_a_stream_is_chunked_and_complete(starlette, prefix: str) -> None:
@@ -243,6 +264,69 @@ def _raw_get(server: Mongrel2, path: str) -> tuple[bytes, bool]:
                 return data, True
             data += chunk
     return data, False
+
+
+# -- reloads and --http specifics ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_reloads_under_load_lose_nothing(harness: Harness, front: str) -> None:
+    """Slow and fast requests in flight across two HUP reloads: every one answered."""
+    server, master = serve(harness, front, "asgi_apps:starlette_routes")
+    slow = Load(server.port, "/t/slow?s=0.3", expect=lambda body: body.startswith(b"slept in "), clients=8,
+                timeout=15.0, max_duration=120)
+    fast = Load(server.port, "/t/hello", expect=HELLO, clients=4, pause=0.005, timeout=15.0, max_duration=120)
+    slow.start()
+    fast.start()
+    try:
+        fast.wait_succeeded(50)
+        for _ in range(2):
+            before = log_text(master).count("reload complete")
+            old = worker_pids(master)
+            master.proc.send_signal(signal.SIGHUP)
+            wait_log(master, "reload complete", before + 1, timeout=60)
+            wait_for(lambda o=old: not worker_pids(master) & o, 30, what="the old generation gone")
+            fast.wait_succeeded(50)
+    finally:
+        reports = [slow.stop(), fast.stop()]
+    for report in reports:
+        assert report.clean, f"{report.summary()}\n{log_text(master)[-3000:]}"
+    assert reports[0].succeeded > 0
+
+
+def test_http_pipelined_requests_are_answered_in_order(harness: Harness) -> None:
+    server, _ = serve(harness, "http", "asgi_apps:raw", processes=1)
+    data, closed = _raw_exchange(server, b"GET /h/hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                                         b"GET /h/nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+                                         b"GET /h/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert closed
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", data) == [b"200", b"404", b"200"]
+    assert b"Date: " in data
+
+
+@pytest.mark.parametrize("head, status", [
+    (b"POST /h/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET /h/hello HTTP/1.1\r\n\r\n", 400),
+    (b"POST /h/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n", 413),
+])
+def test_http_refusals_are_kept(harness: Harness, head: bytes, status: int) -> None:
+    server, master = serve(harness, "http", "asgi_apps:raw", processes=1)
+    data, closed = _raw_exchange(server, head)
+    assert data.startswith(b"HTTP/1.1 %d " % status) and closed
+    wait_log(master, f"refused an HTTP request from 127.0.0.1 with {status}")
+
+
+def _raw_exchange(server, data: bytes) -> tuple[bytes, bool]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out, True
+            out += chunk
+    return out, False
 
 
 # -- lifespan ----------------------------------------------------------------------------
