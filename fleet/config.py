@@ -166,7 +166,7 @@ class HandlerConfig:
         self._check_interface()
         if self.dispatch not in DISPATCH_MODES:
             raise ConfigError(f"--dispatch must be one of {', '.join(DISPATCH_MODES)}")
-        if self.harakiri and self.dispatch == "direct":
+        if self.harakiri and self.dispatch == "direct" and self.interface == "wsgi":
             raise ConfigError("--harakiri needs --dispatch broker: "
                               "only the dispatcher knows how long a request has run")
         if self.content_length_limit < 0:

@@ -166,8 +166,13 @@ class AsgiWorker:
         started = time.monotonic()
         conn_id = exchange.request.conn_id.decode()
         closed = True
+        harakiri = self.config.harakiri
         try:
-            closed = await work
+            async with asyncio.timeout(harakiri or None):
+                closed = await work
+        except TimeoutError:
+            log.error("harakiri: the request on connection %s ran past %g s; cancelled", conn_id, harakiri)
+            closed = await self._harakiri(exchange)
         except asyncio.CancelledError:
             log.info("client %s went away; its request was cancelled", conn_id)
         except Exception:
@@ -273,6 +278,12 @@ class AsgiWorker:
                 log.error("application returned without completing its response in %s", where)
             return await self._cut_short(exchange)
         return not cycle.keep_alive
+
+    async def _harakiri(self, exchange: Exchange) -> bool:
+        """A request cancelled for --harakiri: 504 if nothing was sent yet, else the connection cut."""
+        if exchange.cycle is not None and exchange.cycle.head_sent:
+            return await self._cut_short(exchange)
+        return await self._answer_error(exchange.reply, 504)
 
     async def _cut_short(self, exchange: Exchange) -> bool:
         """After an application error: a 500 if nothing was sent yet, else the connection closed

@@ -21,6 +21,10 @@ log = logging.getLogger("fleet.supervisor")
 # Harakiri: the stuck worker gets no new request and its other threads finish
 # what they hold, for at most this long, before SIGKILL...
 HARAKIRI_GRACE = 3.0
+# An ASGI worker cancels a request stuck past --harakiri itself and answers 504;
+# the master kills it only when its loop could not (blocked in synchronous code),
+# this many times --harakiri after the request started.
+ASGI_HARAKIRI_BACKSTOP = 2.0
 # ...and once they have, their last replies get this long to leave the worker:
 # a reply still queued in its ZeroMQ socket dies with the process, and that
 # client would wait forever (its request was reported done).
@@ -46,10 +50,11 @@ class Limits:
                 continue
             if not config.harakiri:
                 continue
+            limit = config.harakiri * (ASGI_HARAKIRI_BACKSTOP if config.interface == "asgi" else 1)
             age = self.dispatcher.oldest_request_age(worker.pid)
-            if age is not None and age >= config.harakiri:
+            if age is not None and age >= limit:
                 log.error("harakiri: worker %d held a request for %.1f s (limit %.0f s): "
-                          "its other requests finish, then SIGKILL", worker.pid, age, config.harakiri)
+                          "its other requests finish, then SIGKILL", worker.pid, age, limit)
                 worker.harakiri = True
                 worker.harakiri_at = now
                 self.counters.harakiri_kills += 1
@@ -73,8 +78,9 @@ class Limits:
         for worker in workers:
             if worker.retiring or worker.replace_reason is not None or not worker.ready:
                 continue
-            served = self.dispatcher.served(worker.pid)
-            if worker.max_requests and served is not None and served >= worker.max_requests:
+            # What the worker answered in every mode (--http and direct included), as it or the broker says.
+            served = self.dispatcher.answered(worker.pid)
+            if worker.max_requests and served >= worker.max_requests:
                 worker.replace_reason = f"served {served} requests (--max-requests)"
                 self.counters.recycled_max_requests += 1
             elif config.reload_on_rss:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
 
@@ -145,6 +146,9 @@ async def raw(scope, receive, send):
         status, body = await _barrier(scope)
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": body})
+    elif action == "pid":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"pid": os.getpid()}).encode()})
     elif action == "hello":
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain")]})
@@ -224,3 +228,20 @@ def shutdown_recorder(path: str):
 
 
 shutdown_recorded = shutdown_recorder(os.environ.get("FLEET_TEST_RECORD", "/dev/null"))
+
+
+async def stuck(scope, receive, send):
+    """/x/sleep?s=N sleeps (cancellable); /x/block?s=N blocks the whole loop (not cancellable)."""
+    if scope["type"] != "http":
+        return await raw(scope, receive, send)
+    query = parse_qs(scope["query_string"].decode())
+    seconds = float(query.get("s", ["60"])[0])
+    action = scope["path"].rstrip("/").rsplit("/", 1)[-1]
+    if action == "sleep":
+        await asyncio.sleep(seconds)
+    elif action == "block":
+        time.sleep(seconds)
+    else:
+        return await raw(scope, receive, send)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"woke"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import re
 import signal
 import socket
@@ -327,6 +328,64 @@ def _raw_exchange(server, data: bytes) -> tuple[bytes, bool]:
                 return out, True
             out += chunk
     return out, False
+
+
+# -- supervision --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("front", ["broker", "direct", "http"])
+def test_harakiri_cancels_the_stuck_request_and_answers_504(harness: Harness, front: str) -> None:
+    server, master = serve(harness, front, "asgi_apps:stuck", processes=1, extra=["--harakiri", "1"])
+    pids = worker_pids(master)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stuck = pool.submit(request, server, "GET", "/t/sleep?s=60", timeout=30)
+        wait_log(master, "harakiri: the request on connection", timeout=15)
+        assert stuck.result().status == 504
+    assert request(server, "GET", "/t/hello").body == HELLO
+    assert worker_pids(master) == pids, "the worker itself cancels: nobody is killed"
+
+
+def test_a_loop_blocked_past_harakiri_is_killed_by_the_master(harness: Harness) -> None:
+    server, master = serve(harness, "broker", "asgi_apps:stuck", processes=1, extra=["--harakiri", "1"])
+    pids = worker_pids(master)
+    answer = request(server, "GET", "/t/block?s=30", timeout=30)
+    assert answer.status == 504
+    wait_log(master, "harakiri: worker", timeout=15)
+    wait_for(lambda: worker_pids(master) and not worker_pids(master) & pids, 30, what="a new worker")
+    wait_for(lambda: request(server, "GET", "/t/hello").body == HELLO, 30, what="served again")
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_max_requests_recycles_an_asgi_worker(harness: Harness, front: str) -> None:
+    server, master = serve(harness, front, "asgi_apps:raw", processes=1, extra=["--max-requests", "20"])
+    first = worker_pids(master)
+    load = Load(server.port, "/t/hello", expect=HELLO, clients=2, pause=0.01, timeout=15.0, max_duration=60)
+    load.start()
+    try:
+        wait_for(lambda: worker_pids(master) and not worker_pids(master) & first, 30,
+                 what="the worker recycled after 20 requests")
+        load.wait_succeeded(20)
+    finally:
+        report = load.stop()
+    assert report.clean, report.summary()
+    assert "(--max-requests)" in log_text(master)
+
+
+def test_a_cluster_node_serves_the_asgi_app_too(harness: Harness, cluster_args: list[str]) -> None:
+    server = harness.mongrel2([("/t/", "tnetstring")])
+    master = harness.master(asgi_args(server, "asgi_apps:raw", processes=1) + cluster_args)
+    node = harness.node(cluster_args + ["--node-name", "n1"])
+    owners = {child.pid: name for name, proc in (("master", master), ("node", node)) for child in proc.descendants()}
+    # One keep-alive connection: Mongrel2 deals messages round-robin, and a new connection per
+    # request would send each request one way and each connection's disconnect the other.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    served = set()
+    for _ in range(20):
+        conn.request("GET", "/t/pid")
+        served.add(owners.get(json.loads(conn.getresponse().read())["pid"]))
+    conn.close()
+    assert served == {"master", "node"}
+    assert "ASGI on" in node.stderr_text()
 
 
 # -- lifespan ----------------------------------------------------------------------------
