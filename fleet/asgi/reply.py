@@ -102,6 +102,9 @@ class AsyncReply:
             pass
 
     async def _flush(self) -> None:
+        if self.credits is None and not self._lock.locked() and self._pacer.take(time.monotonic()):
+            self._send_all_now()  # the common case: nothing to wait for, so no lock to take
+            return
         async with self._lock:
             self._cancel_timer()
             if not self._buffered:
@@ -119,6 +122,19 @@ class AsyncReply:
                 self.responder.send(encode_response(self.sender, [self.conn_id], piece))
                 self.bytes_sent += len(piece)
                 self.messages_sent += 1
+
+    def _send_all_now(self) -> None:
+        """What is buffered, as one message, with the pace's token already taken."""
+        self._cancel_timer()
+        if not self._buffered:
+            self._pacer.tokens += 1  # not used after all
+            return
+        data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer.clear()
+        self._buffered = 0
+        self.responder.send(encode_response(self.sender, [self.conn_id], data))
+        self.bytes_sent += len(data)
+        self.messages_sent += 1
 
     async def _wait_token(self) -> None:
         while not self._pacer.take(time.monotonic()):

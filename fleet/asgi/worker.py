@@ -38,10 +38,11 @@ from fleet.appload import AppLoadError, app_version, check_interface, load_app
 from fleet.asgi.cycle import AsgiProtocolError, ResponseCycle
 from fleet.asgi.http import HttpConnection, HttpSide, TransportReply
 from fleet.asgi.lifespan import Lifespan, LifespanFailed
+from fleet.asgi.outbox import LoopOutbox
 from fleet.asgi.reply import AsyncReply, ClientDisconnected
 from fleet.asgi.scope import NotHttp, http_scope
 from fleet.dispatch import frames
-from fleet.dispatch.link import LinkClosed, ThreadLink
+from fleet.dispatch.link import LinkClosed, ThreadLink, encode
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
 from fleet.http.front import HttpLimits
 from fleet.logs.local import reopen_log_file, setup_logging
@@ -104,6 +105,7 @@ class AsgiWorker:
         self.in_flight = 0
         self.retiring = False
         self.finished = asyncio.Event()  # retired and every request answered
+        self.outbox: LoopOutbox | None = None  # replies and DONEs, a loop pass at a time
         self.feed: BrokerFeed | DirectFeed | None = None  # Mongrel2's requests, if it has endpoints
         self.http: HttpSide | None = None  # --http
 
@@ -123,7 +125,7 @@ class AsgiWorker:
         if not isinstance(event, Request):
             self.control(index, event)  # in broker mode the dispatcher sends these outside requests
             return
-        reply = AsyncReply(self.publishers[index], event.sender, event.conn_id, credits)
+        reply = AsyncReply(self.outbox.senders[index], event.sender, event.conn_id, credits)
         exchange = Exchange("mongrel2", event, reply)
         key = (index, event.conn_id)
         self.exchanges[key] = exchange
@@ -168,7 +170,10 @@ class AsgiWorker:
         closed = True
         harakiri = self.config.harakiri
         try:
-            async with asyncio.timeout(harakiri or None):
+            if harakiri:
+                async with asyncio.timeout(harakiri):
+                    closed = await work
+            else:
                 closed = await work
         except TimeoutError:
             log.error("harakiri: the request on connection %s ran past %g s; cancelled", conn_id, harakiri)
@@ -397,13 +402,14 @@ class BrokerFeed:
         self.worker.control(index, event)
 
     def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool) -> None:
+        """Leaves with the loop pass's batch, after the reply (fleet.asgi.outbox)."""
         kind = frames.DONE_LAST if self.retire_sent else frames.DONE
         message = [frames.tagged(kind, index), conn_id]
         if sent is not None:
             message.append(b"%d%s" % (sent, b"c" if closed else b""))
         elif closed:
             message.append(b"c")
-        self.link.send(message)
+        self.worker.outbox.done(encode(message))
 
     def resume(self) -> None:
         """Credits come back with each DONE: nothing to do."""
@@ -412,6 +418,7 @@ class BrokerFeed:
         if not self.retire_sent:
             self.retire_sent = True
             try:
+                self.worker.outbox.flush()  # the DONEs before the RETIRE
                 self.link.send([frames.RETIRE])
             except OSError:
                 pass
@@ -530,7 +537,12 @@ async def run(spec: WorkerSpec, app: Any) -> int:
             log.warning("Mongrel2 at %s does not answer yet; is it running? replies sent before it does are lost",
                         publisher.spec)
     if spec.config.endpoints:
-        worker.feed = BrokerFeed(worker, loop) if spec.config.dispatch == "broker" else DirectFeed(worker, loop)
+        if spec.config.dispatch == "broker":
+            worker.feed = BrokerFeed(worker, loop)
+            worker.outbox = LoopOutbox(loop, worker.publishers, worker.feed.link.send_encoded)
+        else:
+            worker.feed = DirectFeed(worker, loop)
+            worker.outbox = LoopOutbox(loop, worker.publishers, None)
     if spec.http_fds:
         config = spec.config
         worker.http = HttpSide([socket.socket(fileno=fd) for fd in spec.http_fds],
@@ -551,6 +563,8 @@ async def run(spec: WorkerSpec, app: Any) -> int:
     watchdog.cancel()
     await worker.lifespan.shutdown(spec.config.graceful_timeout)
     worker.send_figures(control, None)
+    if worker.outbox is not None:
+        worker.outbox.flush()
     for side in worker.sides:
         side.close()
     control.close()

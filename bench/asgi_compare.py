@@ -1,0 +1,127 @@
+"""fleet's ASGI worker against uvicorn and granian's ASGI mode, in one run.
+
+    .venv/bin/python -m bench.asgi_compare [--rounds 3] [--duration 10] [-p 2] [--only ...]
+
+Rows: fleet --interface asgi through a real Mongrel2 (broker and direct
+dispatch), fleet --interface asgi on --http, uvicorn (uvloop and httptools,
+its fastest setting) and granian --interface asgi (a Rust core). Every row
+serves bench/hello_asgi.py with the same processes; uvicorn and granian are
+installed by this bench into their own virtualenvs under bench/.venvs. wrk
+(keep-alive, every body checked) loads each in turn, interleaved over the
+rounds; each row is the median run, with its ratio to uvicorn of the same
+round and the CPU µs each process spent per request. Results go to
+bench/results/asgi_compare.json too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.common import (
+    BENCH,
+    RESULTS,
+    Contender,
+    Result,
+    add_wrk_args,
+    check_wrk_args,
+    finish,
+    make_rig,
+    measure,
+    medians,
+    print_results,
+    write_results,
+)
+from bench.compare import PACKAGES, tool_venv
+from fleet.dev.mongrel2 import HandlerRoute, free_port
+
+BASELINE = "uvicorn"
+PACKAGES.update({
+    # uvicorn's fastest setting: uvloop's loop and httptools' parser, both C.
+    "uvicorn": "uvicorn[standard]==0.55.0",
+})
+ALL = ("uvicorn", "granian-asgi", "fleet-asgi-broker", "fleet-asgi-direct", "fleet-asgi-http")
+MONGREL2_ROWS = ("fleet-asgi-broker", "fleet-asgi-direct")
+
+
+def contenders(names: list[str], processes: int, route: HandlerRoute, logdir: Path) -> dict[str, tuple[Contender, int]]:
+    """name -> (contender, its HTTP port; 0 for the rows wrk reaches through Mongrel2)."""
+    zmq = f"{route.send_spec},{route.recv_spec}"
+    fleet = [sys.executable, "-m", "fleet", "master", "--pythonpath", str(BENCH), "--module", "hello_asgi",
+             "--interface", "asgi", "-p", str(processes)]
+    made: dict[str, tuple[Contender, int]] = {}
+    for name in names:
+        port = 0 if name in MONGREL2_ROWS else free_port()
+        env = None
+        if name == "fleet-asgi-broker":
+            cmd, ready = [*fleet, "--zeromq", zmq], "master ready"
+        elif name == "fleet-asgi-direct":
+            cmd, ready = [*fleet, "--zeromq", zmq, "--dispatch", "direct"], "master ready"
+        elif name == "fleet-asgi-http":
+            cmd, ready = [*fleet, "--http", f"127.0.0.1:{port}"], "master ready"
+        elif name == "uvicorn":
+            cmd = [str(tool_venv("uvicorn") / "uvicorn"), "--app-dir", str(BENCH), "--workers", str(processes),
+                   "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+                   "--no-access-log", "--log-level", "info", "hello_asgi:application"]
+            ready = "Application startup complete"
+        elif name == "granian-asgi":
+            cmd = [str(tool_venv("granian") / "granian"), "--interface", "asgi", "--host", "127.0.0.1",
+                   "--port", str(port), "--workers", str(processes), "--working-dir", str(BENCH),
+                   "--log-level", "info", "hello_asgi:application"]
+            ready, env = "Started worker", {**os.environ, "PYTHONUNBUFFERED": "1"}
+        made[name] = (Contender(name, cmd, ready, logdir, env=env), port)
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_wrk_args(parser)
+    parser.add_argument("-p", "--processes", type=int, default=2, help="worker processes of every contender")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated, of: {', '.join(ALL)}")
+    parser.add_argument("--json-out", type=Path, default=RESULTS / "asgi_compare.json")
+    args = parser.parse_args(argv)
+    check_wrk_args(parser, args)
+    wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+    if unknown := set(wanted) - set(ALL):
+        parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+
+    rig = make_rig("fleet-asgi-compare-")
+    pool = contenders(wanted, args.processes, rig.route, rig.workdir)
+    runs: list[Result] = []
+    failures: dict[str, str] = {}
+    try:
+        rig.server.start()
+        for round_number in range(args.rounds):
+            baseline = None
+            for name in sorted(wanted, key=lambda n: n != BASELINE):  # the baseline first in each round
+                contender, port = pool[name]
+                print(f"-- round {round_number + 1}: {name}", file=sys.stderr)
+                try:
+                    result = measure(contender, port or rig.server.port, rig.script, args,
+                                     mongrel2=None if port else rig.server)
+                except Exception as error:  # one broken contender must not hide the others
+                    failures[name] = str(error)[-2000:]
+                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
+                    continue
+                baseline = result if name == BASELINE else baseline
+                result.ratio = result.requests_per_s / baseline.requests_per_s if baseline else None
+                runs.append(result)
+    finally:
+        for contender, _ in pool.values():
+            contender.stop()
+        rig.server.stop()
+
+    results = medians(runs, wanted)
+    print(f"ASGI hello world, {args.processes} processes; wrk -t{args.threads} -c{args.connections} keep-alive, "
+          f"{args.duration} s, median of {args.rounds} round(s); ratio to uvicorn of the same round")
+    print_results(results, BASELINE)
+    for name, error in failures.items():
+        print(f"{name}: FAILED ({error.splitlines()[0] if error else ''})")
+    write_results(args.json_out, "asgi_compare", args, results, baseline=BASELINE, runs=runs, failures=failures)
+    return finish(rig.workdir, bool(failures) or any(r.bad for r in results), args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
