@@ -15,6 +15,7 @@ from fleet.config import (
     DEFAULT_HTTP_MAX_BODY,
     DEFAULT_HTTP_TIMEOUT,
     DEFAULT_UPLOAD_STORE,
+    DEFAULT_WEBSOCKET_MAX_SIZE,
     DISPATCH_MODES,
     INTERFACES,
     ConfigError,
@@ -111,6 +112,9 @@ def add_handler_options(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_ASGI_CONCURRENCY})")
     parser.add_argument("--asgi-loop", choices=ASGI_LOOPS, default="auto",
                         help="--interface asgi: the event loop; auto (default) takes uvloop when installed")
+    parser.add_argument("--websocket-max-size", type=_positive_int, default=DEFAULT_WEBSOCKET_MAX_SIZE,
+                        metavar="BYTES", help=f"--interface asgi: a bigger WebSocket message from a client closes "
+                                              f"its connection with 1009 (default {DEFAULT_WEBSOCKET_MAX_SIZE})")
     parser.add_argument("--http", action="append", default=[], metavar="HOST:PORT",
                         help="also serve plain HTTP/1.1 here, from the same workers and threads "
                              "(repeatable; :PORT for every address)")

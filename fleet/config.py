@@ -17,6 +17,7 @@ INTERFACES = ("wsgi", "asgi")
 ASGI_LOOPS = ("auto", "asyncio", "uvloop")
 # Requests one ASGI worker process serves at once unless --asgi-concurrency says otherwise.
 DEFAULT_ASGI_CONCURRENCY = 100
+DEFAULT_WEBSOCKET_MAX_SIZE = 16 * 1024 * 1024  # uvicorn's default
 DEFAULT_HTTP_KEEPALIVE = 5.0
 DEFAULT_HTTP_TIMEOUT = 30.0
 DEFAULT_HTTP_MAX_BODY = 100 * 1024 * 1024
@@ -151,6 +152,7 @@ class HandlerConfig:
     interface: str = "wsgi"  # the application's calling convention: WSGI (PEP 3333) or ASGI 3
     asgi_concurrency: int = DEFAULT_ASGI_CONCURRENCY  # ASGI: requests one worker process serves at once
     asgi_loop: str = "auto"  # ASGI: the event loop; auto takes uvloop when it is installed
+    websocket_max_size: int = DEFAULT_WEBSOCKET_MAX_SIZE  # ASGI: a bigger client message closes with 1009
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -190,6 +192,9 @@ class HandlerConfig:
             raise ConfigError(f"--interface must be one of {', '.join(INTERFACES)}, not {self.interface!r}")
         if self.asgi_loop not in ASGI_LOOPS:
             raise ConfigError(f"--asgi-loop must be one of {', '.join(ASGI_LOOPS)}, not {self.asgi_loop!r}")
+        if not isinstance(self.websocket_max_size, int) or self.websocket_max_size < 1:
+            raise ConfigError(f"--websocket-max-size must be a whole number of at least 1, "
+                              f"not {self.websocket_max_size!r}")
         if not isinstance(self.asgi_concurrency, int) or self.asgi_concurrency < 1:
             raise ConfigError(f"--asgi-concurrency must be a whole number of at least 1, not {self.asgi_concurrency!r}")
         if self.interface != "asgi":

@@ -74,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[HandlerConfig, list[str]
         interface=args.interface,
         asgi_concurrency=args.asgi_concurrency,
         asgi_loop=args.asgi_loop,
+        websocket_max_size=args.websocket_max_size,
     ), notes
 
 

@@ -19,6 +19,11 @@ import socket
 import time
 from collections.abc import Callable
 
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WsConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
 from fleet.asgi.reply import ClientDisconnected
 from fleet.http.front import (
     ACCEPT_BATCH,
@@ -90,6 +95,7 @@ class HttpConnection(asyncio.Protocol):
         self._writable.set()
         self._timer: asyncio.TimerHandle | None = None
         self._timing_request = False  # the timer is the request's deadline (not keep-alive's)
+        self.frames: FrameReader | None = None  # after a WebSocket handshake: the client's frames
 
     # -- asyncio's callbacks ------------------------------------------------
 
@@ -99,6 +105,9 @@ class HttpConnection(asyncio.Protocol):
         self._expire_in(self.side.limits.timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.frames is not None:
+            self.frames.feed(data)
+            return
         self.reader.feed(data)
         if self.exchange is None:
             self._pump()
@@ -108,7 +117,7 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         """The client closed its side. While its request is served, that is a client that left
         (as uvicorn and nginx take it); between requests, a last pipelined one is still answered."""
-        if self.exchange is not None:
+        if self.exchange is not None or self.frames is not None:
             return False  # asyncio closes the transport: connection_lost tells the app
         self.reader.feed(b"")
         self._pump()
@@ -150,7 +159,8 @@ class HttpConnection(asyncio.Protocol):
         self.exchange = None
         if self.closing:
             return
-        if closed or reply.close_requested or reply.gone or self.side.limits.keepalive <= 0:
+        if closed or self.frames is not None or reply.close_requested or reply.gone \
+                or self.side.limits.keepalive <= 0:
             self._close()
             return
         self.reader.next_request()
@@ -160,6 +170,10 @@ class HttpConnection(asyncio.Protocol):
         self._expire_in(min(self.side.limits.keepalive, RETIRE_GRACE) if self.side.retiring
                         else self.side.limits.keepalive)
         self._pump()  # the client may have pipelined the next request already
+
+    async def end(self) -> None:
+        """A WebSocket's end: close the connection once what is written has left."""
+        self._close()
 
     def close_if_idle(self) -> None:
         """Retiring: an idle keep-alive connection closes (a request on its way gets RETIRE_GRACE)."""
@@ -181,6 +195,14 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, RequestReady):
                 self._cancel_timer()
                 request = event.request
+                if is_websocket_handshake(request) and not self.side.retiring:
+                    event.body.close()
+                    self.frames = FrameReader(self.side.limits.max_body)
+                    self.exchange = self.side.serve_websocket(self, request)
+                    self.frames.exchange = self.exchange
+                    if rest := self.reader.take_rest():
+                        self.frames.feed(rest)
+                    return
                 if self.side.retiring or self.side.limits.keepalive <= 0:
                     request.headers["connection"] = "close"  # the framer then says so to the client
                 self.exchange = self.side.serve(self, request, event.body)
@@ -222,18 +244,67 @@ class HttpConnection(asyncio.Protocol):
         self.transport.close()  # after what is buffered has been written
 
 
+def is_websocket_handshake(request) -> bool:
+    """RFC 6455 4.2.1's opening handshake: a GET with Upgrade: websocket, Connection: upgrade and a key."""
+    tokens = {t.strip().lower() for t in (request.header("connection") or "").split(",")}
+    return (request.headers.get("METHOD") == "GET" and (request.header("upgrade") or "").lower() == "websocket"
+            and "upgrade" in tokens and bool(request.header("sec-websocket-key")))
+
+
+class FrameReader:
+    """An --http WebSocket's client frames, parsed by wsproto (masking, fragments, control
+    frames, UTF-8), as whole messages for the exchange."""
+
+    def __init__(self, max_size: int) -> None:
+        self.connection = WsConnection(ConnectionType.SERVER)
+        self.exchange = None  # fleet.asgi.sockets.WebSocketExchange
+        self.max_size = max_size
+        self.parts: list[bytes | str] = []
+        self.size = 0
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.connection.receive_data(data)
+            for event in self.connection.events():
+                self._event(event)
+        except RemoteProtocolError as error:
+            self.exchange.broke_protocol(1002, str(error)[:100])
+        except LocalProtocolError:
+            pass  # frames after the close: nothing more to read
+
+    def _event(self, event) -> None:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self.parts.append(event.data)
+            self.size += len(event.data)
+            if self.size > self.max_size:
+                self.exchange.broke_protocol(1009, "")
+                self.parts, self.size = [], 0
+                return
+            if event.message_finished:
+                joiner = "" if isinstance(event, TextMessage) else b""
+                message, self.parts, self.size = joiner.join(self.parts), [], 0
+                self.exchange.incoming(0x1 if isinstance(event, TextMessage) else 0x2, message)
+        elif isinstance(event, Ping):
+            self.exchange.incoming(0x9, bytes(event.payload))
+        elif isinstance(event, CloseConnection):
+            self.exchange.incoming(0x8, (event.code, event.reason or ""))
+
+
 class HttpSide:
     """The worker's listening sockets, accepted from while it has room."""
 
     def __init__(self, listeners: list[socket.socket], limits: HttpLimits, has_room: Callable[[], bool],
-                 serve: Callable, drained: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
-        """``serve(connection, request, body)`` starts a request and returns its Exchange;
-        ``has_room()`` says whether the worker can take one more; ``drained()`` is called
-        when, retiring, the last connection has closed."""
+                 serve: Callable, serve_websocket: Callable, drained: Callable[[], None],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        """``serve(connection, request, body)`` starts a request and returns its exchange,
+        ``serve_websocket(connection, request)`` a WebSocket; ``has_room()`` says whether the
+        worker can take one more; ``drained()`` is called when, retiring, the last connection
+        has closed."""
         self.listeners = listeners
         self.limits = limits
         self.has_room = has_room
         self.serve = serve
+        self.serve_websocket = serve_websocket
         self.on_drained = drained
         self.loop = loop
         self.connections: set[HttpConnection] = set()

@@ -41,6 +41,8 @@ from fleet.asgi.lifespan import Lifespan, LifespanFailed
 from fleet.asgi.outbox import LoopOutbox
 from fleet.asgi.reply import AsyncReply, ClientDisconnected
 from fleet.asgi.scope import NotHttp, http_scope
+from fleet.asgi.sockets import WebSocketExchange
+from fleet.asgi.websocket import WebSocketSession, accept_token, websocket_scope
 from fleet.dispatch import frames
 from fleet.dispatch.link import LinkClosed, ThreadLink, encode
 from fleet.exitcodes import APP_LOAD_FAILED, BOOT_FAILED
@@ -48,7 +50,7 @@ from fleet.http.front import HttpLimits
 from fleet.logs.local import reopen_log_file, setup_logging
 from fleet.logs.push import lines_dropped
 from fleet.mongrel2 import codec
-from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, Request, peek_route
+from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, Request, encode_ctl, peek_route
 from fleet.mongrel2.connection import Publisher, Puller, PullerSet
 from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
 from fleet.worker.sources import POLL_INTERVAL_MS
@@ -68,6 +70,18 @@ BODY_CHUNK = 64 * 1024
 # Direct mode: how often the pullers are looked after (reconnects, slow handshakes).
 DIRECT_REFRESH = 0.1
 SUBSCRIBE_WAIT = 5.0
+# A retiring worker closes its open WebSockets (1001) this long before --graceful-timeout ends it.
+GOING_AWAY_MARGIN = 1.0
+# How often an open WebSocket through Mongrel2 gets a ctl keep-alive (Mongrel2's min_ping is 120 s).
+WEBSOCKET_KEEPALIVE = 60.0
+
+
+def _opcode(frame: Request) -> int:
+    """A Mongrel2 WebSocket message's opcode: FLAGS is its first frame byte, as "0x81"."""
+    try:
+        return int(str(frame.headers.get("FLAGS", "0x0")), 16) & 0x0F
+    except ValueError:
+        return -1  # the session closes with 1002
 
 
 class Exchange:
@@ -108,6 +122,9 @@ class AsgiWorker:
         self.outbox: LoopOutbox | None = None  # replies and DONEs, a loop pass at a time
         self.feed: BrokerFeed | DirectFeed | None = None  # Mongrel2's requests, if it has endpoints
         self.http: HttpSide | None = None  # --http
+        self.websockets: dict[tuple[int, bytes], WebSocketExchange] = {}  # open ones; index -1: --http
+        self.warned_direct_websocket = False
+        self.stray_warned: set[bytes] = set()
 
     # -- requests -----------------------------------------------------------
 
@@ -125,6 +142,13 @@ class AsgiWorker:
         if not isinstance(event, Request):
             self.control(index, event)  # in broker mode the dispatcher sends these outside requests
             return
+        method = event.headers.get("METHOD")
+        if method == "WEBSOCKET_HANDSHAKE":
+            self._take_websocket(index, event, credits)
+            return
+        if method == "WEBSOCKET":
+            self._stray_frame(index, event)
+            return
         reply = AsyncReply(self.outbox.senders[index], event.sender, event.conn_id, credits)
         exchange = Exchange("mongrel2", event, reply)
         key = (index, event.conn_id)
@@ -138,6 +162,45 @@ class AsgiWorker:
                 log.warning("could not report connection %s done: %s", event.conn_id.decode(), error)
 
         self.start(exchange, self._serve_mongrel2(exchange), finish)
+
+    def _take_websocket(self, index: int, handshake: Request, credits: int | None) -> None:
+        """A WebSocket through Mongrel2: the handshake's body is the accept value Mongrel2
+        computed; the client's frames follow as messages of their own."""
+        conn_id = handshake.conn_id
+        key = (index, conn_id)
+        reply = AsyncReply(self.outbox.senders[index], handshake.sender, conn_id, credits)
+        if not isinstance(self.feed, BrokerFeed):
+            if not self.warned_direct_websocket:
+                self.warned_direct_websocket = True
+                log.warning("refused a WebSocket: through Mongrel2 they need --dispatch broker (Mongrel2 deals "
+                            "each frame to any handler; only the dispatcher routes them to the connection's worker)")
+            exchange = Exchange("mongrel2", handshake, reply)
+            self.start(exchange, self._answer_error(reply, 503), lambda closed: None)
+            return
+        self.feed.stream(index, conn_id)  # its frames come to this worker from now on
+        session = WebSocketSession(handshake.body.decode("latin-1"), self.config.websocket_max_size)
+        exchange = WebSocketExchange("mongrel2", handshake, session, reply.send,
+                                     lambda: reply.finish(close=True), reply.disconnect)
+        self.exchanges[key] = exchange
+        self.websockets[key] = exchange
+
+        def finish(closed: bool) -> None:
+            del self.exchanges[key]
+            del self.websockets[key]
+            self.feed.done(index, conn_id, None, True)
+
+        scope = websocket_scope(handshake, state=self._state())
+        self.start(exchange, exchange.run(self.app, scope), finish)
+
+    def _stray_frame(self, index: int, frame: Request) -> None:
+        """A WebSocket frame that came as a request: no worker of this host holds its connection."""
+        if frame.conn_id not in self.stray_warned:
+            if len(self.stray_warned) < 1024:
+                self.stray_warned.add(frame.conn_id)
+            log.warning("dropped a WebSocket frame for connection %s, which no worker here holds (is another host "
+                        "attached to the same Mongrel2 handler? Mongrel2 deals a WebSocket's frames to any of "
+                        "them)", frame.conn_id.decode())
+        self.feed.done(index, frame.conn_id, None, False)
 
     def take_http(self, connection: HttpConnection, request: Request, body: IO[bytes]) -> Exchange:
         """A whole request from an --http client (fleet.asgi.http); its connection waits for it."""
@@ -154,9 +217,30 @@ class AsgiWorker:
         self.in_flight += 1
         exchange.task = asyncio.get_running_loop().create_task(self.serve(exchange, work, finish))
 
-    def control(self, index: int, event: Disconnect | Credits | Any) -> None:
+    def take_http_websocket(self, connection: HttpConnection, request: Request) -> WebSocketExchange:
+        """An --http WebSocket handshake (fleet.asgi.http); its connection feeds it the client's frames."""
+        session = WebSocketSession(accept_token(request.header("sec-websocket-key") or ""),
+                                   self.config.websocket_max_size)
+        reply = TransportReply(connection)
+        exchange = WebSocketExchange("http", request, session, reply.send, connection.end, reply.disconnect)
+        key = (-1, request.conn_id)
+        self.websockets[key] = exchange
+
+        def finish(closed: bool) -> None:
+            del self.websockets[key]
+            connection.finished(True)
+
+        scope = websocket_scope(request, state=self._state())
+        self.start(exchange, exchange.run(self.app, scope), finish)
+        return exchange
+
+    def control(self, index: int, event: Disconnect | Credits | Request | Any) -> None:
         exchange = self.exchanges.get((index, event.conn_id))
         if exchange is None:
+            return
+        if isinstance(event, Request):  # a frame of a WebSocket this worker holds (a stream)
+            if isinstance(exchange, WebSocketExchange) and event.headers.get("METHOD") == "WEBSOCKET":
+                exchange.incoming(_opcode(event), event.body)
             return
         if isinstance(event, Credits):
             exchange.reply.grant(event.credits)
@@ -319,7 +403,25 @@ class AsgiWorker:
         self.retiring = True
         for side in self.sides:
             side.retire()
+        # Open WebSockets keep working until they close, or until just before the supervisor's
+        # --graceful-timeout ends the worker: then each is closed properly, with 1001.
+        asyncio.get_running_loop().call_later(max(0.0, self.config.graceful_timeout - GOING_AWAY_MARGIN),
+                                              self._websockets_going_away)
         self.check_finished()
+
+    def _websockets_going_away(self) -> None:
+        for exchange in list(self.websockets.values()):
+            exchange.going_away()
+
+    async def keep_websockets_alive(self) -> None:
+        """Mongrel2 drops a WebSocket its client has not pinged for limits.min_ping (120 s by
+        default), whatever the handler writes; a ctl keep-alive counts as a ping."""
+        while True:
+            await asyncio.sleep(WEBSOCKET_KEEPALIVE)
+            for (index, conn_id), exchange in list(self.websockets.items()):
+                if index >= 0 and exchange.is_open:
+                    self.outbox.senders[index].send(
+                        encode_ctl(exchange.request.sender, conn_id, "ctl", {"keep-alive": True}))
 
     @property
     def sides(self) -> list[BrokerFeed | DirectFeed | HttpSide]:
@@ -389,7 +491,7 @@ class BrokerFeed:
             elif kind == frames.CONTROL:
                 self._control(head[1], received[1])
             elif head == frames.RETIRED:
-                self._stop_reading()
+                # Nothing new will come; the link stays read: the frames of open WebSockets still do.
                 self.drained = True
                 self.worker.check_finished()
 
@@ -413,6 +515,10 @@ class BrokerFeed:
 
     def resume(self) -> None:
         """Credits come back with each DONE: nothing to do."""
+
+    def stream(self, index: int, conn_id: bytes) -> None:
+        """The connection is a WebSocket: its frames are to come here (fleet.dispatch.frames STREAM)."""
+        self.worker.outbox.done(encode([frames.tagged(frames.STREAM, index), conn_id]))
 
     def retire(self) -> None:
         if not self.retire_sent:
@@ -547,7 +653,8 @@ async def run(spec: WorkerSpec, app: Any) -> int:
         config = spec.config
         worker.http = HttpSide([socket.socket(fileno=fd) for fd in spec.http_fds],
                                HttpLimits(config.http_keepalive, config.http_timeout, config.http_max_body),
-                               worker.has_room, worker.take_http, worker.check_finished, loop)
+                               worker.has_room, worker.take_http, worker.take_http_websocket,
+                               worker.check_finished, loop)
     loop.add_signal_handler(signal.SIGTERM, worker.retire)
     loop.add_signal_handler(signal.SIGHUP, worker.retire)
     loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
@@ -557,9 +664,11 @@ async def run(spec: WorkerSpec, app: Any) -> int:
              type(loop).__module__.split(".")[0], spec.config.asgi_concurrency, spec.config.dispatch,
              ", ".join(p.spec for p in worker.publishers) or "none", ", ".join(spec.config.http) or "none")
     reporter = loop.create_task(worker.report_figures(control))
+    keeper = loop.create_task(worker.keep_websockets_alive())
     watchdog = loop.create_task(_watch_parent(spec.parent_pid))
     await worker.finished.wait()
     reporter.cancel()
+    keeper.cancel()
     watchdog.cancel()
     await worker.lifespan.shutdown(spec.config.graceful_timeout)
     worker.send_figures(control, None)

@@ -171,6 +171,7 @@ typedef struct {
     Tier idle, spare;
     PyObject *holder;   /* key -> slot */
     PyObject *parked;   /* key -> list of (sender, raw) */
+    PyObject *streams;  /* keys whose messages all go to their holder (broker._streams) */
     Waiting *backlog;
     int bl_head, bl_len, bl_cap;
     PyObject *served;   /* pid -> int */
@@ -439,9 +440,11 @@ static int holder_is(Core *self, uint64_t key, int slot) {
     return is;
 }
 
+/* broker._release */
 static void holder_del(Core *self, uint64_t key) {
     PyObject *k = key_object(key);
     if (k && PyDict_DelItem(self->holder, k) < 0) PyErr_Clear();
+    if (k && PySet_GET_SIZE(self->streams) && PySet_Discard(self->streams, k) < 0) PyErr_Clear();
     Py_XDECREF(k);
 }
 
@@ -487,6 +490,14 @@ static void request(Core *self, int index, PyObject *sender, uint64_t key, PyObj
     PyObject *k = key_object(key);
     if (!k) { PyErr_Clear(); return; }
     int held = PyDict_Contains(self->holder, k);
+    if (held == 1 && PySet_GET_SIZE(self->streams) && PySet_Contains(self->streams, k) == 1) {
+        PyObject *holder = PyDict_GetItemWithError(self->holder, k);
+        int slot = holder ? (int)PyLong_AsLong(holder) : -1;
+        Py_DECREF(k);
+        PyErr_Clear();
+        if (slot >= 0) send_request(self, slot, index, key, raw, 'C');
+        return;
+    }
     if (held == 1) {
         PyObject *queue = PyDict_GetItemWithError(self->parked, k);
         if (!queue) {
@@ -662,6 +673,26 @@ static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_i
     Py_XDECREF(k);
     PyErr_Clear();
     drain_backlog(self);
+}
+
+/* broker.stream */
+static void broker_stream(Core *self, PyObject *ident, int index, PyObject *conn_id) {
+    int slot = thread_slot(self, ident);
+    if (slot < 0) { PyErr_Clear(); return; }
+    uint64_t key = make_key(index, conn_id);
+    if (!holder_is(self, key, slot)) return;  /* not (or no longer) its connection */
+    PyObject *k = key_object(key);
+    if (!k || PySet_Add(self->streams, k) < 0) { PyErr_Clear(); Py_XDECREF(k); return; }
+    PyObject *queue = PyDict_GetItemWithError(self->parked, k);
+    if (queue) {
+        Py_INCREF(queue);
+        PyDict_DelItem(self->parked, k);
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queue); i++)
+            send_request(self, slot, index, key, PyTuple_GET_ITEM(PyList_GET_ITEM(queue, i), 1), 'C');
+        Py_DECREF(queue);
+    }
+    Py_DECREF(k);
+    PyErr_Clear();
 }
 
 /* broker.retire */
@@ -954,6 +985,8 @@ static void from_worker(Core *self, Conn *conn, PyObject **frames, int n) {
             PyErr_Clear();
         }
         broker_done(self, ident, index, frames[1], kind == '=', closed);
+    } else if (kind == 'W' && head_len >= 2 && n >= 2) {
+        broker_stream(self, ident, (unsigned char)head[1], frames[1]);
     } else if (kind == '+' && n >= 2) {
         const char *id = PyBytes_AS_STRING(ident);
         long pid = strtol(id, NULL, 10);
@@ -1450,12 +1483,14 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->thread_of = PyDict_New();
     self->holder = PyDict_New();
     self->parked = PyDict_New();
+    self->streams = PySet_New(NULL);
     self->served = PyDict_New();
     self->gone = PyDict_New();
     self->balance = PyDict_New();
     self->closed = PyDict_New();
     self->dropped = PyList_New(0);
-    if (!self->by_ident || !self->watched || !self->thread_of || !self->holder || !self->parked || !self->served
+    if (!self->by_ident || !self->watched || !self->thread_of || !self->holder || !self->parked || !self->streams
+        || !self->served
         || !self->gone || !self->balance || !self->closed || !self->dropped) return -1;
     self->nmongrel2 = endpoints;
     self->mongrel2 = calloc(endpoints ? endpoints : 1, sizeof(Mongrel2));
@@ -1535,6 +1570,7 @@ static void Core_dealloc(Core *self) {
     Py_XDECREF(self->thread_of);
     Py_XDECREF(self->holder);
     Py_XDECREF(self->parked);
+    Py_XDECREF(self->streams);
     Py_XDECREF(self->served);
     Py_XDECREF(self->gone);
     Py_XDECREF(self->balance);

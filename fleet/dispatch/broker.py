@@ -9,8 +9,10 @@ crashed worker can be answered at once.
 
 Requests on a connection that a thread already holds wait here (HTTP
 pipelining must be answered in order, and Mongrel2 would hand the second
-request to another handler). Requests for which no thread has a credit wait in
-a bounded backlog.
+request to another handler), unless the thread made the connection a stream
+(a WebSocket: every frame is a message of its own), whose messages all go
+to it at once. Requests for which no thread has a credit wait in a bounded
+backlog.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Assignment:
     index: int
     conn_id: bytes
     raw: bytes
+    forward: bool = False  # a message of a stream for the thread that holds it (sent as CONTROL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Broker:
         self._idle: dict[bytes, None] = {}
         self._spare: dict[bytes, None] = {}
         self._parked: dict[ConnKey, deque[tuple[bytes, bytes]]] = {}
+        self._streams: set[ConnKey] = set()  # held connections whose messages all go to their holder
         self._backlog: deque[tuple[int, bytes, bytes, bytes]] = deque()
         self._gone: dict[int, None] = {}  # recently reaped worker pids, oldest first
         self._closed: dict[ConnKey, float] = {}  # connections a worker closed -> when, oldest first
@@ -146,7 +150,7 @@ class Broker:
             counters = self.counters[thread.pid]
             counters.served += 1
         if self.holder.get(key) == ident:
-            del self.holder[key]
+            self._release(key)
         if credit and not thread.retiring:
             thread.credits += 1
         self._file(thread)
@@ -193,7 +197,7 @@ class Broker:
                 orphans.append(Orphan(key[0], held.sender, key[1], now - held.since, running=position == 0,
                                       raw=held.raw))
                 if self.holder.get(key) == ident:
-                    del self.holder[key]
+                    self._release(key)
                 # Pipelined requests behind it die with the connection we close.
                 for sender, raw in self._parked.pop(key, ()):
                     orphans.append(Orphan(key[0], sender, key[1], behind=True, raw=raw))
@@ -211,7 +215,7 @@ class Broker:
             self._idle.pop(thread.ident, None)
             self._spare.pop(thread.ident, None)
         if self.holder.get(key) == assignment.ident:
-            del self.holder[key]
+            self._release(key)
         self._backlog.appendleft((assignment.index, sender, conn_id, assignment.raw))
 
     # -- requests from Mongrel2 -----------------------------------------
@@ -220,6 +224,8 @@ class Broker:
         """Give the request to a thread, or keep it; None means it waits here."""
         key = (index, conn_id)
         if key in self.holder:
+            if self._streams and key in self._streams:
+                return Assignment(self.holder[key], index, conn_id, raw, forward=True)
             self._parked.setdefault(key, deque()).append((sender, raw))
             return None
         if self._closed and key in self._closed:
@@ -234,6 +240,18 @@ class Broker:
             self._backlog.append((index, sender, conn_id, raw))
             return None
         return self._assign(ident, key, sender, raw)
+
+    def stream(self, ident: bytes, index: int, conn_id: bytes) -> list[Assignment]:
+        """The thread holding (index, conn_id) made it a stream: what waits for it goes to it now."""
+        key = (index, conn_id)
+        if self.holder.get(key) != ident:
+            return []  # not (or no longer) its connection
+        self._streams.add(key)
+        return [Assignment(ident, index, conn_id, raw, forward=True) for _, raw in self._parked.pop(key, ())]
+
+    def _release(self, key: ConnKey) -> None:
+        del self.holder[key]
+        self._streams.discard(key)
 
     def take_dropped(self) -> list[Orphan]:
         """The messages dropped since the last call, for closed connections."""

@@ -50,6 +50,7 @@ from fleet.dispatch.frames import (
     REQUEST,
     RETIRE,
     RETIRED,
+    STREAM,
     ident_pid,
     tagged,
 )
@@ -286,6 +287,8 @@ class Core:
             self._send(Assignment(holder, index, conn_id, raw), CONTROL)
 
     def _send(self, assignment: Assignment, kind: bytes = REQUEST) -> None:
+        if assignment.forward:
+            kind = CONTROL  # a stream's message: no credit, no DONE, the holder routes it
         frames = [tagged(kind, assignment.index), assignment.raw]
         if kind == REQUEST:
             balance = self.credits.get((assignment.index, assignment.conn_id))
@@ -317,6 +320,8 @@ class Core:
                 assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE, closed=closed)
             elif kind == CREDIT:
                 assignments = broker.credit(ident, ident_pid(ident), int(frames[1]))
+            elif kind == STREAM and len(frames) > 1:
+                assignments = broker.stream(ident, head[1], frames[1])
             elif kind == RETIRE:
                 broker.retire(ident)
                 self.links.send(ident, [RETIRED])

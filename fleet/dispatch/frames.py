@@ -19,6 +19,9 @@ thread -> dispatcher
     [DONE+index, conn_id, sent]  the same for a flow-controlled connection:
                             bytes sent, with a trailing "c" if it was closed
     [DONE_LAST+index, conn_id]  finished it; no credit (retiring)
+    [STREAM+index, conn_id] the connection this thread holds is a stream now (a
+                            WebSocket): what Mongrel2 sends for it comes to this
+                            thread as CONTROL until its DONE, instead of waiting
     [RETIRE]                give me nothing more
     [READY, version]        (a worker's control identity) the app is loaded
                             (version: its __version__, or empty),
@@ -40,6 +43,7 @@ RETIRED = b"!"
 CREDIT = b"+"
 DONE = b"="
 DONE_LAST = b"-"
+STREAM = b"W"
 RETIRE = b"!"
 READY = b"R"
 FIGURES = b"F"

@@ -146,6 +146,14 @@ class RequestReader:
         self._bytes_seen = bool(self._pending)
         self._eof_fed = False
 
+    def take_rest(self) -> bytes:
+        """After a request that switches protocols (a WebSocket handshake): the bytes that came
+        after it, which are the new protocol's; this reader reads nothing more."""
+        rest = bytes(self._h11.trailing_data[0]) if self._fed else b""
+        rest += bytes(self._pending)
+        self._pending.clear()
+        return rest
+
     def close(self) -> None:
         self._discard_body()
 

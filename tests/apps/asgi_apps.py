@@ -19,7 +19,8 @@ from urllib.parse import parse_qs
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 HELLO = b"Hello world!"
 STREAM_CHUNKS = 100
@@ -83,10 +84,61 @@ async def boom(request: Request) -> Response:
     raise RuntimeError("boom from the application")
 
 
+async def ws_echo(websocket: WebSocket) -> None:
+    """Echoes text and bytes; "close:CODE" closes with that code; "scope" answers with the scope."""
+    subprotocols = websocket.scope["subprotocols"]
+    await websocket.accept(subprotocol=subprotocols[0] if subprotocols else None)
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") is not None:
+            text = message["text"]
+            if text.startswith("close:"):
+                await websocket.close(code=int(text[6:]))
+                return
+            if text == "scope":
+                scope = websocket.scope
+                await websocket.send_json({"path": scope["path"], "query": scope["query_string"].decode(),
+                                           "scheme": scope["scheme"], "subprotocols": scope["subprotocols"],
+                                           "pid": os.getpid()})
+                continue
+            await websocket.send_text(text)
+        else:
+            await websocket.send_bytes(message["bytes"])
+
+
+_room: set[WebSocket] = set()
+
+
+async def ws_broadcast(websocket: WebSocket) -> None:
+    """Every text message goes to every socket in the room (of this worker process)."""
+    await websocket.accept()
+    _room.add(websocket)
+    try:
+        while True:
+            text = await websocket.receive_text()
+            for member in list(_room):
+                try:
+                    await member.send_text(text)
+                except Exception:
+                    _room.discard(member)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        _room.discard(websocket)
+
+
+async def ws_refuse(websocket: WebSocket) -> None:
+    await websocket.close(code=4403)
+
+
 starlette_app = Starlette(
     routes=[
         Route("/hello", hello), Route("/scope", scope_view), Route("/echo", echo, methods=["POST", "PUT"]),
         Route("/stream", stream), Route("/slow", slow), Route("/boom", boom),
+        WebSocketRoute("/ws/echo", ws_echo), WebSocketRoute("/ws/broadcast", ws_broadcast),
+        WebSocketRoute("/ws/refuse", ws_refuse),
     ],
     lifespan=lifespan,
 )
@@ -96,7 +148,7 @@ def mounted(app):
     """Serve `app` under any Mongrel2 route prefix (/t/, /j/): the first path segment is dropped."""
 
     async def strip(scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             rest = scope["path"].split("/", 2)[2] if scope["path"].count("/") >= 2 else ""
             scope = dict(scope, path="/" + rest)
         await app(scope, receive, send)
@@ -146,6 +198,13 @@ async def raw(scope, receive, send):
         status, body = await _barrier(scope)
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": body})
+    elif action == "ws-record":
+        # A WebSocket that echoes and records how it ended (the scope type is websocket).
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (message := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", "text": message.get("text") or "bytes"})
+        _record(scope, f"disconnect {message['code']}")
     elif action == "pid":
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps({"pid": os.getpid()}).encode()})

@@ -8,6 +8,7 @@ mistakes, requests served at once by one process.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -17,9 +18,13 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect as aconnect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
 from fleet.dev.mongrel2 import Mongrel2, free_port
 from tests.apps.asgi_apps import HELLO, STREAM_CHUNKS
@@ -328,6 +333,162 @@ def _raw_exchange(server, data: bytes) -> tuple[bytes, bool]:
                 return out, True
             out += chunk
     return out, False
+
+
+# -- WebSockets -------------------------------------------------------------------------------
+
+
+def ws_url(server, path: str) -> str:
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+@pytest.fixture(scope="module", params=["broker", "http"])
+def sockets(request: pytest.FixtureRequest, module_harness: Harness) -> tuple[Mongrel2 | HttpFront, FleetMaster]:
+    """One process, so that every socket of a test meets in the same room."""
+    return serve(module_harness, request.param, "asgi_apps:starlette_routes", processes=1,
+                 extra=["--websocket-max-size", "300000"])
+
+
+@pytest.mark.parametrize("route", ["/t/", "/j/"])
+def test_a_websocket_echoes_text_bytes_fragments_and_pings(sockets, route: str) -> None:
+    server, _ = sockets
+    with connect(ws_url(server, f"{route}ws/echo?x=1"), subprotocols=["chat", "v2"], open_timeout=10) as ws:
+        assert ws.subprotocol == "chat"
+        ws.send("héllo")
+        assert ws.recv(timeout=10) == "héllo"
+        ws.send(b"\x00\x01\xff")
+        assert ws.recv(timeout=10) == b"\x00\x01\xff"
+        ws.send(["frag", "ments"])  # one message in two frames
+        assert ws.recv(timeout=10) == "fragments"
+        ws.send("x" * 250_000)
+        assert ws.recv(timeout=10) == "x" * 250_000
+        ws.ping(b"are you there").wait(10)
+        ws.send("scope")
+        scope = json.loads(ws.recv(timeout=10))
+        assert scope["path"] == "/ws/echo" and scope["query"] == "x=1" and scope["scheme"] == "ws"
+        assert scope["subprotocols"] == ["chat", "v2"]
+
+
+def test_the_app_closes_with_its_code_and_the_client_with_its_own(sockets) -> None:
+    server, _ = sockets
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10) as ws:
+        ws.send("close:4001")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd.code == 4001 and closed.value.sent.code == 4001  # the handshake completed
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=10) == "ping"
+        ws.close(code=1000)
+    # The server echoed the client's close (received code 1000, not 1006 for a connection cut short).
+    assert ws.close_exc.rcvd is not None and ws.close_code == 1000
+
+
+def test_broadcast_reaches_every_socket(sockets) -> None:
+    server, _ = sockets
+    with ExitStack() as stack:
+        clients = [stack.enter_context(connect(ws_url(server, "/t/ws/broadcast"), open_timeout=10))
+                   for _ in range(5)]
+        time.sleep(0.5)  # every accept is through: the room is full
+        clients[2].send("to everyone")
+        assert [ws.recv(timeout=10) for ws in clients] == ["to everyone"] * 5
+
+
+def test_a_refused_handshake_is_403(sockets) -> None:
+    server, _ = sockets
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(server, "/t/ws/refuse"), open_timeout=10)
+    assert refused.value.response.status_code == 403
+
+
+def test_a_message_over_the_size_limit_closes_with_1009(sockets) -> None:
+    server, _ = sockets
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10, max_size=None) as ws:
+        ws.send("y" * 300_001)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_a_client_that_drops_its_connection_is_a_1006_disconnect(harness: Harness, front: str,
+                                                                   tmp_path: Path) -> None:
+    server, _ = serve(harness, front, "asgi_apps:raw", processes=1)
+    record = tmp_path / "record"
+    with connect(ws_url(server, f"/t/ws-record?record={record}"), open_timeout=10) as ws:
+        ws.send("one")
+        assert ws.recv(timeout=10) == "one"
+        ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the TCP connection just ends
+    wait_for(lambda: record.exists() and record.read_text().strip(), 15, what="the app told of the drop")
+    assert record.read_text().split("\n")[0] == "disconnect 1006"
+
+
+def test_direct_mode_refuses_websockets_and_says_why(harness: Harness) -> None:
+    server, master = serve(harness, "direct", "asgi_apps:starlette_routes", processes=1)
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(server, "/t/ws/echo"), open_timeout=10)
+    assert refused.value.response.status_code == 503
+    wait_log(master, "refused a WebSocket: through Mongrel2 they need --dispatch broker")
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_200_websockets_stay_open_across_a_reload_until_their_own_close(harness: Harness, front: str) -> None:
+    server, master = serve(harness, front, "asgi_apps:starlette_routes", extra=["--graceful-timeout", "120"])
+    old = worker_pids(master)
+
+    async def scenario() -> list[int]:
+        clients = await asyncio.gather(*(aconnect(ws_url(server, "/t/ws/echo"), open_timeout=30)
+                                         for _ in range(200)))
+        answers = await asyncio.gather(*(_echo(ws, f"before {n}") for n, ws in enumerate(clients)))
+        assert answers == [f"before {n}" for n in range(200)]
+        pids = [json.loads(await _echo(ws, "scope"))["pid"] for ws in clients]
+        assert set(pids) <= old
+        before = log_text(master).count("reload complete")
+        master.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(wait_log, master, "reload complete", before + 1, 60)
+        assert worker_pids(master) & old, "the old workers stay while their sockets are open"
+        answers = await asyncio.gather(*(_echo(ws, f"after {n}") for n, ws in enumerate(clients)))
+        assert answers == [f"after {n}" for n in range(200)]
+        await asyncio.gather(*(ws.close() for ws in clients))
+        return [ws.close_code for ws in clients]
+
+    assert asyncio.run(scenario()) == [1000] * 200
+    wait_for(lambda: not worker_pids(master) & old, 30, what="the old workers gone once their sockets closed")
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10) as ws:  # the new generation serves them
+        ws.send("new")
+        assert ws.recv(timeout=10) == "new"
+
+
+async def _echo(ws, text: str) -> str:
+    await ws.send(text)
+    return await asyncio.wait_for(ws.recv(), 30)
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_the_graceful_timeout_closes_a_retiring_workers_sockets_with_1001(harness: Harness, front: str) -> None:
+    server, master = serve(harness, front, "asgi_apps:starlette_routes", processes=1,
+                           extra=["--graceful-timeout", "3"])
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+        master.proc.send_signal(signal.SIGHUP)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=15)
+    assert closed.value.rcvd.code == 1001
+
+
+def test_a_websocket_through_a_cluster_node_with_its_own_mongrel2(harness: Harness, cluster_args: list[str]) -> None:
+    mine = harness.mongrel2([("/t/", "tnetstring")])
+    harness.master(asgi_args(mine, "asgi_apps:starlette_routes", processes=1) + cluster_args)
+    theirs = harness.mongrel2()
+    node = harness.node(cluster_args + ["--node-name", "n", "--mongrel2-config",
+                                        str(theirs.workdir / "config.sqlite")])
+    node_workers = {child.pid for child in node.descendants()}
+    with connect(ws_url(theirs, "/j/ws/echo"), open_timeout=10) as ws:
+        ws.send("through the node")
+        assert ws.recv(timeout=10) == "through the node"
+        ws.send("scope")
+        assert json.loads(ws.recv(timeout=10))["pid"] in node_workers
 
 
 # -- supervision --------------------------------------------------------------------------

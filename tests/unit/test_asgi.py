@@ -10,6 +10,23 @@ from fleet.appload import AppLoadError, check_interface, is_async_callable
 from fleet.asgi.cycle import AsgiProtocolError, ResponseCycle
 from fleet.asgi.lifespan import Lifespan, LifespanFailed
 from fleet.asgi.scope import NotHttp, asgi_headers, decode_path, http_scope
+from fleet.asgi.websocket import (
+    BINARY,
+    CLOSE,
+    CLOSED,
+    CLOSING,
+    END,
+    OPEN,
+    PING,
+    PONG,
+    TEXT,
+    WebSocketSession,
+    accept_token,
+    close_frame,
+    encode_frame,
+    parse_close,
+    websocket_scope,
+)
 from fleet.config import ConfigError, Endpoint, HandlerConfig
 from fleet.mongrel2.codec import Request
 from fleet.wsgi.response import ResponseFramer
@@ -270,3 +287,98 @@ def test_asgi_settings_are_checked(changes: dict, error: str) -> None:
 def test_asgi_settings_travel_with_the_configuration() -> None:
     config = HandlerConfig(ENDPOINT, "app:app", interface="asgi", asgi_concurrency=7, asgi_loop="asyncio")
     assert HandlerConfig.from_dict(config.to_dict()) == config
+
+
+# -- WebSockets ----------------------------------------------------------------------------
+
+
+def test_the_accept_token_is_rfc_6455s_example() -> None:
+    assert accept_token("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("size, head", [(5, b"\x81\x05"), (300, b"\x81\x7e\x01\x2c"),
+                                        (70_000, b"\x81\x7f" + (70_000).to_bytes(8, "big"))])
+def test_frames_use_the_shortest_length(size: int, head: bytes) -> None:
+    assert encode_frame(TEXT, b"x" * size) == head + b"x" * size
+
+
+def test_the_websocket_scope() -> None:
+    request = mongrel2_request(METHOD="WEBSOCKET_HANDSHAKE", URL_SCHEME="https",
+                               **{"sec-websocket-protocol": "chat, v2"})
+    scope = websocket_scope(request, state={"a": 1})
+    assert (scope["type"], scope["scheme"], scope["path"]) == ("websocket", "wss", "/app/x")
+    assert scope["subprotocols"] == ["chat", "v2"] and scope["state"] == {"a": 1}
+
+
+def opened(max_size: int = 100) -> WebSocketSession:
+    session = WebSocketSession("ACCEPT", max_size)
+    session.app_sends({"type": "websocket.accept"})
+    return session
+
+
+def test_accept_writes_the_101_with_the_subprotocol_and_headers() -> None:
+    session = WebSocketSession("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    [out] = session.app_sends({"type": "websocket.accept", "subprotocol": "chat", "headers": [(b"x-a", b"1")]})
+    assert out == (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n"
+                   b"x-a: 1\r\n\r\n")
+    assert session.state == OPEN and session.status.startswith("101")
+
+
+@pytest.mark.parametrize("ending, expected", [("app_sends", b"HTTP/1.1 403 "), ("app_returned", b"HTTP/1.1 403 "),
+                                              ("app_failed", b"HTTP/1.1 500 "), ("going_away", b"HTTP/1.1 503 ")])
+def test_a_handshake_never_accepted_gets_an_http_answer(ending: str, expected: bytes) -> None:
+    session = WebSocketSession("ACCEPT")
+    args = ({"type": "websocket.close"},) if ending == "app_sends" else ()
+    out = getattr(session, ending)(*args)
+    assert out[0].startswith(expected) and out[-1] is END and session.state == CLOSED
+
+
+def test_text_bytes_ping_and_pong_from_the_client() -> None:
+    session = opened()
+    assert session.client_sends(TEXT, "héllo".encode()) == ([{"type": "websocket.receive", "text": "héllo"}], [])
+    assert session.client_sends(BINARY, b"\x00") == ([{"type": "websocket.receive", "bytes": b"\x00"}], [])
+    assert session.client_sends(PING, b"pp") == ([], [b"\x8a\x02pp"])
+    assert session.client_sends(PONG, b"pp") == ([], [])
+
+
+@pytest.mark.parametrize("opcode, payload, code", [(TEXT, b"\xff\xfe", 1007), (BINARY, b"z" * 101, 1009),
+                                                   (0x3, b"", 1002)])
+def test_bad_client_messages_close_with_their_code(opcode: int, payload: bytes, code: int) -> None:
+    session = opened()
+    events, out = session.client_sends(opcode, payload)
+    assert events[0]["type"] == "websocket.disconnect" and events[0]["code"] == code
+    assert out[0][:4] == b"\x88" + bytes([len(out[0]) - 2]) + code.to_bytes(2, "big") and out[-1] is END
+
+
+def test_the_client_closes_and_the_close_is_echoed() -> None:
+    session = opened()
+    events, out = session.client_sends(CLOSE, b"\x0f\xa1bye")
+    assert events == [{"type": "websocket.disconnect", "code": 4001, "reason": "bye"}]
+    assert out == [close_frame(4001), END] and session.state == CLOSED
+
+
+def test_the_app_closes_and_the_clients_echo_ends_it() -> None:
+    session = opened()
+    assert session.app_sends({"type": "websocket.close", "code": 4000, "reason": "done"}) == [close_frame(4000, "done")]
+    assert session.state == CLOSING
+    assert session.client_sends(TEXT, b"late") == ([], [])  # data after our close is dropped
+    events, out = session.client_sends(CLOSE, b"\x0f\xa0")
+    assert out == [END] and events[0]["code"] == 4000 and session.state == CLOSED
+
+
+def test_sends_are_framed_and_checked() -> None:
+    session = opened()
+    assert session.app_sends({"type": "websocket.send", "text": "é"}) == [encode_frame(TEXT, "é".encode())]
+    assert session.app_sends({"type": "websocket.send", "bytes": b"\x01"}) == [b"\x82\x01\x01"]
+    with pytest.raises(AsgiProtocolError, match="exactly one of"):
+        session.app_sends({"type": "websocket.send", "text": "a", "bytes": b"b"})
+    with pytest.raises(AsgiProtocolError, match="expected websocket.send or websocket.close"):
+        session.app_sends({"type": "websocket.accept"})
+
+
+def test_a_lost_connection_is_1006_once() -> None:
+    session = opened()
+    assert session.client_gone() == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
+    assert session.client_gone() == []
+    assert parse_close(b"") == (1005, "")

@@ -36,6 +36,7 @@ CODECS = (
     "fleet.worker.tally",
     "fleet.asgi.scope",
     "fleet.asgi.cycle",
+    "fleet.asgi.websocket",
 )
 
 

@@ -298,6 +298,33 @@ def test_control_messages_go_to_the_connections_holder_only(rig) -> None:
     assert rig.got(b"100/0") == [[b"Q\x00", req(1)], [b"C\x00", gone]]
 
 
+def test_a_stream_gets_every_message_of_its_connection_until_its_done(rig) -> None:
+    rig.thread(b"100/0", credits=1)
+    rig.thread(b"101/0", credits=1)
+    rig.push(req(5, "/handshake"), req(5, "/early frame"))
+    assert [m[1] for m in rig.got(b"100/0")] == [req(5, "/handshake")]  # the frame waits behind it
+    rig.send(b"101/0", [wire.tagged(wire.STREAM, 0), b"5"])  # not its connection: nothing changes
+    assert rig.got(b"101/0") == []
+    rig.send(b"100/0", [wire.tagged(wire.STREAM, 0), b"5"])
+    assert rig.got(b"100/0") == [[b"C\x00", req(5, "/early frame")]]
+    rig.push(req(5, "/frame"), req(6, "/other"))
+    assert rig.got(b"100/0") == [[b"C\x00", req(5, "/frame")]]  # no credit spent on it
+    assert [m[1] for m in rig.got(b"101/0")] == [req(6, "/other")]
+    rig.done(b"100/0", 5)
+    rig.push(req(5, "/next"))  # the stream ended with its DONE: a request like any other
+    assert [m[0][:1] for m in rig.got(b"100/0")] == [wire.REQUEST]
+
+
+def test_a_stream_ends_with_its_worker(rig) -> None:
+    rig.thread(b"100/0", credits=1)
+    rig.push(req(5, "/handshake"))
+    rig.send(b"100/0", [wire.tagged(wire.STREAM, 0), b"5"])
+    rig.core.worker_gone(100)
+    rig.thread(b"102/0", credits=1)
+    rig.push(req(5, "/frame"))
+    assert [m[0][:1] for m in rig.got(b"102/0")] == [wire.REQUEST]
+
+
 def test_flow_control_credits_are_kept_per_connection(rig) -> None:
     rig.thread(b"100/0", credits=4)
     first = req(1, credits=10000)
@@ -413,7 +440,7 @@ def history(seed: int) -> list[tuple]:
     steps: list[tuple] = []
     for _ in range(120):
         kind = rng.choice(["request"] * 5 + ["credit"] * 2 + ["done"] * 4
-                          + ["closing done", "gone", "retire", "control", "close"])
+                          + ["closing done", "gone", "retire", "control", "close", "stream"])
         steps.append((kind, rng.randrange(3), rng.randrange(2), rng.randrange(1, 4), rng.randrange(4)))
     return steps
 
@@ -443,6 +470,8 @@ def replay(core_class, tmp_path: Path, steps: list[tuple]) -> list:
                 for key in [k for k in held if k.startswith(b"%d/" % pid)]:
                     held[key] = []
                 rig.core.worker_started(pid)
+            elif kind == "stream" and held.get(ident):
+                rig.send(ident, [wire.tagged(wire.STREAM, 0), b"%d" % held[ident][0]])
             elif kind == "retire" and ident in rig.links:
                 rig.send(ident, [wire.RETIRE])
             elif kind == "control":

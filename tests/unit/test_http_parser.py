@@ -279,3 +279,13 @@ def test_request_smuggling_shapes_are_refused_or_read_one_way(data, expected):
         (event,) = got
         assert isinstance(event, RequestReady), event
         assert event.body.read() == expected[1]
+
+
+def test_after_a_websocket_handshake_the_rest_is_the_new_protocols() -> None:
+    r = reader(max_body=10)
+    r.feed(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+           b"\x81\x85MASKxxxxx")
+    event = r.next_event()
+    assert isinstance(event, RequestReady) and event.request.header("upgrade") == "websocket"
+    assert r.take_rest() == b"\x81\x85MASKxxxxx"
