@@ -55,7 +55,7 @@ def merged_status(agent: ClusterAgent) -> dict:
         status["hosts"].append({
             **row, "address": list(row["address"]),
             "workers": {"ready": row["workers_ready"], "total": row["workers_total"]},
-            "requests_per_second": 0.0, "rss": 0, "error": None, "app_version": None,
+            "requests_per_second": 0.0, "rss": 0, "error": None, "app_version": None, "websockets_open": 0,
             "reported_by": "master",
         })
     status["hosts"].sort(key=lambda h: (h["role"] != "master", h["hostname"]))

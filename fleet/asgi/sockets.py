@@ -17,7 +17,7 @@ from typing import Any
 
 from fleet.asgi.cycle import AsgiProtocolError
 from fleet.asgi.reply import ClientDisconnected
-from fleet.asgi.websocket import CLOSED, CLOSING, END, WebSocketSession
+from fleet.asgi.websocket import CLOSED, CLOSING, END, OPEN, WebSocketSession
 from fleet.mongrel2.codec import Request
 
 log = logging.getLogger("fleet.worker")
@@ -31,8 +31,9 @@ class WebSocketExchange:
 
     def __init__(self, kind: str, request: Request, session: WebSocketSession,
                  write: Callable[[bytes], Awaitable[None]], end: Callable[[], Awaitable[None]],
-                 gone: Callable[[], None] = lambda: None) -> None:
-        """``gone()`` tells the transport that the client has left."""
+                 gone: Callable[[], None] = lambda: None, opened: Callable[[], None] = lambda: None) -> None:
+        """``gone()`` tells the transport that the client has left; ``opened()`` that the app
+        accepted the socket."""
         self.kind = kind  # "mongrel2" or "http", as the tally counts them
         self.request = request
         self.session = session
@@ -41,6 +42,7 @@ class WebSocketExchange:
         self._write = write
         self._end = end
         self._gone = gone
+        self._opened = opened
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._events.put_nowait({"type": "websocket.connect"})
         self._last_event: dict[str, Any] | None = None
@@ -112,8 +114,15 @@ class WebSocketExchange:
             if isinstance(message, dict) and message.get("type") == "websocket.close":
                 return  # closing what is closed already: nothing to do
             raise ClientDisconnected(f"WebSocket {self.request.conn_id.decode()} is closed")
-        self._emit(self.session.app_sends(message))
-        await self._flushed()
+        was = self.session.state
+        out = self.session.app_sends(message)
+        if self.session.state == OPEN and was != OPEN:
+            self._opened()
+        if self._last_write is None or self._last_write.done():
+            await self._write_all(out)  # the usual case: nothing else is being written, so no task
+        else:
+            self._emit(out)
+            await self._flushed()
 
     # -- internals ---------------------------------------------------------------------------
 

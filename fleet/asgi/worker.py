@@ -180,13 +180,13 @@ class AsgiWorker:
         self.feed.stream(index, conn_id)  # its frames come to this worker from now on
         session = WebSocketSession(handshake.body.decode("latin-1"), self.config.websocket_max_size)
         exchange = WebSocketExchange("mongrel2", handshake, session, reply.send,
-                                     lambda: reply.finish(close=True), reply.disconnect)
+                                     lambda: reply.finish(close=True), reply.disconnect, self._websocket_opened)
         self.exchanges[key] = exchange
         self.websockets[key] = exchange
 
         def finish(closed: bool) -> None:
             del self.exchanges[key]
-            del self.websockets[key]
+            self._websocket_ended(key)
             self.feed.done(index, conn_id, None, True)
 
         scope = websocket_scope(handshake, state=self._state())
@@ -222,17 +222,26 @@ class AsgiWorker:
         session = WebSocketSession(accept_token(request.header("sec-websocket-key") or ""),
                                    self.config.websocket_max_size)
         reply = TransportReply(connection)
-        exchange = WebSocketExchange("http", request, session, reply.send, connection.end, reply.disconnect)
+        exchange = WebSocketExchange("http", request, session, reply.send, connection.end, reply.disconnect,
+                                     self._websocket_opened)
         key = (-1, request.conn_id)
         self.websockets[key] = exchange
 
         def finish(closed: bool) -> None:
-            del self.websockets[key]
+            self._websocket_ended(key)
             connection.finished(True)
 
         scope = websocket_scope(request, state=self._state())
         self.start(exchange, exchange.run(self.app, scope), finish)
         return exchange
+
+    def _websocket_opened(self) -> None:
+        self.tally.websockets_opened += 1
+
+    def _websocket_ended(self, key: tuple[int, bytes]) -> None:
+        exchange = self.websockets.pop(key)
+        if exchange.session.status and exchange.session.status.startswith("101"):
+            self.tally.websockets_closed += 1
 
     def control(self, index: int, event: Disconnect | Credits | Request | Any) -> None:
         exchange = self.exchanges.get((index, event.conn_id))

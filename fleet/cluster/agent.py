@@ -110,6 +110,7 @@ class HostStatus:
     rss: int
     error: str | None = None
     app_version: str | None = None
+    websockets_open: int = 0
 
 
 @dataclass(frozen=True)
@@ -390,7 +391,7 @@ class ClusterAgent:
                     workers_ready=status.workers_ready, workers_total=status.workers_total,
                     requests_served=status.requests_served, requests_per_second=rate, rss=status.rss,
                     hostname=self.options.node_name, address=self.address,
-                    app_version=status.app_version, error=status.error)
+                    app_version=status.app_version, error=status.error, websockets_open=status.websockets_open)
 
     def _send(self, kind: type[proto.Message], now: float, **body: Any) -> proto.Message:
         message = self.origin.make(kind, now, **body)

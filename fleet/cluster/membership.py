@@ -74,6 +74,7 @@ class HostView:
     error: str | None
     last_seen_age: float  # seconds since its last heartbeat
     up_for: float  # seconds since this boot was first heard
+    websockets_open: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists."""
@@ -257,6 +258,7 @@ class Membership:
             requests_served=beat.requests_served, requests_per_second=beat.requests_per_second,
             rss=beat.rss, app_version=beat.app_version, error=beat.error,
             last_seen_age=max(0.0, now - host.last_seen), up_for=max(0.0, now - host.first_seen),
+            websockets_open=beat.websockets_open,
         )
 
 

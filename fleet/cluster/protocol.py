@@ -369,6 +369,7 @@ class Heartbeat(Message):
     address: tuple[str, int]
     app_version: str | None = None
     error: str | None = None  # the last error worth a look, one line
+    websockets_open: int = 0  # ASGI WebSockets open on the host (optional: older peers send none)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -378,6 +379,7 @@ class Heartbeat(Message):
         _check_int("workers_total", self.workers_total, 0, MAX_WORKERS)
         _check_int("workers_ready", self.workers_ready, 0, self.workers_total)
         _check_int("requests_served", self.requests_served)
+        _check_int("websockets_open", self.websockets_open)
         object.__setattr__(self, "requests_per_second",
                            _check_float("requests_per_second", self.requests_per_second))
         _check_int("rss", self.rss)

@@ -128,6 +128,11 @@ class Dispatcher:
         with self.core.lock:
             return list(self.served_figures.total), dict(self.answered_by_us)
 
+    def websockets_open(self) -> int:
+        """ASGI WebSockets open in the live workers, as they last said (up to a second late)."""
+        with self.core.lock:
+            return self.served_figures.websockets_open()
+
     def answered(self, pid: int | None = None) -> int:
         """Requests answered by the worker ``pid`` (or by all, the gone included), in any mode:
         the dispatcher's own count (broker mode, at once) or the workers' (every mode, up to a

@@ -79,6 +79,7 @@ def master_figures(*, pid: int, generation: int, workers: list[WorkerProcess], d
             "backlog": dispatcher.backlog,
         },
         "requests_served": dispatcher.answered(),  # every worker's since the master started
+        "websockets_open": dispatcher.websockets_open(),
         "reloads": counters.reloads,
         "failed_reloads": counters.failed_reloads,
         "respawns": counters.respawns,
@@ -108,7 +109,7 @@ def host_figures(*, workers: list[WorkerProcess], target: int, phase: str, gener
     return HostStatus(state=state, generation=generation,
                       # during a reload old and new workers are both ready for a moment
                       workers_ready=min(ready, target), workers_total=target,
-                      requests_served=dispatcher.answered(),
+                      requests_served=dispatcher.answered(), websockets_open=dispatcher.websockets_open(),
                       rss=sum(worker.rss() or 0 for worker in workers), error=error,
                       app_version=versions.most_common(1)[0][0] if versions else None)
 
@@ -132,6 +133,10 @@ def render_table(stats: dict[str, Any]) -> str:
     for kind, classes in stats["served"]["requests"].items():
         if any(classes.values()):
             lines.append(f"{kind} answered: " + "  ".join(f"{name} {count}" for name, count in classes.items()))
+    if stats["served"].get("websockets_opened"):
+        lines.append(f"websockets open {stats.get('websockets_open', 0)}  "
+                     f"(opened {stats['served']['websockets_opened']:.0f}, "
+                     f"closed {stats['served']['websockets_closed']:.0f})")
     return "\n".join(lines)
 
 

@@ -98,6 +98,7 @@ class MetricsEndpoint:
         for status in ("502", "503", "504"):
             answered.add_metric([status], figures[f"answered_{status}"])
         yield answered
+        yield _gauge("fleet_websockets_open", "ASGI WebSockets open in the workers.", figures["websockets_open"])
         yield _counter("fleet_log_lines_dropped", "Log lines the workers and the master could not hand to the "
                        "--logger collector.", served["log_lines_dropped"])
         cluster = figures.get("cluster")

@@ -26,12 +26,16 @@ class Tally:
     """One serving thread's counts. ``record`` is on every request's path: it only counts
     the status line as it is (classes are made when the figures are sent)."""
 
-    __slots__ = ("statuses", "buckets", "seconds")
+    __slots__ = ("statuses", "buckets", "seconds", "websockets_opened", "websockets_closed")
 
     def __init__(self) -> None:
         self.statuses: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}  # kind -> status line -> count
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one: slower than every bound
         self.seconds = 0.0
+        # ASGI WebSockets accepted and ended: counters, so that the master can add them up
+        # like the rest; the difference is how many are open.
+        self.websockets_opened = 0
+        self.websockets_closed = 0
 
     def record(self, kind: str, status: str | None, seconds: float) -> None:
         """A request of ``kind`` answered with ``status`` (its status line, or None: no answer
@@ -55,9 +59,11 @@ def _by_class(statuses: dict[str, int]) -> list[int]:
 
 # The figures a worker sends, as one flat list of numbers in this order (the master
 # adds them up without knowing what they are): requests by kind and class, the latency
-# histogram's buckets, the latency sum, then the log lines its collector dropped.
-VECTOR_SIZE = len(KINDS) * len(STATUS_CLASSES) + len(LATENCY_BUCKETS) + 1 + 2
+# histogram's buckets, the latency sum, WebSockets opened and closed, then the log
+# lines its collector dropped.
+VECTOR_SIZE = len(KINDS) * len(STATUS_CLASSES) + len(LATENCY_BUCKETS) + 1 + 2 + 2
 _ANSWERED = len(KINDS) * len(STATUS_CLASSES)
+_OPENED, _CLOSED = VECTOR_SIZE - 3, VECTOR_SIZE - 2
 
 
 def snapshot(tallies: Iterable[Tally], log_lines_dropped: int) -> list[float]:
@@ -65,7 +71,7 @@ def snapshot(tallies: Iterable[Tally], log_lines_dropped: int) -> list[float]:
     vector = [0] * VECTOR_SIZE
     for tally in tallies:
         parts = [*_by_class(tally.statuses[KINDS[0]]), *_by_class(tally.statuses[KINDS[1]]), *tally.buckets,
-                 tally.seconds, 0]
+                 tally.seconds, tally.websockets_opened, tally.websockets_closed, 0]
         vector = [a + b for a, b in zip(vector, parts)]
     vector[-1] = log_lines_dropped
     return vector
@@ -78,7 +84,9 @@ def figures(vector: list[float]) -> dict:
         "requests": {kind: dict(zip(STATUS_CLASSES, vector[i * width:(i + 1) * width]))
                      for i, kind in enumerate(KINDS)},
         "latency_buckets": vector[_ANSWERED:_ANSWERED + len(LATENCY_BUCKETS) + 1],
-        "latency_seconds": vector[-2],
+        "latency_seconds": vector[_OPENED - 1],
+        "websockets_opened": vector[_OPENED],
+        "websockets_closed": vector[_CLOSED],
         "log_lines_dropped": vector[-1],
     }
 
@@ -108,6 +116,12 @@ class Totals:
         """Requests answered (every kind and class): by the worker ``pid``, or by all."""
         vector = self.total if pid is None else self._last.get(pid)
         return int(sum(vector[:_ANSWERED])) if vector else 0
+
+    def websockets_open(self) -> int:
+        """WebSockets open now: opened less closed, over the live workers (a killed worker's
+        sockets died with it, whatever its last figures said)."""
+        gone = set(self._gone)
+        return int(sum(max(0, v[_OPENED] - v[_CLOSED]) for pid, v in self._last.items() if pid not in gone))
 
     def started(self, pid: int) -> None:
         """A new worker has this pid (one used before, long ago): its figures start from zero,

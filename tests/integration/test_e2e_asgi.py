@@ -33,10 +33,12 @@ from tests.support.harness import (
     CONTENT_LENGTH,
     FleetMaster,
     Harness,
+    fleet_cli,
     fleet_stats,
     log_text,
     master_args,
     request,
+    scrape_metrics,
     upload_files,
     wait_for,
     wait_log,
@@ -489,6 +491,29 @@ def test_a_websocket_through_a_cluster_node_with_its_own_mongrel2(harness: Harne
         assert ws.recv(timeout=10) == "through the node"
         ws.send("scope")
         assert json.loads(ws.recv(timeout=10))["pid"] in node_workers
+
+
+def test_open_websockets_are_counted_in_stats_metrics_and_status(harness: Harness, cluster_args: list[str]) -> None:
+    stats, metrics = f"tcp://127.0.0.1:{free_port()}", free_port()
+    server, _ = serve(harness, "broker", "asgi_apps:starlette_routes",
+                      extra=["--stats", stats, "--metrics", f"127.0.0.1:{metrics}", *cluster_args])
+
+    def counted(expected: int) -> bool:
+        hosts = json.loads(fleet_cli("status", *cluster_args, "--json").stdout)["hosts"]
+        return (fleet_stats(stats)["websockets_open"] == expected
+                and scrape_metrics(metrics)[("fleet_websockets_open", ())] == expected
+                and [h["websockets_open"] for h in hosts] == [expected])
+
+    with ExitStack() as stack:
+        for _ in range(3):
+            ws = stack.enter_context(connect(ws_url(server, "/t/ws/echo"), open_timeout=10))
+            ws.send("hi")
+            assert ws.recv(timeout=10) == "hi"
+        wait_for(lambda: counted(3), 20, what="3 open WebSockets in stats, metrics and status")
+    wait_for(lambda: counted(0), 20, what="none open once they closed")
+    served = fleet_stats(stats)["served"]
+    assert (served["websockets_opened"], served["websockets_closed"]) == (3, 3)
+    assert "websockets open 0  (opened 3, closed 3)" in fleet_cli("stats", "--stats", stats).stdout
 
 
 # -- supervision --------------------------------------------------------------------------
