@@ -195,9 +195,13 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, RequestReady):
                 self._cancel_timer()
                 request = event.request
-                if is_websocket_handshake(request) and not self.side.retiring:
+                if is_websocket_handshake(request):
                     event.body.close()
-                    self.frames = FrameReader(self.side.limits.max_body)
+                    if self.side.retiring:  # a socket would outlive this worker: another one takes it
+                        self.transport.write(error_response(503))
+                        self._close()
+                        return
+                    self.frames = FrameReader(self.side.websocket_max_size)
                     self.exchange = self.side.serve_websocket(self, request)
                     self.frames.exchange = self.exchange
                     if rest := self.reader.take_rest():
@@ -293,15 +297,16 @@ class FrameReader:
 class HttpSide:
     """The worker's listening sockets, accepted from while it has room."""
 
-    def __init__(self, listeners: list[socket.socket], limits: HttpLimits, has_room: Callable[[], bool],
-                 serve: Callable, serve_websocket: Callable, drained: Callable[[], None],
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, listeners: list[socket.socket], limits: HttpLimits, websocket_max_size: int,
+                 has_room: Callable[[], bool], serve: Callable, serve_websocket: Callable,
+                 drained: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
         """``serve(connection, request, body)`` starts a request and returns its exchange,
         ``serve_websocket(connection, request)`` a WebSocket; ``has_room()`` says whether the
         worker can take one more; ``drained()`` is called when, retiring, the last connection
         has closed."""
         self.listeners = listeners
         self.limits = limits
+        self.websocket_max_size = websocket_max_size
         self.has_room = has_room
         self.serve = serve
         self.serve_websocket = serve_websocket

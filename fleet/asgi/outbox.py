@@ -42,7 +42,8 @@ class LoopOutbox:
         reply += message
         self._schedule()
 
-    def done(self, data: bytes) -> None:
+    def send_link(self, data: bytes) -> None:
+        """Encoded messages for the dispatcher (DONEs, STREAMs), after this pass's replies."""
         self.dones += data
         self._schedule()
 

@@ -2,9 +2,10 @@
 client's messages, writes kept in order, and the close handshake's timeout.
 
 fleet.asgi.websocket decides what each message means; this module only
-moves it. The transport is given as two coroutines, ``write(bytes)`` and
-``end()`` (close the connection), so the same exchange serves a WebSocket
-that came through Mongrel2 (replies to it) and one on --http (its socket).
+moves it. The transport is given as its reply (``send(bytes)``, ``disconnect()``)
+and ``end()`` (close the connection), so the same exchange serves a
+WebSocket that came through Mongrel2 (replies to it) and one on --http (its
+socket).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from fleet.asgi.cycle import AsgiProtocolError
 from fleet.asgi.reply import ClientDisconnected
-from fleet.asgi.websocket import CLOSED, CLOSING, END, OPEN, WebSocketSession
+from fleet.asgi.websocket import CLOSED, CLOSING, END, OPEN, TOO_BIG, WebSocketSession
 from fleet.mongrel2.codec import Request
 
 log = logging.getLogger("fleet.worker")
@@ -29,20 +30,19 @@ CLOSE_TIMEOUT = 5.0
 class WebSocketExchange:
     """One WebSocket, from its handshake to the end of its connection."""
 
-    def __init__(self, kind: str, request: Request, session: WebSocketSession,
-                 write: Callable[[bytes], Awaitable[None]], end: Callable[[], Awaitable[None]],
-                 gone: Callable[[], None] = lambda: None, opened: Callable[[], None] = lambda: None) -> None:
-        """``gone()`` tells the transport that the client has left; ``opened()`` that the app
-        accepted the socket."""
+    def __init__(self, kind: str, request: Request, session: WebSocketSession, reply: Any,
+                 end: Callable[[], Awaitable[None]], opened: Callable[[], None] = lambda: None) -> None:
+        """``reply``: the transport's (fleet.asgi.reply.AsyncReply or fleet.asgi.http.TransportReply);
+        ``opened()`` is called when the app accepts the socket."""
         self.kind = kind  # "mongrel2" or "http", as the tally counts them
         self.request = request
         self.session = session
-        self.reply = self  # what the worker's tally reads: .status
+        self.reply = reply
         self.task: asyncio.Task | None = None
-        self._write = write
+        self.accepted = False
         self._end = end
-        self._gone = gone
         self._opened = opened
+        self._unread = 0  # bytes of client messages the app has not received yet
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._events.put_nowait({"type": "websocket.connect"})
         self._last_event: dict[str, Any] | None = None
@@ -52,6 +52,7 @@ class WebSocketExchange:
 
     @property
     def status(self) -> str | None:
+        """How the handshake was answered, for the tally."""
         return self.session.status
 
     @property
@@ -63,11 +64,16 @@ class WebSocketExchange:
     def incoming(self, opcode: int, payload: bytes | str | tuple) -> None:
         events, out = self.session.client_sends(opcode, payload)
         for event in events:
+            self._unread += len(event.get("text") or event.get("bytes") or "")
             self._events.put_nowait(event)
         self._emit(out)
+        if self._unread > self.session.max_size:
+            # A client that sends faster than the app reads: through Mongrel2 there is no way to
+            # slow one socket down, so its unread messages are bounded like one message is.
+            self.broke_protocol(TOO_BIG, "too much unread")
 
     def client_left(self) -> None:
-        self._gone()
+        self.reply.disconnect()
         for event in self.session.client_gone():
             self._events.put_nowait(event)
         self._ended.set()
@@ -106,17 +112,19 @@ class WebSocketExchange:
     async def receive(self) -> dict[str, Any]:
         if self._last_event is not None and self._last_event["type"] == "websocket.disconnect":
             return self._last_event  # asked again after the end: the same answer
-        self._last_event = await self._events.get()
-        return self._last_event
+        self._last_event = event = await self._events.get()
+        self._unread -= len(event.get("text") or event.get("bytes") or "")
+        return event
 
     async def send(self, message: dict[str, Any]) -> None:
-        if self.session.state == CLOSED or self._ended.is_set():
+        if self.session.state in (CLOSING, CLOSED) or self._ended.is_set():
             if isinstance(message, dict) and message.get("type") == "websocket.close":
-                return  # closing what is closed already: nothing to do
+                return  # closing what is closing or closed already: nothing to do
             raise ClientDisconnected(f"WebSocket {self.request.conn_id.decode()} is closed")
         was = self.session.state
         out = self.session.app_sends(message)
         if self.session.state == OPEN and was != OPEN:
+            self.accepted = True
             self._opened()
         if self._last_write is None or self._last_write.done():
             await self._write_all(out)  # the usual case: nothing else is being written, so no task
@@ -140,7 +148,7 @@ class WebSocketExchange:
                         self._ended.set()
                         await self._end()
                         return
-                    await self._write(data)
+                    await self.reply.send(data)
                 except ClientDisconnected:
                     self.client_left()
                     return

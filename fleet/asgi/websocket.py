@@ -117,9 +117,10 @@ class WebSocketSession:
         kind = message.get("type") if isinstance(message, dict) else None
         if self.state == CONNECTING:
             if kind == "websocket.accept":
+                response = self._accepted(message)  # checked before anything changes
                 self.state = OPEN
                 self.status = "101 Switching Protocols"
-                return [self._accepted(message)]
+                return [response]
             if kind == "websocket.close":
                 self.state = CLOSED
                 self.status = "403 Forbidden"
@@ -197,7 +198,9 @@ class WebSocketSession:
                 return [self._disconnect(self.close_code or code)], [END]
             self.state = CLOSED
             self.close_code = code
-            echo = close_frame(code if code not in (NO_STATUS, ABNORMAL) else NORMAL)
+            if code != NO_STATUS and not _valid_close_code(code):
+                return [self._disconnect(code, reason)], [close_frame(PROTOCOL_ERROR), END]
+            echo = close_frame(NORMAL if code == NO_STATUS else code)
             return [self._disconnect(code, reason)], [echo, END]
         if opcode == PING:
             return [], [encode_frame(PONG, payload if isinstance(payload, bytes) else payload.encode())]
@@ -252,6 +255,11 @@ class WebSocketSession:
     @staticmethod
     def _disconnect(code: int, reason: str = "") -> dict[str, Any]:
         return {"type": "websocket.disconnect", "code": code, "reason": reason}
+
+
+def _valid_close_code(code: int) -> bool:
+    """A code a close frame may carry (RFC 6455 7.4.1-7.4.2): 1005, 1006 and 1015 never travel."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999
 
 
 def _refusal(status: int) -> bytes:

@@ -41,7 +41,7 @@ from fleet.asgi.lifespan import Lifespan, LifespanFailed
 from fleet.asgi.outbox import LoopOutbox
 from fleet.asgi.reply import AsyncReply, ClientDisconnected
 from fleet.asgi.scope import NotHttp, http_scope
-from fleet.asgi.sockets import WebSocketExchange
+from fleet.asgi.sockets import CLOSE_TIMEOUT, WebSocketExchange
 from fleet.asgi.websocket import WebSocketSession, accept_token, websocket_scope
 from fleet.dispatch import frames
 from fleet.dispatch.link import LinkClosed, ThreadLink, encode
@@ -70,8 +70,6 @@ BODY_CHUNK = 64 * 1024
 # Direct mode: how often the pullers are looked after (reconnects, slow handshakes).
 DIRECT_REFRESH = 0.1
 SUBSCRIBE_WAIT = 5.0
-# A retiring worker closes its open WebSockets (1001) this long before --graceful-timeout ends it.
-GOING_AWAY_MARGIN = 1.0
 # How often an open WebSocket through Mongrel2 gets a ctl keep-alive (Mongrel2's min_ping is 120 s).
 WEBSOCKET_KEEPALIVE = 60.0
 
@@ -98,11 +96,18 @@ class Exchange:
         self.disconnected = asyncio.Event()  # the client left, or the response is complete
         self.receiving = False  # the app waits in receive(): a disconnect is its answer, not a cancel
 
+    @property
+    def status(self) -> str | None:
+        """The status line the client was sent, for the tally."""
+        return self.reply.status
+
     def client_left(self) -> None:
-        """The client is gone: tell the reply, answer a receive(), or cancel the busy app."""
+        """The client is gone: tell the reply, answer a receive(), or cancel the busy app. Not
+        after a complete response: what the app does then (background tasks) is its own."""
         self.reply.disconnect()
         self.disconnected.set()
-        if not self.receiving and self.task is not None and not self.task.done():
+        complete = self.cycle is not None and self.cycle.complete
+        if not self.receiving and not complete and self.task is not None and not self.task.done():
             self.task.cancel()
 
 
@@ -155,11 +160,11 @@ class AsgiWorker:
         self.exchanges[key] = exchange
 
         def finish(closed: bool) -> None:
-            del self.exchanges[key]
-            try:
-                self.feed.done(index, event.conn_id, reply.bytes_sent if reply.credits is not None else None, closed)
-            except OSError as error:
-                log.warning("could not report connection %s done: %s", event.conn_id.decode(), error)
+            # In direct mode a second message for the connection (a pipelined request, an upload's
+            # done message) may have taken its place: only this exchange's own entry goes.
+            if self.exchanges.get(key) is exchange:
+                del self.exchanges[key]
+            self.feed.done(index, event.conn_id, reply.bytes_sent if reply.credits is not None else None, closed)
 
         self.start(exchange, self._serve_mongrel2(exchange), finish)
 
@@ -177,17 +182,20 @@ class AsgiWorker:
             exchange = Exchange("mongrel2", handshake, reply)
             self.start(exchange, self._answer_error(reply, 503), lambda closed: None)
             return
-        self.feed.stream(index, conn_id)  # its frames come to this worker from now on
+        # Its frames come to this worker from now on; it holds no request slot meanwhile (its
+        # DONE at the end returns no credit), so open sockets do not use up --asgi-concurrency.
+        self.feed.stream(index, conn_id)
         session = WebSocketSession(handshake.body.decode("latin-1"), self.config.websocket_max_size)
-        exchange = WebSocketExchange("mongrel2", handshake, session, reply.send,
-                                     lambda: reply.finish(close=True), reply.disconnect, self._websocket_opened)
+        exchange = WebSocketExchange("mongrel2", handshake, session, reply, lambda: reply.finish(close=True),
+                                     self._websocket_opened)
         self.exchanges[key] = exchange
         self.websockets[key] = exchange
 
         def finish(closed: bool) -> None:
-            del self.exchanges[key]
+            if self.exchanges.get(key) is exchange:
+                del self.exchanges[key]
             self._websocket_ended(key)
-            self.feed.done(index, conn_id, None, True)
+            self.feed.done(index, conn_id, None, True, credit=False)
 
         scope = websocket_scope(handshake, state=self._state())
         self.start(exchange, exchange.run(self.app, scope), finish)
@@ -221,8 +229,7 @@ class AsgiWorker:
         """An --http WebSocket handshake (fleet.asgi.http); its connection feeds it the client's frames."""
         session = WebSocketSession(accept_token(request.header("sec-websocket-key") or ""),
                                    self.config.websocket_max_size)
-        reply = TransportReply(connection)
-        exchange = WebSocketExchange("http", request, session, reply.send, connection.end, reply.disconnect,
+        exchange = WebSocketExchange("http", request, session, TransportReply(connection), connection.end,
                                      self._websocket_opened)
         key = (-1, request.conn_id)
         self.websockets[key] = exchange
@@ -239,8 +246,8 @@ class AsgiWorker:
         self.tally.websockets_opened += 1
 
     def _websocket_ended(self, key: tuple[int, bytes]) -> None:
-        exchange = self.websockets.pop(key)
-        if exchange.session.status and exchange.session.status.startswith("101"):
+        exchange = self.websockets.pop(key, None)
+        if exchange is not None and exchange.accepted:
             self.tally.websockets_closed += 1
 
     def control(self, index: int, event: Disconnect | Credits | Request | Any) -> None:
@@ -261,7 +268,8 @@ class AsgiWorker:
         started = time.monotonic()
         conn_id = exchange.request.conn_id.decode()
         closed = True
-        harakiri = self.config.harakiri
+        # A WebSocket lasts as long as its client wants: --harakiri times requests, not sockets.
+        harakiri = self.config.harakiri if isinstance(exchange, Exchange) else 0.0
         try:
             if harakiri:
                 async with asyncio.timeout(harakiri):
@@ -276,8 +284,11 @@ class AsgiWorker:
         except Exception:
             log.exception("internal error serving connection %s", conn_id)
         finally:
-            finish(closed)
-            self.tally.record(exchange.kind, exchange.reply.status, time.monotonic() - started)
+            try:
+                finish(closed)
+                self.tally.record(exchange.kind, exchange.status, time.monotonic() - started)
+            except Exception:
+                log.exception("internal error finishing connection %s", conn_id)
             self.in_flight -= 1
             self.resume()
             self.check_finished()
@@ -414,8 +425,8 @@ class AsgiWorker:
             side.retire()
         # Open WebSockets keep working until they close, or until just before the supervisor's
         # --graceful-timeout ends the worker: then each is closed properly, with 1001.
-        asyncio.get_running_loop().call_later(max(0.0, self.config.graceful_timeout - GOING_AWAY_MARGIN),
-                                              self._websockets_going_away)
+        margin = min(CLOSE_TIMEOUT, self.config.graceful_timeout / 2)  # room for the close handshake
+        asyncio.get_running_loop().call_later(self.config.graceful_timeout - margin, self._websockets_going_away)
         self.check_finished()
 
     def _websockets_going_away(self) -> None:
@@ -437,7 +448,9 @@ class AsgiWorker:
         return [side for side in (self.feed, self.http) if side is not None]
 
     def has_room(self) -> bool:
-        return self.in_flight < self.config.asgi_concurrency
+        """Whether one more request may start: open WebSockets do not count (each holds a
+        connection for as long as its client wants, not a request slot)."""
+        return self.in_flight - len(self.websockets) < self.config.asgi_concurrency
 
     def resume(self) -> None:
         """A request finished: there may be room to read or accept again."""
@@ -493,16 +506,22 @@ class BrokerFeed:
         if not more:
             return
         while (received := self.link.take()) is not None:
-            head = received[0]
-            kind = head[:1]
-            if kind == frames.REQUEST:
-                self.worker.take(head[1], received[1], int(received[2]) if len(received) > 2 else None)
-            elif kind == frames.CONTROL:
-                self._control(head[1], received[1])
-            elif head == frames.RETIRED:
-                # Nothing new will come; the link stays read: the frames of open WebSockets still do.
-                self.drained = True
-                self.worker.check_finished()
+            try:
+                self._handle(received)
+            except Exception:  # a fault of ours with one message must not strand the ones behind it
+                log.exception("internal error handling a message from the dispatcher")
+
+    def _handle(self, received: list[bytes]) -> None:
+        head = received[0]
+        kind = head[:1]
+        if kind == frames.REQUEST:
+            self.worker.take(head[1], received[1], int(received[2]) if len(received) > 2 else None)
+        elif kind == frames.CONTROL:
+            self._control(head[1], received[1])
+        elif head == frames.RETIRED:
+            # Nothing new will come; the link stays read: the frames of open WebSockets still do.
+            self.drained = True
+            self.worker.check_finished()
 
     def _control(self, index: int, raw: bytes) -> None:
         try:
@@ -512,22 +531,27 @@ class BrokerFeed:
             return
         self.worker.control(index, event)
 
-    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool) -> None:
-        """Leaves with the loop pass's batch, after the reply (fleet.asgi.outbox)."""
-        kind = frames.DONE_LAST if self.retire_sent else frames.DONE
+    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool, credit: bool = True) -> None:
+        """Leaves with the loop pass's batch, after the reply (fleet.asgi.outbox). ``credit``:
+        the slot is free again (a WebSocket's gave its slot back when it became a stream)."""
+        kind = frames.DONE_LAST if self.retire_sent or not credit else frames.DONE
         message = [frames.tagged(kind, index), conn_id]
         if sent is not None:
             message.append(b"%d%s" % (sent, b"c" if closed else b""))
         elif closed:
             message.append(b"c")
-        self.worker.outbox.done(encode(message))
+        self.worker.outbox.send_link(encode(message))
 
     def resume(self) -> None:
         """Credits come back with each DONE: nothing to do."""
 
     def stream(self, index: int, conn_id: bytes) -> None:
-        """The connection is a WebSocket: its frames are to come here (fleet.dispatch.frames STREAM)."""
-        self.worker.outbox.done(encode([frames.tagged(frames.STREAM, index), conn_id]))
+        """The connection is a WebSocket: its frames are to come here (fleet.dispatch.frames STREAM),
+        and its request slot is free for another request (one more credit)."""
+        message = encode([frames.tagged(frames.STREAM, index), conn_id])
+        if not self.retire_sent:
+            message += encode([frames.CREDIT, b"1"])
+        self.worker.outbox.send_link(message)
 
     def retire(self) -> None:
         if not self.retire_sent:
@@ -617,7 +641,7 @@ class DirectFeed:
             self.worker.take(index, raw, None)
         self.resume()
 
-    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool) -> None:
+    def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool, credit: bool = True) -> None:
         """Nobody to tell: Mongrel2 does not track handlers' requests."""
 
     def resume(self) -> None:
@@ -662,7 +686,7 @@ async def run(spec: WorkerSpec, app: Any) -> int:
         config = spec.config
         worker.http = HttpSide([socket.socket(fileno=fd) for fd in spec.http_fds],
                                HttpLimits(config.http_keepalive, config.http_timeout, config.http_max_body),
-                               worker.has_room, worker.take_http, worker.take_http_websocket,
+                               config.websocket_max_size, worker.has_room, worker.take_http, worker.take_http_websocket,
                                worker.check_finished, loop)
     loop.add_signal_handler(signal.SIGTERM, worker.retire)
     loop.add_signal_handler(signal.SIGHUP, worker.retire)

@@ -1381,7 +1381,16 @@ static PyObject *Core_oldest_request_age(Core *self, PyObject *arg) {
     for (int i = 0; i < self->nthreads; i++) {
         Thread *t = &self->threads[i];
         if (!t->used || t->pid != pid) continue;
-        for (int j = 0; j < t->nheld; j++) if (t->held[j].since < oldest) oldest = t->held[j].since;
+        for (int j = 0; j < t->nheld; j++) {
+            if (PySet_GET_SIZE(self->streams)) {  /* a WebSocket is no stuck request (broker.oldest_request_age) */
+                PyObject *k = key_object(t->held[j].key);
+                int stream = k ? PySet_Contains(self->streams, k) : 0;
+                Py_XDECREF(k);
+                PyErr_Clear();
+                if (stream == 1) continue;
+            }
+            if (t->held[j].since < oldest) oldest = t->held[j].since;
+        }
     }
     double now = monotonic();
     UNLOCK(self);

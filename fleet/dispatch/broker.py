@@ -297,7 +297,10 @@ class Broker:
                 self.retire(thread.ident)
 
     def oldest_request_age(self, pid: int) -> float | None:
-        starts = [h.since for t in self.threads.values() if t.pid == pid for h in t.held.values()]
+        """Of the requests the worker holds; a stream (a WebSocket) lasts as long as its client
+        wants and is no stuck request."""
+        starts = [h.since for t in self.threads.values() if t.pid == pid
+                  for key, h in t.held.items() if key not in self._streams]
         return self.clock() - min(starts) if starts else None
 
     @property

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -80,6 +81,18 @@ async def slow(request: Request) -> Response:
     return PlainTextResponse(f"slept in {os.getpid()}")
 
 
+async def background(request: Request) -> Response:
+    """The response first, then work the app goes on with (Starlette's background task)."""
+    record = request.query_params["record"]
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        with open(record, "a") as out:
+            out.write("ran\n")
+
+    return PlainTextResponse("queued", background=BackgroundTask(later))
+
+
 async def boom(request: Request) -> Response:
     raise RuntimeError("boom from the application")
 
@@ -136,7 +149,7 @@ async def ws_refuse(websocket: WebSocket) -> None:
 starlette_app = Starlette(
     routes=[
         Route("/hello", hello), Route("/scope", scope_view), Route("/echo", echo, methods=["POST", "PUT"]),
-        Route("/stream", stream), Route("/slow", slow), Route("/boom", boom),
+        Route("/stream", stream), Route("/slow", slow), Route("/boom", boom), Route("/background", background),
         WebSocketRoute("/ws/echo", ws_echo), WebSocketRoute("/ws/broadcast", ws_broadcast),
         WebSocketRoute("/ws/refuse", ws_refuse),
     ],

@@ -186,6 +186,27 @@ def test_an_app_exception_is_a_500_and_a_traceback_and_the_worker_lives(starlett
     assert worker_pids(master) == before
 
 
+def test_a_background_task_outlives_a_client_that_leaves_after_its_response(starlette, tmp_path: Path) -> None:
+    server, _ = starlette
+    record = tmp_path / "record"
+    data, closed = _raw_exchange(server, f"GET /t/background?record={record} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    assert data.startswith(b"HTTP/1.0 200") and data.endswith(b"queued") and closed
+    wait_for(lambda: record.exists() and record.read_text() == "ran\n", 10, what="the background task to run")
+
+
+def test_pipelined_requests_in_direct_mode_leak_no_slot(harness: Harness) -> None:
+    """Mongrel2 hands a pipelined request over at once in direct mode: two requests of one connection
+    in flight together must both be answered and both give their slot back."""
+    server, master = serve(harness, "direct", "asgi_apps:raw", processes=1, extra=["--asgi-concurrency", "2"])
+    for _ in range(4):
+        data, _ = _raw_exchange(server, b"GET /t/hello HTTP/1.1\r\nHost: x\r\n\r\n"
+                                        b"GET /t/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert data.count(HELLO) == 2, data
+    for _ in range(10):
+        assert request(server, "GET", "/t/hello").body == HELLO
+    assert "internal error" not in log_text(master)
+
+
 def test_a_hundred_slow_requests_are_served_by_one_process_at_once(handmade) -> None:
     server, master = handmade
     assert len(worker_pids(master)) == 1
@@ -423,6 +444,24 @@ def test_a_client_that_drops_its_connection_is_a_1006_disconnect(harness: Harnes
         ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the TCP connection just ends
     wait_for(lambda: record.exists() and record.read_text().strip(), 15, what="the app told of the drop")
     assert record.read_text().split("\n")[0] == "disconnect 1006"
+
+
+@pytest.mark.parametrize("front", ["broker", "http"])
+def test_open_websockets_take_no_request_slot_and_no_harakiri(harness: Harness, front: str) -> None:
+    server, master = serve(harness, front, "asgi_apps:starlette_routes", processes=1,
+                           extra=["--asgi-concurrency", "2", "--harakiri", "1"])
+    pids = worker_pids(master)
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(connect(ws_url(server, "/t/ws/echo"), open_timeout=10)) for _ in range(5)]
+        for ws in sockets:
+            ws.send("open")
+            assert ws.recv(timeout=10) == "open"
+        assert request(server, "GET", "/t/hello").body == HELLO  # 5 sockets, and still room for requests
+        time.sleep(2.5)  # past --harakiri, and past the master's backstop at twice it
+        for ws in sockets:
+            ws.send("still here")
+            assert ws.recv(timeout=10) == "still here"
+    assert worker_pids(master) == pids and "harakiri" not in log_text(master)
 
 
 def test_direct_mode_refuses_websockets_and_says_why(harness: Harness) -> None:

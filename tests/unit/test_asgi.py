@@ -10,11 +10,13 @@ from fleet.appload import AppLoadError, check_interface, is_async_callable
 from fleet.asgi.cycle import AsgiProtocolError, ResponseCycle
 from fleet.asgi.lifespan import Lifespan, LifespanFailed
 from fleet.asgi.scope import NotHttp, asgi_headers, decode_path, http_scope
+from fleet.asgi.sockets import WebSocketExchange
 from fleet.asgi.websocket import (
     BINARY,
     CLOSE,
     CLOSED,
     CLOSING,
+    CONNECTING,
     END,
     OPEN,
     PING,
@@ -382,3 +384,67 @@ def test_a_lost_connection_is_1006_once() -> None:
     assert session.client_gone() == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
     assert session.client_gone() == []
     assert parse_close(b"") == (1005, "")
+
+
+def test_accept_with_bad_headers_changes_nothing() -> None:
+    session = WebSocketSession("ACCEPT")
+    with pytest.raises(AsgiProtocolError, match="no CR or LF"):
+        session.app_sends({"type": "websocket.accept", "headers": [(b"x", b"a\r\nb")]})
+    assert session.state == CONNECTING and session.status is None
+
+
+@pytest.mark.parametrize("code, echoed", [(1000, 1000), (4999, 4999), (1005, None), (1006, 1002), (999, 1002),
+                                          (2999, 1002), (5000, 1002)])
+def test_a_close_code_that_may_not_travel_is_answered_1002(code: int, echoed: int | None) -> None:
+    session = opened()
+    payload = b"" if code == 1005 else code.to_bytes(2, "big")
+    _, out = session.client_sends(CLOSE, payload)
+    assert out[0] == (close_frame(1000) if echoed is None else close_frame(echoed))
+
+
+class FakeReply:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def disconnect(self) -> None:
+        pass
+
+
+def test_sending_after_the_socket_closed_raises_an_oserror() -> None:
+    async def scenario() -> None:
+        ended = []
+
+        async def end() -> None:
+            ended.append(True)
+
+        exchange = WebSocketExchange("http", mongrel2_request(), WebSocketSession("A"), FakeReply(), end)
+        assert await exchange.receive() == {"type": "websocket.connect"}
+        await exchange.send({"type": "websocket.accept"})
+        await exchange.send({"type": "websocket.close", "code": 4000})
+        with pytest.raises(OSError):
+            await exchange.send({"type": "websocket.send", "text": "late"})
+        await exchange.send({"type": "websocket.close"})  # closing again is no mistake
+        exchange.incoming(CLOSE, b"\x0f\xa0")  # the client's echo ends it
+        assert await exchange.receive() == {"type": "websocket.disconnect", "code": 4000, "reason": ""}
+        await asyncio.sleep(0)
+        assert ended == [True] and exchange.reply.sent[-1] == close_frame(4000)
+
+    run(scenario())
+
+
+def test_a_client_far_ahead_of_the_app_is_closed_with_1009() -> None:
+    async def scenario() -> list[bytes]:
+        async def end() -> None:
+            pass
+
+        exchange = WebSocketExchange("http", mongrel2_request(), WebSocketSession("A", max_size=100), FakeReply(), end)
+        await exchange.send({"type": "websocket.accept"})
+        for _ in range(11):
+            exchange.incoming(TEXT, b"x" * 10)  # 110 bytes nobody read
+        await asyncio.sleep(0)
+        return exchange.reply.sent
+
+    assert run(scenario())[-1] == close_frame(1009, "too much unread")
