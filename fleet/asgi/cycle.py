@@ -62,9 +62,9 @@ class ResponseCycle:
             self.state = _BODY
             return b""
         if self.state == _DONE:
+            if kind == "http.response.trailers":
+                return b""  # asked for in start ("trailers": true); HTTP/1.1 here drops them
             raise AsgiProtocolError(f"{kind!r} sent after the response was complete")
-        if kind == "http.response.trailers":
-            return b""  # only sent when the app asked for trailers in start; HTTP/1.1 drops them here
         if kind != "http.response.body":
             raise AsgiProtocolError(f"expected http.response.body, got {kind!r}")
         body = message.get("body", b"")

@@ -59,6 +59,11 @@ class Lifespan:
         if answer is not None and answer["type"] == "lifespan.shutdown.failed":
             log.error("the application's shutdown failed: %s", answer.get("message") or "no reason given")
 
+    def close(self) -> None:
+        """The worker is ending: a lifespan task still running (it ignored shutdown) is cancelled."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     async def _answer(self) -> dict[str, Any] | None:
         """The app's next message; None if it ended without error (or never spoke lifespan)."""
         getter = asyncio.ensure_future(self._answers.get())
@@ -66,7 +71,7 @@ class Lifespan:
         if getter.done():
             return getter.result()
         getter.cancel()
-        error = self._task.exception()
+        error = None if self._task.cancelled() else self._task.exception()
         if self._received == 0:
             # It ended before it even read the startup event: lifespan is not for it.
             self.supported = False

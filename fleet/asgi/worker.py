@@ -286,7 +286,10 @@ class AsgiWorker:
         finally:
             try:
                 finish(closed)
-                self.tally.record(exchange.kind, exchange.status, time.monotonic() - started)
+                # An accepted WebSocket is counted as one (opened, closed), not as a request
+                # whose latency would be the socket's whole life.
+                if not getattr(exchange, "accepted", False):
+                    self.tally.record(exchange.kind, exchange.status, time.monotonic() - started)
             except Exception:
                 log.exception("internal error finishing connection %s", conn_id)
             self.in_flight -= 1
@@ -362,9 +365,12 @@ class AsgiWorker:
         async def send(message: dict[str, Any]) -> None:
             if reply.gone:
                 raise ClientDisconnected(f"client of connection {request.conn_id.decode()} is gone")
+            was_complete = cycle.complete
             data = cycle.send(message)
             if cycle.status is not None and reply.status is None:
                 reply.status = cycle.status
+            if was_complete:
+                return  # trailers after the body: HTTP/1.1 through Mongrel2 has no room for them
             if cycle.complete:
                 await reply.finish(data, close=not cycle.keep_alive)
                 exchange.disconnected.set()
@@ -704,6 +710,7 @@ async def run(spec: WorkerSpec, app: Any) -> int:
     keeper.cancel()
     watchdog.cancel()
     await worker.lifespan.shutdown(spec.config.graceful_timeout)
+    worker.lifespan.close()
     worker.send_figures(control, None)
     if worker.outbox is not None:
         worker.outbox.flush()

@@ -448,3 +448,10 @@ def test_a_client_far_ahead_of_the_app_is_closed_with_1009() -> None:
         return exchange.reply.sent
 
     assert run(scenario())[-1] == close_frame(1009, "too much unread")
+
+
+def test_trailers_after_the_body_are_dropped_quietly() -> None:
+    c = cycle()
+    c.send({**start(), "trailers": True})
+    c.send({"type": "http.response.body", "body": b"x"})
+    assert c.send({"type": "http.response.trailers", "headers": [(b"x-checksum", b"1")]}) == b""
