@@ -43,6 +43,7 @@ class WebSocketExchange:
         self._end = end
         self._opened = opened
         self._unread = 0  # bytes of client messages the app has not received yet
+        self._close_timer: asyncio.TimerHandle | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._events.put_nowait({"type": "websocket.connect"})
         self._last_event: dict[str, Any] | None = None
@@ -85,9 +86,24 @@ class WebSocketExchange:
             self._events.put_nowait(event)
         self._emit(out)
 
-    def going_away(self) -> None:
-        """The worker is out of time (retiring): close with 1001."""
-        self._emit(self.session.going_away())
+    def going_away(self, wait_for_echo: bool = True) -> None:
+        """The worker is out of time (retiring): close with 1001. Without ``wait_for_echo`` (the
+        client's frames cannot reach us any more) the connection ends at once."""
+        self._emit_and_time(self.session.going_away())
+        if not wait_for_echo:
+            self._close_timed_out()
+
+    def _emit_and_time(self, out: list[bytes]) -> None:
+        """Emit; if that began our close handshake, give the client CLOSE_TIMEOUT to answer it."""
+        self._emit(out)
+        if self.session.state == CLOSING and self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        events, out = self.session.close_timed_out()
+        for event in events:
+            self._events.put_nowait(event)
+        self._emit(out)
 
     # -- the app's side ---------------------------------------------------------------------
 
@@ -105,7 +121,7 @@ class WebSocketExchange:
             log.error("application error in %s\n%s", where, traceback.format_exc().rstrip())
             self._emit(self.session.app_failed())
         else:
-            self._emit(self.session.app_returned())
+            self._emit_and_time(self.session.app_returned())
         await self._closed()
         return True
 
@@ -131,6 +147,8 @@ class WebSocketExchange:
         else:
             self._emit(out)
             await self._flushed()
+        if self.session.state == CLOSING and self._close_timer is None:
+            self._emit_and_time([])  # the app closed: the client has CLOSE_TIMEOUT to answer
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -163,10 +181,9 @@ class WebSocketExchange:
     async def _closed(self) -> None:
         await self._flushed()
         if self.session.state == CLOSING and not self._ended.is_set():
-            try:
-                await asyncio.wait_for(self._ended.wait(), CLOSE_TIMEOUT)
-            except TimeoutError:
-                self._emit(self.session.close_timed_out())
+            await self._ended.wait()  # the client's echo, or the close timer
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         await self._flushed()
         if not self._ended.is_set():  # closed by the client's side with nothing to write
             self._ended.set()

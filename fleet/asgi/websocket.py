@@ -178,12 +178,12 @@ class WebSocketSession:
             return [_refusal(503), END]
         return []
 
-    def close_timed_out(self) -> list[bytes]:
-        """The client never echoed our close frame."""
+    def close_timed_out(self) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """The client never echoed our close frame: the connection ends, and so does the app's wait."""
         if self.state == CLOSING:
             self.state = CLOSED
-            return [END]
-        return []
+            return [self._disconnect(self.close_code or ABNORMAL)], [END]
+        return [], []
 
     # -- the client's side -------------------------------------------------------------
 

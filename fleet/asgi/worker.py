@@ -435,9 +435,18 @@ class AsgiWorker:
         asyncio.get_running_loop().call_later(self.config.graceful_timeout - margin, self._websockets_going_away)
         self.check_finished()
 
-    def _websockets_going_away(self) -> None:
-        for exchange in list(self.websockets.values()):
-            exchange.going_away()
+    def _websockets_going_away(self, mongrel2_only: bool = False) -> None:
+        for (index, _), exchange in list(self.websockets.items()):
+            if index >= 0 or not mongrel2_only:
+                exchange.going_away()
+
+    def host_detached(self) -> None:
+        """SIGUSR2: the host stopped taking work from Mongrel2 (a graceful stop), so the frames of
+        its WebSockets through Mongrel2 no longer reach it: close them now, with 1001."""
+        count = sum(index >= 0 for index, _ in self.websockets)
+        if count:
+            log.info("detached from Mongrel2: closing its %d WebSocket(s) with 1001", count)
+        self._websockets_going_away(mongrel2_only=True)
 
     async def keep_websockets_alive(self) -> None:
         """Mongrel2 drops a WebSocket its client has not pinged for limits.min_ping (120 s by
@@ -697,6 +706,7 @@ async def run(spec: WorkerSpec, app: Any) -> int:
     loop.add_signal_handler(signal.SIGTERM, worker.retire)
     loop.add_signal_handler(signal.SIGHUP, worker.retire)
     loop.add_signal_handler(signal.SIGUSR1, reopen_log_file)
+    loop.add_signal_handler(signal.SIGUSR2, worker.host_detached)
     control = ThreadLink(spec.dispatch_endpoint, frames.control_ident(os.getpid()), POLL_INTERVAL_MS / 1000)
     control.send([frames.READY, (app_version(spec.config.app) or "").encode()])
     log.info("worker ready: ASGI on %s, up to %d requests at once, %s dispatch, replying to %s, HTTP %s",

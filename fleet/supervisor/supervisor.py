@@ -478,6 +478,10 @@ class Supervisor:
         self.dispatcher.stop_accepting()
         self.stop_deadline = now + self.config.graceful_timeout
         for worker in self.workers.values():
+            if self.config.interface == "asgi":
+                # Detached, this host gets no more frames of its WebSockets through Mongrel2:
+                # they are closed now (1001), so their clients reconnect to a host that does.
+                worker.signal(signal.SIGUSR2)
             self.retire_worker(worker)
 
     def kill_late_workers(self) -> None:

@@ -518,6 +518,21 @@ def test_the_graceful_timeout_closes_a_retiring_workers_sockets_with_1001(harnes
     assert closed.value.rcvd.code == 1001
 
 
+def test_a_graceful_stop_closes_websockets_through_mongrel2_at_once_with_1001(harness: Harness) -> None:
+    """Detached from Mongrel2, the host gets no more frames of its sockets: they close at once, not
+    when the graceful timeout (60 s here, past the client's wait) runs out."""
+    server, master = serve(harness, "broker", "asgi_apps:starlette_routes", processes=1,
+                           extra=["--graceful-timeout", "60"])
+    with connect(ws_url(server, "/t/ws/echo"), open_timeout=10) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+        master.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=15)
+    assert closed.value.rcvd.code == 1001
+    assert master.wait_exit(timeout=30) == 0
+
+
 def test_a_websocket_through_a_cluster_node_with_its_own_mongrel2(harness: Harness, cluster_args: list[str]) -> None:
     mine = harness.mongrel2([("/t/", "tnetstring")])
     harness.master(asgi_args(mine, "asgi_apps:starlette_routes", processes=1) + cluster_args)

@@ -455,3 +455,24 @@ def test_trailers_after_the_body_are_dropped_quietly() -> None:
     c.send({**start(), "trailers": True})
     c.send({"type": "http.response.body", "body": b"x"})
     assert c.send({"type": "http.response.trailers", "headers": [(b"x-checksum", b"1")]}) == b""
+
+
+def test_a_close_the_client_never_answers_ends_the_connection_and_the_apps_wait(monkeypatch) -> None:
+    monkeypatch.setattr("fleet.asgi.sockets.CLOSE_TIMEOUT", 0.05)
+
+    async def scenario() -> tuple[dict, list]:
+        ended: list[bool] = []
+
+        async def end() -> None:
+            ended.append(True)
+
+        exchange = WebSocketExchange("http", mongrel2_request(), WebSocketSession("A"), FakeReply(), end)
+        await exchange.receive()
+        await exchange.send({"type": "websocket.accept"})
+        exchange.going_away()  # the worker's time is up; the client stays silent
+        event = await asyncio.wait_for(exchange.receive(), 5)  # the app waiting in receive() is told
+        await asyncio.sleep(0.01)
+        return event, ended
+
+    event, ended = run(scenario())
+    assert event == {"type": "websocket.disconnect", "code": 1001, "reason": ""} and ended == [True]
