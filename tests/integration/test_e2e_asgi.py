@@ -12,9 +12,11 @@ import asyncio
 import hashlib
 import http.client
 import json
+import os
 import re
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +96,20 @@ def test_starlette_answers_on_both_protocols(starlette, prefix: str) -> None:
     assert response.headers["content-type"] == "text/plain; charset=utf-8"
     assert response.headers["content-length"] == str(len(HELLO))
     assert "ASGI on" in log_text(master)
+
+
+def test_curl_gets_a_page_and_uploads_a_file(starlette, tmp_path: Path) -> None:
+    server, _ = starlette
+    page = subprocess.run(["curl", "-s", "-i", f"http://127.0.0.1:{server.port}/t/hello"],
+                          capture_output=True, timeout=30)
+    assert page.returncode == 0 and page.stdout.startswith(b"HTTP/1.1 200 OK") and page.stdout.endswith(HELLO)
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(os.urandom(300_000))  # past Mongrel2's content length: a temp-file upload there
+    sent = subprocess.run(["curl", "-s", "-D", "-", "-o", str(tmp_path / "echoed"), "-X", "POST",
+                           "--data-binary", f"@{upload}", f"http://127.0.0.1:{server.port}/t/echo"],
+                          capture_output=True, timeout=60)
+    assert sent.returncode == 0 and b" 200 " in sent.stdout.splitlines()[0]
+    assert (tmp_path / "echoed").read_bytes() == upload.read_bytes()
 
 
 def test_the_scope_carries_the_request(starlette, prefix: str) -> None:
