@@ -27,16 +27,15 @@ from bench.common import (
     CPU_COLUMNS,
     RESULTS,
     Contender,
-    Result,
     add_wrk_args,
     check_once,
     check_wrk_args,
     cpu_seconds,
     finish,
     make_rig,
-    measure,
     medians,
     print_results,
+    run_rounds,
     tree_cpu,
     write_results,
 )
@@ -141,25 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = contenders(wanted, args.processes, rig.route, rig.workdir)
     ws_rows = [name for name in wanted if name in WEBSOCKET_ROWS] if args.websockets else []
     ws_runs: list[dict] = []
-    runs: list[Result] = []
     failures: dict[str, str] = {}
     try:
         rig.server.start()
-        for round_number in range(args.rounds):
-            baseline = None
-            for name in sorted(wanted, key=lambda n: n != BASELINE):  # the baseline first in each round
-                contender, port = pool[name]
-                print(f"-- round {round_number + 1}: {name}", file=sys.stderr)
-                try:
-                    result = measure(contender, port or rig.server.port, rig.script, args,
-                                     mongrel2=None if port else rig.server)
-                except Exception as error:  # one broken contender must not hide the others
-                    failures[name] = str(error)[-2000:]
-                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
-                    continue
-                baseline = result if name == BASELINE else baseline
-                result.ratio = result.requests_per_s / baseline.requests_per_s if baseline else None
-                runs.append(result)
+        runs = run_rounds(rig, pool, wanted, BASELINE, args, failures)
         for round_number in range(args.rounds):
             for name in ws_rows:
                 contender, port = pool[name]

@@ -242,6 +242,31 @@ def measure(contender: Contender, port: int, script: Path, args: argparse.Namesp
         cpu_us={k: round((after[k] - before[k]) * 1e6 / requests, 1) for k in after})
 
 
+def run_rounds(rig: Rig, pool: dict[str, tuple[Contender, int]], wanted: list[str], baseline: str,
+               args: argparse.Namespace, failures: dict[str, str]) -> list[Result]:
+    """Measure every contender of ``wanted`` ``args.rounds`` times, interleaved, the baseline
+    first in each round (its ratio is to the baseline of the same round). ``pool`` maps a name
+    to (contender, its HTTP port, or 0 for one wrk reaches through the rig's Mongrel2, which the
+    caller has started). A contender that fails is written to ``failures``; the others go on."""
+    runs: list[Result] = []
+    for round_number in range(args.rounds):
+        base = None
+        for name in sorted(wanted, key=lambda n: n != baseline):
+            contender, port = pool[name]
+            print(f"-- round {round_number + 1}: {name}", file=sys.stderr)
+            try:
+                result = measure(contender, port or rig.server.port, rig.script, args,
+                                 mongrel2=None if port else rig.server)
+            except Exception as error:  # one broken contender must not hide the others
+                failures[name] = str(error)[-2000:]
+                print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
+                continue
+            base = result if name == baseline else base
+            result.ratio = result.requests_per_s / base.requests_per_s if base else None
+            runs.append(result)
+    return runs
+
+
 def median_run(runs: list[Result]) -> Result:
     """The run with the median requests/s (the lower middle one for an even count)."""
     ordered = sorted(runs, key=lambda r: r.requests_per_s)

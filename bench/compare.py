@@ -35,9 +35,9 @@ from bench.common import (
     check_wrk_args,
     finish,
     make_rig,
-    measure,
     medians,
     print_results,
+    run_rounds,
     write_results,
 )
 from fleet.dev.mongrel2 import HandlerRoute, free_port
@@ -155,25 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rig = make_rig("fleet-compare-")
     pool = contenders(wanted, args.processes, rig.route, rig.workdir)
-    runs: list[Result] = []
     failures: dict[str, str] = {}
     try:
         rig.server.start()
-        for round_number in range(args.rounds):
-            floor = None
-            for name in sorted(wanted, key=lambda n: n != BASELINE):  # the floor first in each round
-                contender, port = pool[name]
-                print(f"-- round {round_number + 1}: {name}", file=sys.stderr)
-                try:
-                    result = measure(contender, port or rig.server.port, rig.script, args,
-                                     mongrel2=None if port else rig.server)
-                except Exception as error:  # one broken contender must not hide the others
-                    failures[name] = str(error)[-2000:]
-                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
-                    continue
-                floor = result if name == BASELINE else floor
-                result.ratio = result.requests_per_s / floor.requests_per_s if floor else None
-                runs.append(result)
+        runs = run_rounds(rig, pool, wanted, BASELINE, args, failures)
     finally:
         for contender, _ in pool.values():
             contender.stop()

@@ -28,14 +28,13 @@ from bench.common import (
     BENCH,
     RESULTS,
     Contender,
-    Result,
     add_wrk_args,
     check_wrk_args,
     finish,
     make_rig,
-    measure,
     medians,
     print_results,
+    run_rounds,
     write_results,
 )
 from fleet.dev.mongrel2 import HandlerRoute, free_port
@@ -104,26 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [n for n in args.only.split(",") if n not in pool]
     if missing:
         print(f"-- not installed, skipped: {', '.join(missing)} (pip install gunicorn uwsgi)", file=sys.stderr)
-    runs: list[Result] = []
     failures: dict[str, str] = {}
     try:
         rig.server.start()
-        for round_number in range(args.rounds):
-            baseline = None
-            for name in sorted(wanted, key=lambda n: n != BASELINE):  # the baseline first in each round
-                contender, port = pool[name]
-                print(f"-- round {round_number + 1}: {name}", file=sys.stderr)
-                try:
-                    through_mongrel2 = not port
-                    result = measure(contender, port or rig.server.port, rig.script, args,
-                                     mongrel2=rig.server if through_mongrel2 else None)
-                except Exception as error:
-                    failures[name] = str(error)[-2000:]
-                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
-                    continue
-                baseline = result if name == BASELINE else baseline
-                result.ratio = result.requests_per_s / baseline.requests_per_s if baseline else None
-                runs.append(result)
+        runs = run_rounds(rig, pool, wanted, BASELINE, args, failures)
     finally:
         for contender, _ in pool.values():
             contender.stop()

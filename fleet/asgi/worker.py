@@ -438,7 +438,8 @@ class AsgiWorker:
     def _websockets_going_away(self, mongrel2_only: bool = False) -> None:
         for (index, _), exchange in list(self.websockets.items()):
             if index >= 0 or not mongrel2_only:
-                exchange.going_away()
+                # Detached from Mongrel2, a client's echo of the close cannot reach us: end at once.
+                exchange.going_away(wait_for_echo=not mongrel2_only)
 
     def host_detached(self) -> None:
         """SIGUSR2: the host stopped taking work from Mongrel2 (a graceful stop), so the frames of
