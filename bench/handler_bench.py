@@ -20,14 +20,13 @@ from bench.common import (
     BENCH,
     RESULTS,
     Contender,
-    Result,
     add_wrk_args,
     check_wrk_args,
     finish,
     make_rig,
-    measure,
     medians,
     print_results,
+    run_rounds,
     write_results,
 )
 from fleet.dev.mongrel2 import HandlerRoute
@@ -69,26 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
 
-    runs: list[Result] = []
     failures: dict[str, str] = {}
     try:
         rig.server.start()
         # Rounds interleave the contenders, so a slow spell of the machine
         # hits all of them rather than one; each ratio is taken within a round.
-        for round_number in range(args.rounds):
-            floor = None
-            for name in wanted:
-                print(f"-- round {round_number + 1}: {name}: {args.warmup}s warm-up, {args.duration}s measured",
-                      file=sys.stderr)
-                try:
-                    result = measure(pool[name], rig.server.port, rig.script, args, mongrel2=rig.server)
-                except Exception as error:  # one broken contender must not hide the others
-                    failures[name] = str(error)[-2000:]
-                    print(f"-- {name} failed: {failures[name]}", file=sys.stderr)
-                    continue
-                floor = result if name == BASELINE else floor
-                result.ratio = result.requests_per_s / floor.requests_per_s if floor else None
-                runs.append(result)
+        runs = run_rounds(rig, {name: (contender, 0) for name, contender in pool.items()}, wanted, BASELINE,
+                          args, failures)
     finally:
         for contender in pool.values():
             contender.stop()

@@ -1,1 +1,2 @@
-"""ASGI 3 applications (``--interface asgi``): one event loop per worker process."""
+"""ASGI 3 applications (``--interface asgi``): one event loop per worker process,
+started by the supervisor as ``python -m fleet.asgi SPEC_JSON``."""

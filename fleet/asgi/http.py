@@ -111,7 +111,7 @@ class HttpConnection(asyncio.Protocol):
         self.reader.feed(data)
         if self.exchange is None:
             self._pump()
-        elif len(self.reader._pending) > PIPELINE_LIMIT:
+        elif self.reader.buffered > PIPELINE_LIMIT:
             self.transport.pause_reading()  # resumed when the current request is answered
 
     def eof_received(self) -> bool:

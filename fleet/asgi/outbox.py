@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.zmtp import frame_head
+from fleet.worker.outbox import Into
 
 # A message this big is not copied into the batch: what waits leaves, then it does.
 BATCH_BYTES = 64 * 1024
@@ -30,17 +31,17 @@ class LoopOutbox:
         self.replies = [bytearray() for _ in publishers]
         self.dones = bytearray()
         self.scheduled = False
-        self.senders = [_Sender(self, index) for index in range(len(publishers))]
+        self.senders = [Into(self.reply, index) for index in range(len(publishers))]  # what replies send through
 
-    def reply(self, index: int, message: bytes) -> None:
+    def reply(self, index: int, message: bytes) -> bool:
         if len(message) >= BATCH_BYTES:
             self.flush()
-            self.publishers[index].send(message)
-            return
+            return self.publishers[index].send(message)
         reply = self.replies[index]
         reply += frame_head(len(message))
         reply += message
         self._schedule()
+        return True
 
     def send_link(self, data: bytes) -> None:
         """Encoded messages for the dispatcher (DONEs, STREAMs), after this pass's replies."""
@@ -63,16 +64,3 @@ class LoopOutbox:
             self.scheduled = True
             self.loop.call_soon(self.flush)
 
-
-class _Sender:
-    """What a reply sends through in place of a Publisher: into the outbox."""
-
-    __slots__ = ("outbox", "index")
-
-    def __init__(self, outbox: LoopOutbox, index: int) -> None:
-        self.outbox = outbox
-        self.index = index
-
-    def send(self, message: bytes) -> bool:
-        self.outbox.reply(self.index, message)
-        return True

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from fleet.mongrel2.codec import HeaderValue, Request
-from fleet.wsgi.environ import DEFAULT_URL_SCHEME, INTERNAL_HEADERS, parse_host
+from fleet.wsgi.environ import DEFAULT_URL_SCHEME, INTERNAL_HEADERS, parse_host, single_value
 
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 HTTP_VERSIONS = {"HTTP/1.1": "1.1", "HTTP/1.0": "1.0", "HTTP/2": "2", "HTTP/2.0": "2"}
@@ -28,22 +28,32 @@ def http_scope(request: Request, *, root_path: str = "", state: dict[str, Any] |
     """The ``http`` scope for ``request``. ``root_path`` is where the app is mounted;
     ``state`` is what the app's lifespan startup put there (each request gets a copy)."""
     get = request.headers.get
-    method = _single(get("METHOD"))
+    method = single_value(get("METHOD"))
     if not method or request.is_jssocket or request.is_websocket:
         raise NotHttp(f"not an HTTP request: METHOD {method!r}")
-    scheme = _single(get("URL_SCHEME")) or DEFAULT_URL_SCHEME
-    raw_path = _single(get("PATH")) or request.path.decode("latin-1")
-    server_name, server_port = parse_host(_single(get("host")), scheme)
-    remote = _single(get("REMOTE_ADDR"))
+    scope = connection_scope(request, "http", root_path=root_path, state=state)
+    scope["http_version"] = HTTP_VERSIONS.get(single_value(get("VERSION")) or "", "1.1")
+    scope["method"] = method
+    return scope
+
+
+def connection_scope(request: Request, kind: str, *, root_path: str, state: dict[str, Any] | None,
+                     schemes: dict[str, str] | None = None) -> dict[str, Any]:
+    """What the ``http`` and ``websocket`` scopes share. ``schemes`` maps Mongrel2's URL_SCHEME
+    to the scope's (a WebSocket's http is ws)."""
+    get = request.headers.get
+    scheme = single_value(get("URL_SCHEME")) or DEFAULT_URL_SCHEME
+    raw_path = single_value(get("PATH")) or request.path.decode("latin-1")
+    server_name, server_port = parse_host(single_value(get("host")), scheme)
+    remote = single_value(get("REMOTE_ADDR"))
     scope: dict[str, Any] = {
-        "type": "http",
+        "type": kind,
         "asgi": ASGI,
-        "http_version": HTTP_VERSIONS.get(_single(get("VERSION")) or "", "1.1"),
-        "method": method,
-        "scheme": scheme,
+        "http_version": "1.1",
+        "scheme": schemes.get(scheme, scheme) if schemes else scheme,
         "path": decode_path(raw_path),
         "raw_path": raw_path.encode("latin-1"),
-        "query_string": (_single(get("QUERY")) or "").encode("latin-1"),
+        "query_string": (single_value(get("QUERY")) or "").encode("latin-1"),
         "root_path": root_path,
         "headers": asgi_headers(request.headers),
         # Mongrel2 tells the peer's address, not its port.
@@ -79,8 +89,3 @@ def asgi_headers(headers: dict[str, HeaderValue]) -> list[tuple[bytes, bytes]]:
             out.append((key, value.encode("latin-1")))
     return out
 
-
-def _single(value: HeaderValue | None) -> str | None:
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value

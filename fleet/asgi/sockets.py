@@ -94,8 +94,11 @@ class WebSocketExchange:
             self._close_timed_out()
 
     def _emit_and_time(self, out: list[bytes]) -> None:
-        """Emit; if that began our close handshake, give the client CLOSE_TIMEOUT to answer it."""
         self._emit(out)
+        self._time_the_close()
+
+    def _time_the_close(self) -> None:
+        """If our close handshake has begun, give the client CLOSE_TIMEOUT to answer it."""
         if self.session.state == CLOSING and self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._close_timed_out)
 
@@ -147,8 +150,7 @@ class WebSocketExchange:
         else:
             self._emit(out)
             await self._flushed()
-        if self.session.state == CLOSING and self._close_timer is None:
-            self._emit_and_time([])  # the app closed: the client has CLOSE_TIMEOUT to answer
+        self._time_the_close()  # if the app just closed
 
     # -- internals ---------------------------------------------------------------------------
 

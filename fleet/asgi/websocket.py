@@ -24,10 +24,9 @@ from http import HTTPStatus
 from typing import Any
 
 from fleet.asgi.cycle import AsgiProtocolError
-from fleet.asgi.scope import ASGI, asgi_headers, decode_path
+from fleet.asgi.scope import connection_scope
 from fleet.config import DEFAULT_WEBSOCKET_MAX_SIZE
 from fleet.mongrel2.codec import Request
-from fleet.wsgi.environ import DEFAULT_URL_SCHEME, parse_host
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 END = b""  # in an output list: close the connection after what comes before
@@ -73,29 +72,9 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 
 def websocket_scope(request: Request, *, root_path: str = "", state: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``websocket`` scope of a handshake (from Mongrel2 or --http: the same keys)."""
-    get = request.headers.get
-    scheme = str(get("URL_SCHEME") or DEFAULT_URL_SCHEME)
-    raw_path = str(get("PATH") or request.path.decode("latin-1"))
-    server_name, server_port = parse_host(request.header("host"), scheme)
-    remote = get("REMOTE_ADDR")
+    scope = connection_scope(request, "websocket", root_path=root_path, state=state, schemes=_SCHEMES)
     protocols = request.header("sec-websocket-protocol") or ""
-    scope: dict[str, Any] = {
-        "type": "websocket",
-        "asgi": ASGI,
-        "http_version": "1.1",
-        "scheme": _SCHEMES.get(scheme, "ws"),
-        "path": decode_path(raw_path),
-        "raw_path": raw_path.encode("latin-1"),
-        "query_string": str(get("QUERY") or "").encode("latin-1"),
-        "root_path": root_path,
-        "headers": asgi_headers(request.headers),
-        "client": (str(remote), 0) if remote else None,
-        "server": (server_name.strip("[]"), int(server_port)),
-        "subprotocols": [p.strip() for p in protocols.split(",") if p.strip()],
-        "extensions": {},
-    }
-    if state is not None:
-        scope["state"] = dict(state)
+    scope["subprotocols"] = [p.strip() for p in protocols.split(",") if p.strip()]
     return scope
 
 

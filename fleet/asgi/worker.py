@@ -1,8 +1,8 @@
 """An ASGI worker process: one event loop serving up to --asgi-concurrency requests at once.
 
-Started like the WSGI worker (``python -m fleet.worker SPEC_JSON``, which
-comes here when the configuration says ``interface: asgi``) and seen the same
-way by the supervisor: READY and FIGURES on its control link, SIGTERM and
+Started as ``python -m fleet.asgi SPEC_JSON`` where the WSGI worker is
+``python -m fleet.worker SPEC_JSON`` (so neither process imports the other's
+stack), and seen the same way by the supervisor: READY and FIGURES on its control link, SIGTERM and
 SIGHUP to retire, the same exit codes.
 
 Requests reach the loop from one of two feeds, both sockets the loop watches:
@@ -52,9 +52,18 @@ from fleet.logs.push import lines_dropped
 from fleet.mongrel2 import codec
 from fleet.mongrel2.codec import Credits, Disconnect, ProtocolError, Request, encode_ctl, peek_route
 from fleet.mongrel2.connection import Publisher, Puller, PullerSet
-from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.mongrel2.uploads import (
+    UploadGone,
+    UploadPolicy,
+    UploadRejected,
+    UploadStarted,
+    check_upload,
+    open_upload,
+    remove_upload,
+)
 from fleet.worker.sources import POLL_INTERVAL_MS
 from fleet.worker.spec import WorkerSpec
+from fleet.worker.start import adopt
 from fleet.worker.tally import Tally, snapshot
 from fleet.wsgi.response import ResponseError, error_response
 from fleet.wsgi.serve import ResponseFramer
@@ -86,6 +95,7 @@ class Exchange:
     """One request in flight: its task, its reply and what its receive() has to give."""
 
     __slots__ = ("kind", "request", "reply", "task", "cycle", "disconnected", "receiving")
+    accepted = False  # a request is never an accepted WebSocket (fleet.asgi.sockets)
 
     def __init__(self, kind: str, request: Request, reply: AsyncReply | TransportReply) -> None:
         self.kind = kind  # "mongrel2" or "http", as the tally counts them
@@ -288,7 +298,7 @@ class AsgiWorker:
                 finish(closed)
                 # An accepted WebSocket is counted as one (opened, closed), not as a request
                 # whose latency would be the socket's whole life.
-                if not getattr(exchange, "accepted", False):
+                if not exchange.accepted:
                     self.tally.record(exchange.kind, exchange.status, time.monotonic() - started)
             except Exception:
                 log.exception("internal error finishing connection %s", conn_id)
@@ -333,10 +343,7 @@ class AsgiWorker:
             return await self._run_app(exchange, scope, body)
         finally:
             body.close()
-            try:
-                os.unlink(upload.real_path)
-            except OSError as error:
-                log.warning("could not delete upload %s: %s", upload.real_path, error)
+            remove_upload(upload)
 
     async def _run_app(self, exchange: Exchange, scope: dict, body: IO[bytes], now: float | None = None) -> bool:
         """The app on one request whose ``body`` is ready to read; True if the connection was closed.
@@ -550,13 +557,8 @@ class BrokerFeed:
     def done(self, index: int, conn_id: bytes, sent: int | None, closed: bool, credit: bool = True) -> None:
         """Leaves with the loop pass's batch, after the reply (fleet.asgi.outbox). ``credit``:
         the slot is free again (a WebSocket's gave its slot back when it became a stream)."""
-        kind = frames.DONE_LAST if self.retire_sent or not credit else frames.DONE
-        message = [frames.tagged(kind, index), conn_id]
-        if sent is not None:
-            message.append(b"%d%s" % (sent, b"c" if closed else b""))
-        elif closed:
-            message.append(b"c")
-        self.worker.outbox.send_link(encode(message))
+        self.worker.outbox.send_link(encode(frames.done(index, conn_id, sent, closed,
+                                                        credit=credit and not self.retire_sent)))
 
     def resume(self) -> None:
         """Credits come back with each DONE: nothing to do."""
@@ -741,8 +743,11 @@ async def _watch_parent(parent_pid: int) -> None:
             os._exit(BOOT_FAILED)
 
 
-def main(spec: WorkerSpec) -> int:
-    """The ASGI worker's life, once fleet.worker.worker.main has checked its parent."""
+def main(argv: list[str]) -> int:
+    """``python -m fleet.asgi SPEC_JSON``: the ASGI worker's life."""
+    spec = adopt(argv)
+    if spec is None:
+        return BOOT_FAILED
     setup_logging(spec.log_level, spec.log_file, spec.config.logger)
     try:
         app = load_app(spec.config.app, spec.config.pythonpath)

@@ -56,6 +56,17 @@ def thread_ident(pid: int, thread: int) -> bytes:
     return b"%d/%d" % (pid, thread)
 
 
+def done(index: int, conn_id: bytes, sent: int | None, closed: bool, credit: bool) -> list[bytes]:
+    """A thread's DONE for the request of (index, conn_id); ``credit``: it wants another
+    (DONE_LAST otherwise: retiring, or the slot was given back already)."""
+    frames = [tagged(DONE if credit else DONE_LAST, index), conn_id]
+    if sent is not None:  # a flow-controlled connection: bytes sent, "c" if closed
+        frames.append(b"%d%s" % (sent, b"c" if closed else b""))
+    elif closed:  # what Mongrel2 still sends for this connection is to be dropped
+        frames.append(b"c")
+    return frames
+
+
 def control_ident(pid: int) -> bytes:
     return b"%d/%s" % (pid, CONTROL_THREAD)
 

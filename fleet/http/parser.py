@@ -108,6 +108,11 @@ class RequestReader:
         self._pending = bytearray()
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not parsed yet (pipelined behind the request being served)."""
+        return len(self._pending)
+
+    @property
     def mid_request(self) -> bool:
         """True once any byte of the current request has arrived."""
         return self._bytes_seen or self._head is not None

@@ -15,6 +15,7 @@ resolves to an mkstemp-named regular file in the temp-store directory.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import stat
@@ -23,6 +24,8 @@ from typing import BinaryIO
 
 from fleet.config import HandlerConfig
 from fleet.mongrel2.codec import Request
+
+log = logging.getLogger("fleet.mongrel2")
 
 START_HEADER = "x-mongrel2-upload-start"
 DONE_HEADER = "x-mongrel2-upload-done"
@@ -174,6 +177,14 @@ def open_upload(done: UploadDone) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def remove_upload(done: UploadDone) -> None:
+    """Delete a served upload's file (Mongrel2 never does); a failure is one warning."""
+    try:
+        os.unlink(done.real_path)
+    except OSError as error:
+        log.warning("could not delete upload %s: %s", done.real_path, error)
 
 
 def discard_upload(request: Request, policy: UploadPolicy) -> str | None:

@@ -354,7 +354,9 @@ class Supervisor:
                 self.rollout.reload_complete()
 
     def spawn_worker(self) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "fleet.worker", self.spec_json],
+        # An ASGI worker is its own entry point: a WSGI worker does not import asyncio and the rest.
+        entry = "fleet.asgi" if self.config.interface == "asgi" else "fleet.worker"
+        process = subprocess.Popen([sys.executable, "-m", entry, self.spec_json],
                                    pass_fds=[listener.fileno() for listener in self.http_listeners])
         limit = 0
         if self.config.max_requests:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.zmtp import frame_head
@@ -65,7 +66,7 @@ class Outbox:
         self.size = 0
         self.lock = threading.Lock()
         self.holding = False  # set by the thread around the lane: what it sends otherwise leaves at once
-        self.responders = [_Held(self, index) for index in range(len(publishers))]
+        self.responders = [Into(self.hold, index) for index in range(len(publishers))]
 
     def hold(self, index: int, message: bytes) -> bool:
         """Keep a Mongrel2 message for endpoint ``index`` while holding (the lane's responder.send)."""
@@ -127,14 +128,15 @@ class Outbox:
             self.send_done(dones)
 
 
-class _Held:
-    """What the lane sends through in place of a Publisher: into the outbox."""
+class Into:
+    """What a reply sends through in place of a Publisher: an outbox's ``put(index, message)``
+    (this Outbox's hold, or fleet.asgi.outbox's reply)."""
 
-    __slots__ = ("outbox", "index")
+    __slots__ = ("put", "index")
 
-    def __init__(self, outbox: Outbox, index: int) -> None:
-        self.outbox = outbox
+    def __init__(self, put: Callable[[int, bytes], bool], index: int) -> None:
+        self.put = put
         self.index = index
 
     def send(self, message: bytes) -> bool:
-        return self.outbox.hold(self.index, message)
+        return self.put(self.index, message)

@@ -142,13 +142,7 @@ class BrokerSource:
 
     def done_message(self, index: int, conn_id: bytes, sent: int | None = None, closed: bool = False) -> bytes:
         """done()'s message, encoded, for the caller to send later (fleet.worker.outbox)."""
-        kind = frames.DONE_LAST if self.retire_sent else frames.DONE
-        reply = [frames.tagged(kind, index), conn_id]
-        if sent is not None:  # a flow-controlled connection: bytes sent, "c" if closed
-            reply.append(b"%d%s" % (sent, b"c" if closed else b""))
-        elif closed:  # what Mongrel2 still sends for this connection is to be dropped
-            reply.append(b"c")
-        return encode(reply)
+        return encode(frames.done(index, conn_id, sent, closed, credit=not self.retire_sent))
 
     def has_more(self) -> bool:
         """Whether next() has work in hand, without reading the link."""

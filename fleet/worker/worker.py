@@ -14,7 +14,6 @@ Mongrel2, through one ZMTP connection per thread and endpoint
 
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import os
@@ -30,7 +29,6 @@ import msgpack
 
 from fleet import native
 from fleet.appload import AppLoadError, WSGIApp, app_version, load_app
-from fleet.asgi import worker as asgi_worker
 from fleet.dispatch import frames
 from fleet.dispatch.broker import thread_credits
 from fleet.dispatch.link import ThreadLink
@@ -43,10 +41,19 @@ from fleet.mongrel2 import codec
 from fleet.mongrel2.codec import ProtocolError, Request, encode_close, peek_route
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.reply import Reply
-from fleet.mongrel2.uploads import UploadGone, UploadPolicy, UploadRejected, UploadStarted, check_upload, open_upload
+from fleet.mongrel2.uploads import (
+    UploadGone,
+    UploadPolicy,
+    UploadRejected,
+    UploadStarted,
+    check_upload,
+    open_upload,
+    remove_upload,
+)
 from fleet.worker.outbox import STALL, Outbox
 from fleet.worker.sources import FINISHED, POLL_INTERVAL_MS, BrokerSource, DirectSource, HttpShare, Message
 from fleet.worker.spec import WorkerSpec
+from fleet.worker.start import adopt
 from fleet.worker.tally import Tally, snapshot
 from fleet.wsgi.response import error_response
 from fleet.wsgi.serve import ClientGone, ReplyChannel, respond, serve
@@ -63,7 +70,6 @@ FIGURES_INTERVAL = 1.0
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).
 SUBSCRIBE_WAIT = 5.0
-PR_SET_PDEATHSIG = 1
 
 
 class Worker:
@@ -333,10 +339,7 @@ class Worker:
                          multithread=self.multithread, multiprocess=self.multiprocess)
         finally:
             body.close()
-            try:
-                os.unlink(upload.real_path)
-            except OSError as error:
-                log.warning("could not delete upload %s: %s", upload.real_path, error)
+            remove_upload(upload)
 
     def _refuse(self, request: Request, reply: Reply, error: UploadRejected) -> bool:
         # In direct mode the done message of a refused start reaches a worker too (in
@@ -390,22 +393,10 @@ def _raise_fd_limit() -> None:
             log.warning("could not raise the open-files limit from %d: %s", soft, error)
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us if the supervisor dies, so no worker is orphaned."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str]) -> int:
-    spec = WorkerSpec.from_json(argv[0])
-    _die_with_parent()
-    if os.getppid() != spec.parent_pid:
+    spec = adopt(argv)
+    if spec is None:
         return BOOT_FAILED
-    if spec.config.interface == "asgi":
-        return asgi_worker.main(spec)
     setup_logging(spec.log_level, spec.log_file, spec.config.logger)
     try:
         app = load_app(spec.config.app, spec.config.pythonpath)

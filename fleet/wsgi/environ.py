@@ -102,19 +102,19 @@ def build_environ(
     """
     headers = request.headers
     get = headers.get
-    method = _single(get("METHOD"))
+    method = single_value(get("METHOD"))
     if not method:
         raise ValueError("not an HTTP request: Mongrel2 sent no METHOD")
-    scheme = _single(get("URL_SCHEME")) or DEFAULT_URL_SCHEME
-    raw_path = _single(get("PATH")) or request.path.decode("latin-1")
-    query = _single(get("QUERY")) or ""
-    raw_uri = _single(get("URI")) or (f"{raw_path}?{query}" if query else raw_path)
+    scheme = single_value(get("URL_SCHEME")) or DEFAULT_URL_SCHEME
+    raw_path = single_value(get("PATH")) or request.path.decode("latin-1")
+    query = single_value(get("QUERY")) or ""
+    raw_uri = single_value(get("URI")) or (f"{raw_path}?{query}" if query else raw_path)
     path = decode_path(raw_path)
     if script_name:
         mounted_at, path_info = split_script_name(path, script_name)
     else:  # mounted at the root, the common case: nothing to strip
         mounted_at, path_info = "", path
-    server_name, server_port = _parse_host_cached(_single(get("host")), scheme)
+    server_name, server_port = _parse_host_cached(single_value(get("host")), scheme)
 
     environ = _ENVIRON_TEMPLATE.copy()  # see _ENVIRON_TEMPLATE for what each key is
     environ["wsgi.url_scheme"] = scheme
@@ -128,10 +128,10 @@ def build_environ(
     environ["QUERY_STRING"] = query
     environ["SERVER_NAME"] = server_name
     environ["SERVER_PORT"] = server_port
-    environ["SERVER_PROTOCOL"] = _single(get("VERSION")) or DEFAULT_PROTOCOL
-    environ["REMOTE_ADDR"] = _single(get("REMOTE_ADDR")) or ""
+    environ["SERVER_PROTOCOL"] = single_value(get("VERSION")) or DEFAULT_PROTOCOL
+    environ["REMOTE_ADDR"] = single_value(get("REMOTE_ADDR")) or ""
     environ["REQUEST_URI"] = environ["RAW_URI"] = environ["mongrel2.uri"] = raw_uri
-    environ["mongrel2.pattern"] = _single(get("PATTERN")) or ""
+    environ["mongrel2.pattern"] = single_value(get("PATTERN")) or ""
     environ["mongrel2.conn_id"] = request.conn_id.decode("ascii", "replace")
     # Written straight into the environ: no key above can collide with them.
     _add_client_headers(headers, environ)
@@ -259,8 +259,8 @@ def _valid_length(value: HeaderValue) -> str | None:
     return length if length.isascii() and length.isdigit() else None
 
 
-def _single(value: HeaderValue | None) -> str | None:
-    """One value of a Mongrel2 key; the first if it was (oddly) repeated."""
+def single_value(value: HeaderValue | None) -> str | None:
+    """One value of a Mongrel2 key; the first if it was (oddly) repeated. (fleet.asgi.scope too.)"""
     if isinstance(value, list):
         return value[0] if value else None
     return value

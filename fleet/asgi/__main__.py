@@ -1,0 +1,5 @@
+import sys
+
+from fleet.asgi.worker import main
+
+raise SystemExit(main(sys.argv[1:]))
