@@ -1,5 +1,6 @@
 import sys
 
+from fleet.worker.forkserver import worker_argv
 from fleet.asgi.worker import main
 
-raise SystemExit(main(sys.argv[1:]))
+raise SystemExit(main(worker_argv(sys.argv[1:])))

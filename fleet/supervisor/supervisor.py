@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from fleet.supervisor.metrics import MetricsEndpoint
 from fleet.supervisor.process import WorkerProcess, describe_exit
 from fleet.supervisor.rollout import Rollout
 from fleet.supervisor.signals import SignalQueue
+from fleet.supervisor.spawner import Spawner
 from fleet.supervisor.systemd import Notifier, activated_socket
 from fleet.worker.spec import WorkerSpec
 
@@ -125,7 +125,9 @@ class Supervisor:
         self.stats_endpoint = StatsEndpoint(self.context, stats_endpoint, self.stats) if stats_endpoint else None
         self.metrics = MetricsEndpoint(metrics) if metrics is not None else None
         self.notifier = Notifier()  # systemd's Type=notify, when it runs us
-        self.spec_json = self.worker_spec(config).to_json()
+        self.spec = self.worker_spec(config)
+        self.spawner: Spawner | None = None  # from run() on
+        self._polled_spawner_fd: int | None = None
 
     def worker_spec(self, config: HandlerConfig) -> WorkerSpec:
         return WorkerSpec(config, f"{self.runtime_dir}/dispatch", os.getpid(), self.log_level, self.log_file,
@@ -151,6 +153,9 @@ class Supervisor:
         """Signals, the dispatcher's thread and every socket the loop polls."""
         self.signals = SignalQueue(HANDLED_SIGNALS)
         self.dispatcher.start()
+        # An ASGI worker is its own entry point: a WSGI worker does not import asyncio and the rest.
+        entry = "fleet.asgi" if self.config.interface == "asgi" else "fleet.worker"
+        self.spawner = Spawner(entry, [listener.fileno() for listener in self.http_listeners])
         poller = zmq.Poller()
         poller.register(self.signals.fileno(), zmq.POLLIN)
         poller.register(self.dispatcher.notify_fd, zmq.POLLIN)
@@ -203,6 +208,7 @@ class Supervisor:
 
     def _close(self) -> None:
         self.kill_all()
+        self.spawner.close()
         if self.cluster is not None and self.cluster.role == "master":
             self.cluster.leave()
         if self.stats_endpoint is not None:
@@ -220,9 +226,24 @@ class Supervisor:
         """Sleep until something arrives, at most a tick. A cluster datagram is read
         at once: left unread, it keeps the socket readable and poll() returning
         straight away, a busy loop until the next tick (one per heartbeat heard)."""
+        if self.spawner is not None:
+            self._poll_spawner(poller)
         ready = dict(poller.poll(TICK * 1000))
+        if self._polled_spawner_fd is not None and self._polled_spawner_fd in ready:
+            self.spawner.pump()  # read at once, for the same reason
         if self.rollout is not None and self.cluster.fileno() in ready:
             self.rollout.receive(time.time())
+
+    def _poll_spawner(self, poller: zmq.Poller) -> None:
+        """Poll the fork server's socket: it says when it is ready and when a worker exits
+        (those are its children, so their SIGCHLD does not wake this loop)."""
+        fd = self.spawner.fileno()
+        if fd != self._polled_spawner_fd:
+            if self._polled_spawner_fd is not None:
+                poller.unregister(self._polled_spawner_fd)
+            if fd is not None:
+                poller.register(fd, zmq.POLLIN)
+            self._polled_spawner_fd = fd
 
     # -- signals ---------------------------------------------------------------
 
@@ -295,16 +316,17 @@ class Supervisor:
     def apply_config(self, config: HandlerConfig) -> bool:
         """Take a new configuration from the cluster for the next generation. False if it
         cannot be applied in place (other Mongrel2 endpoints, dispatch mode or --http):
-        the supervisor must then be restarted with it."""
+        the supervisor must then be restarted with it. Another interface also needs a restart:
+        the fork server has imported one kind of worker."""
         if (config.endpoints != self.config.endpoints or config.dispatch != self.config.dispatch
-                or config.http != self.config.http):
+                or config.http != self.config.http or config.interface != self.config.interface):
             return False
         if config.logger != self.config.logger:
             setup_logging(self.log_level, self.log_file, config.logger)
         self.config = config
         self.dispatcher.upload_policy = UploadPolicy.of(config)
         self.target = config.processes
-        self.spec_json = self.worker_spec(config).to_json()
+        self.spec = self.worker_spec(config)
         return True
 
     def restart(self) -> None:
@@ -343,7 +365,7 @@ class Supervisor:
         starting = len(current) - len(ready)
         batch = (self.config.reload_batch or self.target) if outgoing else self.target
         wanted = min(self.target - len(current), batch - starting)
-        if wanted > 0 and time.monotonic() >= self.respawn_at:
+        if wanted > 0 and time.monotonic() >= self.respawn_at and self.spawner.can_spawn():
             for _ in range(wanted):
                 self.spawn_worker()
         if self.reloading is not None and not outgoing and len(ready) >= self.target:
@@ -354,10 +376,12 @@ class Supervisor:
                 self.rollout.reload_complete()
 
     def spawn_worker(self) -> None:
-        # An ASGI worker is its own entry point: a WSGI worker does not import asyncio and the rest.
-        entry = "fleet.asgi" if self.config.interface == "asgi" else "fleet.worker"
-        process = subprocess.Popen([sys.executable, "-m", entry, self.spec_json],
-                                   pass_fds=[listener.fileno() for listener in self.http_listeners])
+        try:
+            process = self.spawner.spawn(self.spec)
+        except OSError as error:
+            self.respawn_at = time.monotonic() + BACKOFF_FIRST
+            log.error("cannot start a worker: %s", error)
+            return
         limit = 0
         if self.config.max_requests:
             limit = self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
@@ -449,6 +473,7 @@ class Supervisor:
         self.stopping_since = now
         self.notifier.stopping("stopping: the workers finish their requests" if graceful else "stopping")
         self.close_http()  # the workers finish what they accepted; no new connections
+        self.spawner.close_fds()
         if graceful:
             # Detach from Mongrel2 first and serve what already came, then
             # retire: Mongrel2 gives new requests to the other hosts meanwhile,

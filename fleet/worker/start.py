@@ -14,14 +14,15 @@ PR_SET_PDEATHSIG = 1
 def adopt(argv: list[str]) -> WorkerSpec | None:
     """The spec the supervisor wrote on the command line; None if that supervisor is gone already."""
     spec = WorkerSpec.from_json(argv[0])
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != spec.parent_pid:
         return None
     return spec
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us if the supervisor dies, so no worker is orphaned."""
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us if our parent dies (the supervisor, or its fork server), so
+    no worker is orphaned."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -75,14 +75,15 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
 class FleetMaster:
     """One `python -m fleet master ...` process in its own process group."""
 
-    def __init__(self, args: list[str], logdir: Path, name: str = "master", command: str = "master") -> None:
+    def __init__(self, args: list[str], logdir: Path, name: str = "master", command: str = "master",
+                 env: dict[str, str] | None = None) -> None:
         self.args = [sys.executable, "-m", "fleet", command, *args]
         self.ready_marker = f"{command} ready"
         self.stderr_path = logdir / f"{name}.stderr"
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
                 self.args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **env} if env else None)
         self.pid = self.proc.pid
         self.seen: dict[int, psutil.Process] = {}  # every descendant ever observed
 
@@ -207,8 +208,8 @@ class Harness:
         server.start()
         return server
 
-    def master(self, args: list[str], ready: bool = True) -> FleetMaster:
-        master = FleetMaster(args, self.basedir, name=f"master-{len(self.masters)}")
+    def master(self, args: list[str], ready: bool = True, env: dict[str, str] | None = None) -> FleetMaster:
+        master = FleetMaster(args, self.basedir, name=f"master-{len(self.masters)}", env=env)
         self.masters.append(master)
         if ready:
             master.wait_ready()
@@ -338,16 +339,18 @@ def upload_files(server: Mongrel2) -> list[Path]:
 # -- supervisor tests: workers, log lines, `fleet stats` ---------------------------
 
 
+def is_worker(proc: psutil.Process) -> bool:
+    """A worker, not a throwaway app-import check or the fork server the workers come from."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return "fleet.appload" not in cmdline and "fleet: fork server" not in cmdline
+
+
 def worker_processes(master: FleetMaster) -> list[psutil.Process]:
-    """The master's live worker processes (not a throwaway app-import check)."""
-    out = []
-    for proc in master.descendants():
-        try:
-            if "fleet.appload" not in " ".join(proc.cmdline()):
-                out.append(proc)
-        except psutil.Error:
-            continue
-    return out
+    """The master's live worker processes."""
+    return [proc for proc in master.descendants() if is_worker(proc)]
 
 
 def worker_pids(master: FleetMaster) -> set[int]:

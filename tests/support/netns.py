@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.support.harness import APPS, REPO, wait_for
+from tests.support.harness import APPS, REPO, is_worker, wait_for
 
 T = TypeVar("T")
 
@@ -322,17 +322,8 @@ class FleetProc:
             return []
 
     def worker_pids(self) -> set[int]:
-        """Live worker processes (not the throwaway app-import check)."""
-        import psutil
-
-        pids = set()
-        for proc in self.descendants():
-            try:
-                if "fleet.appload" not in " ".join(proc.cmdline()):
-                    pids.add(proc.pid)
-            except psutil.Error:
-                continue
-        return pids
+        """Live worker processes (not the throwaway app-import check, nor the fork server)."""
+        return {proc.pid for proc in self.descendants() if is_worker(proc)}
 
     def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:
