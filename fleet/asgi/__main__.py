@@ -1,6 +1,6 @@
 import sys
 
-from fleet.worker.forkserver import worker_argv
 from fleet.asgi.worker import main
+from fleet.worker.forkserver import worker_argv
 
 raise SystemExit(main(worker_argv(sys.argv[1:])))
