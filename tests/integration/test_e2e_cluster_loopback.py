@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fleet.cluster.protocol import keygen
-from tests.support.harness import FleetMaster, Harness, fleet_cli, master_args, request, wait_for
+from tests.support.harness import FleetMaster, Harness, fleet_cli, is_worker, master_args, request, wait_for
 
 
 def status(cluster_args: list[str]) -> dict:
@@ -31,7 +31,8 @@ def answering_pids(server, count: int) -> Counter:
 
 def family(*processes: FleetMaster) -> dict[int, str]:
     """worker pid -> which host process it belongs to."""
-    return {child.pid: name for name, proc in zip("abcdefg", processes) for child in proc.descendants()}
+    return {child.pid: name for name, proc in zip("abcdefg", processes) for child in proc.descendants()
+            if is_worker(child)}
 
 
 @pytest.mark.slow
