@@ -9,7 +9,11 @@ touches workers itself.
   when asked (a config request) or when it changes; keeps the node table.
 - A node asks for the configuration until it has one, follows announces of a
   new configuration or generation, and reports "lost" when the master has
-  been silent for MASTER_LOST_AFTER intervals (it keeps serving).
+  been silent for MASTER_LOST_AFTER intervals (it keeps serving). It needs
+  its peers' heartbeats only to find its turn in a rolling reload: outside
+  one it drops them by the header's kind byte, before the MAC and the parse
+  (every node decoding every heartbeat is N² work across a fleet), and when
+  a turn is awaited it listens TURN_LISTEN_INTERVALS before it judges.
 - Both send heartbeats, log the lines of `fleet log`, and drop (and count)
   every datagram that is not authentic, logging at most once a minute per
   source.
@@ -59,6 +63,9 @@ STATUS_ANSWER_INTERVAL = 0.2
 # fleet status asks again this often until every host answered (a datagram may be lost).
 ASK_AGAIN = 0.25
 MASTER_LOST_AFTER = 3  # announce intervals
+# A node awaiting its rolling-reload turn listens this many heartbeat intervals first: every live
+# peer has heartbeated by then (they send every interval, on a 0.2 s tick), so the queue is whole.
+TURN_LISTEN_INTERVALS = 1.5
 # Rejected datagrams are logged at most once per source address in this
 # interval, and for at most REJECT_LOG_SOURCES sources in it: UDP source
 # addresses are spoofable, so neither the memory nor the log may grow with them.
@@ -174,6 +181,10 @@ class ClusterAgent:
         self._master_seen: float | None = None
         self._seen_commands: set[bytes] = set()
         self.turns = Turns()
+        # Nodes drop peers' multicast heartbeats unread until they await a turn (see the docstring).
+        self.hears_peers = role != "node"
+        self._listening_since: float | None = None
+        self.heartbeats_skipped = 0
         self._roll_key: tuple[int, int] | None = None  # may_roll's last answer, and what it was for
         self._roll_checked, self._roll_go = 0.0, False
         self.master_members: list[dict[str, Any]] = []  # the master's node table, from its announced pages
@@ -227,8 +238,10 @@ class ClusterAgent:
             # command's address (and the master announce to it at once).
             self._next_hello = now + self.options.heartbeat_interval
             self._send(proto.ConfigRequest, now)
+        # The master's log has the fleet's joins and deaths; a node sees peers only during a roll.
+        level = logging.DEBUG if self.role == "node" else logging.INFO
         for change in self.members.tick(now):
-            log.info("cluster: %s", change)
+            log.log(level, "cluster: %s", change)
         for gone in self.peers.expire(now):
             log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
@@ -290,6 +303,11 @@ class ClusterAgent:
         # Asked on every pass of a waiting node's loop (one per datagram heard): look again
         # only when the table moved, or a second on (a node ahead may have overstayed its turn).
         key, moment = (self.members.version, generation), time.monotonic()
+        if not self.hears_peers:
+            self.hears_peers, self._listening_since = True, moment
+        if (self._listening_since is not None
+                and moment - self._listening_since < TURN_LISTEN_INTERVALS * self.options.heartbeat_interval):
+            return False
         if key == self._roll_key and moment - self._roll_checked < 1.0:
             return self._roll_go
         others = self.members.generations("node", ("starting", "ready", "lost"))
@@ -299,6 +317,12 @@ class ClusterAgent:
             log.warning("cluster: node %s has been in its reload turn for %.0f s without reaching generation %d; "
                         "the next node takes its turn", node_id[:8], self.turns.timeout, generation)
         return go
+
+    def turn_taken(self) -> None:
+        """The awaited turn came: a node stops listening to its peers and forgets them."""
+        if self.role == "node" and self._listening_since is not None:
+            self.hears_peers, self._listening_since = False, None
+            self.members.clear()
 
     @property
     def unicast(self) -> bool:
@@ -435,6 +459,10 @@ class ClusterAgent:
     def take(self, datagram: bytes, source: Address, by_unicast: bool,
              now: float) -> ApplyConfig | ReloadRequested | None:
         """One datagram as the transport gave it: from `source`, by unicast or by multicast."""
+        if not self.hears_peers and not by_unicast and proto.claims_kind(datagram, proto.Kind.HEARTBEAT):
+            # Unread: a forged one costs as little. By unicast they are still read: they teach peers.
+            self.heartbeats_skipped += 1
+            return None
         digest = hashlib.blake2b(datagram, digest_size=16).digest()
         first_from = self._recent.get(digest)
         if first_from is not None:
@@ -495,6 +523,7 @@ class ClusterAgent:
     def counters(self) -> dict[str, Any]:
         """What this host made of the datagrams it received (for `fleet stats`)."""
         return {"accepted": self.accepted, "accepted_from": dict(self.accepted_from),
+                "heartbeats_skipped": self.heartbeats_skipped,
                 "rejected": self.rejected, "rejected_by_reason": dict(self.rejected_by_reason),
                 "other_cluster": self.other_cluster}
 

@@ -161,6 +161,12 @@ class Membership:
             del self._hosts[message.node_id]
             self._note(ChangeKind.LEFT, host.beat, "gone")
 
+    def clear(self) -> None:
+        """Forget every host, quietly: a node that stops listening to its peers (no changes to report)."""
+        self._hosts.clear()
+        self._pending = []
+        self.version += 1
+
     def tick(self, now: float) -> list[Change]:
         """Mark silent hosts lost, dead or forgotten; return every change since the last tick."""
         for node_id, host in list(self._hosts.items()):

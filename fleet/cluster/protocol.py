@@ -613,6 +613,12 @@ def encode(message: Message, keyring: Keyring) -> bytes:
     return head + keyring.sign(head + payload) + payload
 
 
+def claims_kind(datagram: bytes, kind: Kind) -> bool:
+    """Whether `datagram`'s header says `kind`: unauthenticated, so only for dropping what a
+    host does not need before it spends a MAC and a parse on it, never for acting on."""
+    return len(datagram) >= HEADER_LEN and datagram[:3] == MAGIC and datagram[4] == kind
+
+
 def decode(datagram: bytes, keyring: Keyring, now: float, *, cluster: str) -> Message:
     """The message in `datagram`, authenticated and fresh, for `cluster`; or a ClusterProtocolError.
 

@@ -106,6 +106,7 @@ class Rollout:
         if not self.agent.may_roll(event.generation):
             return
         self.waiting = None
+        self.agent.turn_taken()
         waited = time.monotonic() - since
         if waited >= 1.0:
             log.info("cluster: our turn for generation %d came after %.1f s", event.generation, waited)

@@ -131,23 +131,64 @@ def test_a_configuration_too_large_for_one_datagram_is_refused_at_start(options)
 
 
 def test_nodes_take_turns_in_a_rolling_reload(options) -> None:
-    agents = [ClusterAgent(options(f"n{i}"), "node") for i in range(4)]
+    quick = [dataclasses.replace(options(f"n{i}"), heartbeat_interval=0.1) for i in range(4)]
+    agents = [ClusterAgent(o, "node") for o in quick]
     try:
+        ranked = sorted(agents, key=lambda a: a.origin.node_id)
+        # Awaiting a turn, a node first listens to its peers' heartbeats for a while: no answer yet.
+        assert [a.may_roll(2) for a in ranked] == [False] * 4
         now = time.time()
         for agent in agents:
             agent.tick(now, STATUS)  # everybody on generation 1, ready
         pump(*agents)
-        ranked = sorted(agents, key=lambda a: a.origin.node_id)
+        time.sleep(agent_module.TURN_LISTEN_INTERVALS * 0.1)
         # The first ROLL_HOSTS in node-id order may go; the others wait for them.
         assert [a.may_roll(2) for a in ranked] == [True, True, False, False]
         moved = HostStatus(**{**STATUS.__dict__, "generation": 2})
         for agent in ranked[:2]:
             agent._next_heartbeat = 0.0
             agent.tick(time.time(), moved)
+            agent.turn_taken()
         pump(*agents)
-        assert all(a.may_roll(2) for a in ranked)
+        assert all(a.may_roll(2) for a in ranked[2:])
     finally:
         for agent in agents:
+            agent.close()
+
+
+def test_a_node_leaves_its_peers_heartbeats_unread_unless_it_awaits_a_turn(options) -> None:
+    """Every node decoding every heartbeat is N² work across a fleet; a node needs them only
+    to find its turn in a rolling reload. The master still reads them all."""
+    master = ClusterAgent(options("m"), "master", config=CONFIG)
+    node = ClusterAgent(options("n"), "node")
+    peers = [ClusterAgent(options(f"p{i}"), "node") for i in range(3)]
+    everyone = [master, node, *peers]
+
+    def beat() -> None:
+        for agent in peers:
+            agent._next_heartbeat = 0.0
+            agent.tick(time.time(), STATUS)
+        pump(*everyone)
+
+    try:
+        beat()
+        assert node.heartbeats_skipped == 3 and len(node.members) == 0
+        assert {h.hostname for h in master.members.hosts(time.time())} == {"p0", "p1", "p2"}
+        # A forged heartbeat is dropped just as cheaply, unread, and not counted as an attack.
+        peers[0].channel.send(b"FLT\x01\x03" + bytes(100))
+        pump(node)
+        assert node.heartbeats_skipped == 4 and node.rejected == 0
+
+        node.may_roll(2)  # awaiting a turn: it listens
+        beat()
+        assert {h.hostname for h in node.members.hosts(time.time())} == {"p0", "p1", "p2"}
+        node.turn_taken()  # and after its turn, forgets them and stops reading
+        assert len(node.members) == 0
+        beat()
+        assert node.heartbeats_skipped == 7 and len(node.members) == 0
+        assert node.counters()["heartbeats_skipped"] == 7
+    finally:
+        for agent in everyone:
             agent.close()
 
 
