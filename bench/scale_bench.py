@@ -16,7 +16,9 @@ Per round (fresh master and nodes each round; the namespaces are kept):
 1. join: all nodes started at once (or --stagger S apart); times from the
    first start until the master logged every node joined / ready, until the
    observer saw every host ready, and until a `fleet status --json` run (run
-   back to back on the probe) listed every host ready; then at least one
+   back to back on the probe once every node logged ready: run during the
+   join, those processes would compete for the CPUs the nodes start on,
+   which the floor's masters do not) listed every host ready; then at least one
    request answered through Mongrel2 by every host (proof they serve);
 2. steady state, --window seconds: group packets/s and bytes/s (datagrams by
    kind from the counting socket; frames and bytes from the probe's eth0,
@@ -255,6 +257,10 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
             if args.stagger:
                 time.sleep(args.stagger)
         result["start_spread_s"] = round(time.monotonic() - t0, 3)
+        # Wait on the nodes' own logs first: `fleet status` runs during the join would be Python
+        # processes competing for the CPUs the nodes start on, which the floor does not have.
+        node_procs = [cluster.nodes[i] for i in range(2, n + 1)]
+        nodes_ready = wait_lines(node_procs, "node ready", args.join_timeout)
         status_runs = []
         deadline = t0 + args.join_timeout
         while True:
@@ -281,8 +287,6 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         result["master_log_all_joined_s"] = None if missing else round(max(joined[x] for x in node_names) - wall0, 3)
         result["master_log_all_ready_s"] = (None if any(x not in ready for x in node_names)
                                             else round(max(ready[x] for x in node_names) - wall0, 3))
-        node_procs = [cluster.nodes[i] for i in range(2, n + 1)]
-        nodes_ready = wait_lines(node_procs, "node ready", 60)
         result["nodes_log_all_ready_s"] = round(max(nodes_ready) - wall0, 3)
         # The cluster's own part, per node: asking to configuration received; its ready to the master's log.
         asked = wait_lines(node_procs, "for its configuration", 5)
@@ -516,7 +520,20 @@ def decode_costs(hosts: int = 1000) -> dict:
         agent.announce(now)
     announce = (time.perf_counter() - t) / 20
     agent.close()
+    # What one heartbeat costs a node through ClusterAgent.take, awaiting a turn (read whole)
+    # and not (dropped by its kind byte before the MAC).
+    per_node = {}
+    for awaiting in (True, False):
+        node = ClusterAgent(options, "node")
+        node.hears_peers = awaiting
+        t = time.perf_counter()
+        for data in datagrams:
+            node.take(data, ("10.0.0.1", 1717), False, now)
+        per_node[awaiting] = (time.perf_counter() - t) / len(datagrams)
+        node.close()
     return {"hosts_known": hosts, "heartbeat_datagram_bytes": len(datagrams[0]),
+            "node_takes_one_heartbeat_awaiting_a_turn_us": round(per_node[True] * 1e6, 2),
+            "node_takes_one_heartbeat_otherwise_us": round(per_node[False] * 1e6, 2),
             "heartbeats_a_default_receive_buffer_holds": buffer_capacity(datagrams[0]),
             "receive_one_heartbeat_us": round(per_beat * 1e6, 1),
             "membership_tick_ms": round(tick * 1e3, 3), "members_hosts_table_ms": round(views * 1e3, 3),
