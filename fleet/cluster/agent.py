@@ -223,8 +223,12 @@ class ClusterAgent:
             self._ask(now)
         if status is not None and (now >= self._next_heartbeat or self._changed(status)):
             # A change of state or generation is told at once: the node behind in a rolling
-            # reload, and the master's view of a join, wait for it.
-            self._next_heartbeat = now + self.options.heartbeat_interval
+            # reload, and the master's view of a join, wait for it. Otherwise on a fixed grid,
+            # not an interval after whichever tick came: peers declare a host dead after
+            # membership.DEAD_AFTER_INTERVALS, which a period of interval + tick would eat into.
+            interval = self.options.heartbeat_interval
+            on_grid = self._next_heartbeat + interval
+            self._next_heartbeat = on_grid if now >= self._next_heartbeat and on_grid > now else now + interval
             self._beaten = (status.state, status.generation)
             self._send(proto.Heartbeat, now, **self._heartbeat_body(now, status))
         if self.role == "master" and now >= self._next_announce:

@@ -20,6 +20,10 @@ import msgpack
 from fleet.cluster.protocol import Announce, Heartbeat, Leave
 
 SUSPECT_AFTER_INTERVALS = 1.5  # one heartbeat late, with room for jitter: shown as "lost"
+# Dead: two heartbeats missed, with room for jitter. Heartbeats go out on a fixed grid (a period of
+# one interval, up to a tick late), so one lost datagram stays "lost", and a host that dies is
+# declared dead within 2.5 intervals of its last heartbeat plus a tick: under 3 s by default.
+DEAD_AFTER_INTERVALS = 2.5
 FORGET_AFTER_DEAD = 10  # a dead host stays listed for this many dead-timeouts, then goes
 MAX_HOSTS = 1024  # table cap: uWSGI stopped at 100; past this the longest-silent host goes
 MAX_RETIRED_BOOTS = 8  # earlier boots remembered per host, to drop their late datagrams
@@ -29,7 +33,7 @@ class ChangeKind(StrEnum):
     JOINED = "joined"  # a node id not in the table
     RESTARTED = "restarted"  # a known node id with a new boot id
     LOST = "lost"  # silent for SUSPECT_AFTER_INTERVALS intervals
-    DEAD = "dead"  # silent for missed_for_dead intervals
+    DEAD = "dead"  # silent for dead_after_intervals intervals
     BACK = "back"  # heard again, same boot, after lost or dead
     STATE = "state"  # the host reported another state (ready -> degraded, ...)
     LEFT = "left"  # said goodbye
@@ -108,13 +112,14 @@ def _source(address: Any) -> tuple[str, int]:
 class Membership:
     """Who is in the cluster, and since when; changes come out of tick()."""
 
-    def __init__(self, heartbeat_interval: float, missed_for_dead: int = 3, *,
+    def __init__(self, heartbeat_interval: float, dead_after_intervals: float = DEAD_AFTER_INTERVALS, *,
                  forget_after: float | None = None, max_hosts: int = MAX_HOSTS) -> None:
-        if heartbeat_interval <= 0 or missed_for_dead < 2:
-            raise ValueError("heartbeat_interval must be positive and missed_for_dead at least 2")
+        if heartbeat_interval <= 0 or dead_after_intervals <= SUSPECT_AFTER_INTERVALS:
+            raise ValueError(f"heartbeat_interval must be positive and dead_after_intervals over "
+                             f"{SUSPECT_AFTER_INTERVALS}")
         self.heartbeat_interval = heartbeat_interval
         self.suspect_after = SUSPECT_AFTER_INTERVALS * heartbeat_interval
-        self.dead_after = missed_for_dead * heartbeat_interval
+        self.dead_after = dead_after_intervals * heartbeat_interval
         self.forget_after = FORGET_AFTER_DEAD * self.dead_after if forget_after is None else forget_after
         self.max_hosts = max_hosts
         self._hosts: dict[bytes, _Host] = {}

@@ -42,7 +42,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-name", default=socket.gethostname(), metavar="NAME",
                         help="this host's name in the cluster (default: the hostname)")
     parser.add_argument("--cluster-heartbeat", type=float, default=HEARTBEAT_INTERVAL, metavar="SECONDS",
-                        help="heartbeat interval; a host silent for 3 of them is dead (default 1); "
+                        help="heartbeat interval; a host silent for 2.5 of them is dead (default 1); "
                              "use the same value on every host")
 
 

@@ -466,3 +466,22 @@ def test_many_askers_never_stop_the_announces(options, monkeypatch) -> None:
         assert all(len(datagram) <= proto.MAX_DATAGRAM for datagram in sent)
     finally:
         master.close()
+
+
+def test_heartbeats_keep_a_fixed_grid_whichever_tick_sends_them(options) -> None:
+    """Peers call a host dead after 2.5 silent intervals: a period of interval + tick lateness
+    (1.0 to 1.2 s) would eat into that margin, so the next heartbeat is due on the grid."""
+    node = ClusterAgent(options("n"), "node")
+    sent: list[float] = []
+    node._send = lambda kind, now, **body: sent.append(now) if kind is proto.Heartbeat else None
+    try:
+        for moment in (100.0, 100.5, 101.15, 101.9, 102.0, 102.3, 103.19, 104.0):
+            node.tick(moment, STATUS)
+        assert sent == [100.0, 101.15, 102.0, 103.19, 104.0]
+        # Far behind (a stalled loop): no burst to catch up, the grid starts again from now.
+        node.tick(110.0, STATUS)
+        node.tick(110.9, STATUS)
+        node.tick(111.0, STATUS)
+        assert sent[-2:] == [110.0, 111.0]
+    finally:
+        node.close()

@@ -90,14 +90,14 @@ def test_steady_heartbeats_change_nothing(clock: Clock, table: Membership) -> No
         assert table.tick(clock.advance(0.4)) == []
 
 
-def test_lost_then_dead_after_three_missed_heartbeats(clock: Clock, table: Membership) -> None:
+def test_lost_then_dead_after_two_and_a_half_intervals(clock: Clock, table: Membership) -> None:
     host = Host(clock, 1)
     table.observe(host.beat(), SOURCE, clock.now)
     table.tick(clock.now)
     assert table.tick(clock.advance(1.5)) == []
     assert kinds(table.tick(clock.advance(0.01))) == [ChangeKind.LOST]
     assert table.hosts(clock.now)[0].state == "lost"
-    assert table.tick(clock.advance(1.49)) == []  # 3.0 s: the third heartbeat is merely due
+    assert table.tick(clock.advance(0.99)) == []  # 2.5 s: two heartbeats missed, the third not yet due
     assert kinds(table.tick(clock.advance(0.01))) == [ChangeKind.DEAD]
     assert table.hosts(clock.now)[0].state == "dead"
     assert table.tick(clock.advance(5)) == []  # reported once
