@@ -179,6 +179,21 @@ def wait_lines(procs: list[FleetProc], marker: str, timeout: float, after: int =
         time.sleep(0.1)
 
 
+def join_cpu_per_host(procs: list[FleetProc]) -> float:
+    """Mean CPU seconds a host's processes have used so far: the supervisor, the children it
+    reaped (the app check) and the live ones (fork server, workers)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            top = psutil.Process(proc.pid)
+            times = top.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+            total += cpu_seconds(child.pid for child in top.children(recursive=True))
+        except psutil.Error:
+            pass
+    return round(total / max(1, len(procs)), 3)
+
+
 def floor(cluster: FleetCluster, n: int) -> dict:
     """The same processes with no cluster at all: a standalone `fleet master` serving
     Mongrel2 with the same app and worker count on h2 .. hN, all started at once, then
@@ -195,7 +210,7 @@ def floor(cluster: FleetCluster, n: int) -> dict:
         cluster.procs.append(proc)
         procs.append(proc)
     ready = wait_lines(procs, "master ready", 180)
-    result = {"floor_all_ready_s": round(max(ready) - wall0, 3)}
+    result = {"floor_all_ready_s": round(max(ready) - wall0, 3), "floor_join_cpu_s_per_host": join_cpu_per_host(procs)}
     time.sleep(1.0)
     hup = time.time()
     for proc in procs:
@@ -261,6 +276,7 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         # processes competing for the CPUs the nodes start on, which the floor does not have.
         node_procs = [cluster.nodes[i] for i in range(2, n + 1)]
         nodes_ready = wait_lines(node_procs, "node ready", args.join_timeout)
+        result["nodes_join_cpu_s_per_host"] = join_cpu_per_host(node_procs)
         status_runs = []
         deadline = t0 + args.join_timeout
         while True:
@@ -462,6 +478,7 @@ def medians(rounds: list[dict]) -> dict:
                 "reload_s", "master_cpu_pct_during_reload", "master_cpu_s_during_join",
                 "nodes_passed_over_in_their_turn", "floor_all_ready_s", "floor_all_reloaded_s",
                 "nodes_log_all_ready_s", "nodes_reloading_at_once_max", "node_config_s_median",
+                "floor_join_cpu_s_per_host", "nodes_join_cpu_s_per_host",
                 "node_config_s_worst", "master_sees_ready_s_median", "master_sees_ready_s_worst",
                 "reload_min_workers_serving_pct", "node_cpu_pct_mean_during_reload"):
         values = [r[key] for r in good if r.get(key) is not None]
@@ -568,7 +585,8 @@ def buffer_capacity(datagram: bytes, sent: int = 2000) -> int:
 
 def print_table(results: dict) -> None:
     sizes = results["sizes"]
-    keys = ["floor_all_ready_s", "floor_all_reloaded_s", "nodes_log_all_ready_s", "node_config_s_median",
+    keys = ["floor_all_ready_s", "floor_all_reloaded_s", "nodes_log_all_ready_s", "floor_join_cpu_s_per_host",
+            "nodes_join_cpu_s_per_host", "node_config_s_median",
             "node_config_s_worst", "master_sees_ready_s_median", "master_sees_ready_s_worst", "start_spread_s",
             "master_log_all_joined_s", "master_log_all_ready_s", "observer_all_ready_s",
             "status_lists_all_ready_s", "status_wall_s", "detection_observer_s", "detection_master_log_s",
