@@ -249,6 +249,13 @@ class ClusterAgent:
         for gone in self.peers.expire(now):
             log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
+    def due(self, now: float) -> bool:
+        """Whether tick() has something to send now (a heartbeat, an announce, a request)."""
+        return (now >= self._next_heartbeat
+                or (self.role == "master" and now >= self._next_announce)
+                or (self.role == "node" and self.config is None and now >= self._next_request)
+                or (self._asking_since is not None and now >= self._next_ask))
+
     def _changed(self, status: HostStatus) -> bool:
         return self._beaten is not None and self._beaten != (status.state, status.generation)
 

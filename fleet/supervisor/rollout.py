@@ -62,10 +62,16 @@ class Rollout:
         self.waiting: tuple[ApplyConfig, float] | None = None  # a change waiting for our turn
         self.last_error: str | None = None
 
-    def receive(self, now: float) -> None:
-        """Act on what the channel brought: reload commands and new configurations."""
+    def receive(self, now: float) -> bool:
+        """Act on what the channel brought: reload commands, new configurations, and the
+        heartbeat of the node ahead that makes it our turn. True if the supervisor has work
+        from it now (most datagrams, heartbeats, leave it none)."""
+        before = (self.pending, self.waiting)
         with cluster_errors_contained():
-            self._receive(now)
+            if self._receive(now):
+                return True
+            self.roll_when_our_turn()
+        return (self.pending, self.waiting) != before or self.host.stopping
 
     def talk(self, now: float, status: Callable[[], HostStatus]) -> None:
         """Once a tick: receive, roll if it is our turn, heartbeat (and announce, on the master)."""
@@ -77,8 +83,9 @@ class Rollout:
                 self.generation = self.agent.generation
             self.agent.tick(now, status())
 
-    def _receive(self, now: float) -> None:
-        for event in self.agent.receive(now):
+    def _receive(self, now: float) -> int:
+        events = self.agent.receive(now)
+        for event in events:
             if self.host.stopping:
                 continue
             if isinstance(event, ReloadRequested):
@@ -88,6 +95,7 @@ class Rollout:
             elif isinstance(event, ApplyConfig):
                 self.waiting = (event, time.monotonic())
                 self.roll_when_our_turn()
+        return len(events)
 
     def reload_complete(self) -> None:
         if self.pending is not None:

@@ -58,3 +58,23 @@ def test_a_heartbeat_heard_is_read_at_once_so_the_next_wait_sleeps(agents, super
     # once, every pass, until the next tick (a busy loop per heartbeat heard).
     assert poller.poll(0) == []
     assert supervisor.cluster.heartbeats_skipped == 1  # read, and left unparsed: a node awaiting no turn
+
+
+def test_a_heartbeat_alone_wakes_the_loop_without_a_pass_but_a_due_tick_or_a_timeout_asks_one(
+        agents, supervisor) -> None:
+    """A supervisor pass for every datagram heard was most of what hearing 1,000 hosts cost a
+    node (bench/fake_hosts.py); a pass still runs when the agent has something to send."""
+    peer = agents("peer")
+    poller = zmq.Poller()
+    poller.register(supervisor.cluster.fileno(), zmq.POLLIN)
+    supervisor.cluster.tick(time.time(), STATUS)  # our heartbeat went out: the next is a second away
+    peer.tick(time.time(), STATUS)
+    assert poller.poll(5000), "the peer's heartbeat never arrived"
+    assert supervisor.wait(poller) is False
+    assert supervisor.cluster.heartbeats_skipped >= 1  # the peer's (and our own, looped back)
+    supervisor.cluster._next_heartbeat = 0.0  # our heartbeat is due: the next datagram brings a pass
+    peer._next_heartbeat = 0.0
+    peer.tick(time.time(), STATUS)
+    assert poller.poll(5000), "the peer's second heartbeat never arrived"
+    assert supervisor.wait(poller) is True
+    assert supervisor.wait(poller) is True  # nothing came: the tick's pass
