@@ -179,19 +179,22 @@ def wait_lines(procs: list[FleetProc], marker: str, timeout: float, after: int =
         time.sleep(0.1)
 
 
-def join_cpu_per_host(procs: list[FleetProc]) -> float:
+def join_cpu_per_host(procs: list[FleetProc]) -> dict[str, float]:
     """Mean CPU seconds a host's processes have used so far: the supervisor, the children it
-    reaped (the app check) and the live ones (fork server, workers)."""
-    total = 0.0
+    reaped (the app check) and the live ones (fork server, workers), and their total."""
+    parts = Counter()
     for proc in procs:
         try:
             top = psutil.Process(proc.pid)
             times = top.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-            total += cpu_seconds(child.pid for child in top.children(recursive=True))
+            parts["supervisor"] += times.user + times.system
+            parts["reaped"] += times.children_user + times.children_system
+            parts["live_children"] += cpu_seconds(child.pid for child in top.children(recursive=True))
         except psutil.Error:
             pass
-    return round(total / max(1, len(procs)), 3)
+    mean = {part: round(value / max(1, len(procs)), 3) for part, value in parts.items()}
+    mean["total"] = round(sum(parts.values()) / max(1, len(procs)), 3)
+    return mean
 
 
 def floor(cluster: FleetCluster, n: int) -> dict:
@@ -210,7 +213,9 @@ def floor(cluster: FleetCluster, n: int) -> dict:
         cluster.procs.append(proc)
         procs.append(proc)
     ready = wait_lines(procs, "master ready", 180)
-    result = {"floor_all_ready_s": round(max(ready) - wall0, 3), "floor_join_cpu_s_per_host": join_cpu_per_host(procs)}
+    cpu = join_cpu_per_host(procs)
+    result = {"floor_all_ready_s": round(max(ready) - wall0, 3), "floor_join_cpu_s_per_host": cpu.pop("total"),
+              "floor_join_cpu_parts": cpu}
     time.sleep(1.0)
     hup = time.time()
     for proc in procs:
@@ -276,7 +281,8 @@ def one_round(cluster: FleetCluster, n: int, args: argparse.Namespace) -> dict:
         # processes competing for the CPUs the nodes start on, which the floor does not have.
         node_procs = [cluster.nodes[i] for i in range(2, n + 1)]
         nodes_ready = wait_lines(node_procs, "node ready", args.join_timeout)
-        result["nodes_join_cpu_s_per_host"] = join_cpu_per_host(node_procs)
+        cpu = join_cpu_per_host(node_procs)
+        result["nodes_join_cpu_s_per_host"], result["nodes_join_cpu_parts"] = cpu.pop("total"), cpu
         status_runs = []
         deadline = t0 + args.join_timeout
         while True:

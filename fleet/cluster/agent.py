@@ -250,8 +250,9 @@ class ClusterAgent:
             log.debug("cluster: unicast peer %s:%d silent, forgotten", *gone)
 
     def due(self, now: float) -> bool:
-        """Whether tick() has something to send now (a heartbeat, an announce, a request)."""
-        return (now >= self._next_heartbeat
+        """Whether tick() has something to do now: send a heartbeat, an announce or a request,
+        or log a change of the table (a join, a host now ready)."""
+        return (now >= self._next_heartbeat or self.members.changed
                 or (self.role == "master" and now >= self._next_announce)
                 or (self.role == "node" and self.config is None and now >= self._next_request)
                 or (self._asking_since is not None and now >= self._next_ask))

@@ -166,6 +166,11 @@ class Membership:
             del self._hosts[message.node_id]
             self._note(ChangeKind.LEFT, host.beat, "gone")
 
+    @property
+    def changed(self) -> bool:
+        """Whether tick() has changes to report (joins, state changes seen since the last tick)."""
+        return bool(self._pending)
+
     def clear(self) -> None:
         """Forget every host, quietly: a node that stops listening to its peers (no changes to report)."""
         self._hosts.clear()

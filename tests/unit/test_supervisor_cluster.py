@@ -78,3 +78,21 @@ def test_a_heartbeat_alone_wakes_the_loop_without_a_pass_but_a_due_tick_or_a_tim
     assert poller.poll(5000), "the peer's second heartbeat never arrived"
     assert supervisor.wait(poller) is True
     assert supervisor.wait(poller) is True  # nothing came: the tick's pass
+
+
+def test_a_change_in_the_table_asks_for_a_pass_so_it_is_logged_at_once(agents, supervisor) -> None:
+    """The master logs a node joined or ready in the pass after the heartbeat that says so,
+    not at the next tick (bench/scale_bench.py measures that delay)."""
+    peer = agents("peer")
+    supervisor.cluster.hears_peers = True  # as a master does
+    supervisor.cluster.tick(time.time(), STATUS)
+    poller = zmq.Poller()
+    poller.register(supervisor.cluster.fileno(), zmq.POLLIN)
+    peer.tick(time.time(), STATUS)
+    assert poller.poll(5000), "the peer's heartbeat never arrived"
+    assert supervisor.wait(poller) is True  # "peer joined" is to be logged
+    supervisor.cluster.tick(time.time(), STATUS)
+    peer._next_heartbeat = 0.0
+    peer.tick(time.time(), STATUS)
+    assert poller.poll(5000), "the peer's second heartbeat never arrived"
+    assert supervisor.wait(poller) is False  # the same again: nothing to log or do
