@@ -182,6 +182,7 @@ class ClusterAgent:
         self._seen_commands: set[bytes] = set()
         self.turns = Turns()
         # Nodes drop peers' multicast heartbeats unread until they await a turn (see the docstring).
+        self._hears_peers = True
         self.hears_peers = role != "node"
         self._listening_since: float | None = None
         self.heartbeats_skipped = 0
@@ -208,6 +209,17 @@ class ClusterAgent:
 
     def fileno(self) -> int:
         return self.channel.fileno()
+
+    @property
+    def hears_peers(self) -> bool:
+        """Whether this host reads its peers' heartbeats (a master and an observer always do)."""
+        return self._hears_peers
+
+    @hears_peers.setter
+    def hears_peers(self, wanted: bool) -> None:
+        # The kernel drops them as well where it can (a socket filter): they do not even wake us.
+        self._hears_peers = wanted
+        self.channel.hear_heartbeats(wanted)
 
     @property
     def master_lost(self) -> bool:

@@ -106,6 +106,11 @@ class Transport:
             for address in self.peers.addresses():
                 self.unicast.send(datagram, address)
 
+    def hear_heartbeats(self, wanted: bool) -> None:
+        """Multicast heartbeats kept or dropped in the kernel (unicast ones always arrive)."""
+        if self.channel is not None:
+            self.channel.hear_heartbeats(wanted)
+
     def receive(self) -> tuple[bytes, Address, bool] | None:
         """(datagram, source, came by unicast), or None when neither socket has one waiting."""
         if self.unicast is not None:

@@ -107,7 +107,8 @@ class MetricsEndpoint:
                                             labels=["outcome", "reason"])
             datagrams.add_metric(["accepted", ""], cluster["accepted"])
             datagrams.add_metric(["other_cluster", ""], cluster["other_cluster"])
-            # A node's peers' heartbeats, left unread outside a rolling reload (fleet.cluster.agent).
+            # A node's peers' heartbeats left unread outside a rolling reload, where the kernel's
+            # socket filter did not drop them first (fleet.multicast).
             datagrams.add_metric(["skipped", "Heartbeat"], cluster["heartbeats_skipped"])
             for reason, count in sorted(cluster["rejected_by_reason"].items()):
                 datagrams.add_metric(["dropped", reason], count)

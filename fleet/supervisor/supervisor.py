@@ -54,9 +54,6 @@ QUICK_STOP_TIMEOUT = 2.0
 # A graceful stop detaches from Mongrel2, serves what already arrived for at
 # most this long, then retires the workers.
 DETACH_DRAIN = 1.0
-# A node that woke for its peers' heartbeats only (it leaves them unread) lets this long pass
-# before it looks again, so it wakes once for many: at 1,000 hosts they come every millisecond.
-HEARTBEAT_GATHER = 0.02
 # Memory and CPU figures are read this often (psutil costs ~0.1 ms a worker).
 SAMPLE_INTERVAL = 1.0
 
@@ -243,10 +240,7 @@ class Supervisor:
         if self.rollout is None or self.cluster.fileno() not in ready:
             return True
         now = time.time()
-        wanted = self.rollout.receive(now) or len(ready) > 1 or self.cluster.due(now)
-        if not wanted and not self.cluster.hears_peers:
-            time.sleep(HEARTBEAT_GATHER)  # what comes meanwhile waits at most this long
-        return wanted
+        return self.rollout.receive(now) or len(ready) > 1 or self.cluster.due(now)
 
     def _poll_spawner(self, poller: zmq.Poller) -> None:
         """Poll the fork server's socket: it says when it is ready and when a worker exits
