@@ -130,6 +130,9 @@ class BrokerSource:
         head = received[0]
         if head == frames.RETIRED:
             self.draining = True
+            # Requests finished since RETIRE left may still hold their replies and DONEs in the
+            # thread's outbox: they go before the link closes (after, the write failed, EBADF).
+            self.before_retire()
             self.link.close()
             return None
         if head[:1] != frames.REQUEST:

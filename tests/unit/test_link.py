@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from fleet.dispatch import frames as wire
 from fleet.dispatch.frames import Inbox, decode, encode
 from fleet.dispatch.link import LinkClosed, LinkServer, ThreadLink
+from fleet.worker.sources import BrokerSource
 
 messages = st.lists(st.lists(st.binary(max_size=300), min_size=1, max_size=5), max_size=8)
 
@@ -91,3 +93,31 @@ def test_the_thread_sees_the_dispatcher_leave(server: LinkServer) -> None:
     with pytest.raises(LinkClosed):
         thread.receive()
     thread.close()
+
+
+def test_a_retiring_thread_sends_the_dones_it_still_holds_before_it_closes_its_link(server: LinkServer) -> None:
+    """Requests finished between RETIRE and RETIRED keep their replies and DONEs in the
+    thread's outbox (fleet.worker.outbox); closing the link first lost them, and the write
+    after the close killed the worker (found by bench/scale_bench.py under load)."""
+    retiring = threading.Event()
+    source = BrokerSource(server.path, b"42/0", 1, None, retiring)
+    held: list[bytes] = []  # the thread's outbox: DONEs waiting to go
+
+    def flush() -> None:
+        while held:
+            source.link.send_encoded(held.pop())
+
+    source.before_retire = flush
+    try:
+        assert wait_receive(server, 1) == [(b"42/0", [wire.CREDIT, b"1"])]
+        retiring.set()
+        assert source.next() is None  # RETIRE goes; nothing came
+        assert wait_receive(server, 1) == [(b"42/0", [wire.RETIRE])]
+        held.append(source.done_message(0, b"c1"))  # a request finished meanwhile
+        assert server.send(b"42/0", [wire.RETIRED])
+        server.flush()
+        assert source.next() is None and source.draining
+        assert wait_receive(server, 2) == [(b"42/0", wire.done(0, b"c1", None, False, credit=False)),
+                                           (b"42/0", None)]
+    finally:
+        source.close()
