@@ -11,9 +11,10 @@ touches workers itself.
   new configuration or generation, and reports "lost" when the master has
   been silent for MASTER_LOST_AFTER intervals (it keeps serving). It needs
   its peers' heartbeats only to find its turn in a rolling reload: outside
-  one it drops them by the header's kind byte, before the MAC and the parse
-  (every node decoding every heartbeat is N² work across a fleet), and when
-  a turn is awaited it listens TURN_LISTEN_INTERVALS before it judges.
+  one the kernel drops them (the channel's socket filter, on the header's
+  kind byte), or the agent does before the MAC and the parse where there is
+  no filter (every node decoding every heartbeat is N² work across a fleet);
+  when a turn is awaited it listens TURN_LISTEN_INTERVALS before it judges.
 - Both send heartbeats, log the lines of `fleet log`, and drop (and count)
   every datagram that is not authentic, logging at most once a minute per
   source.
@@ -182,7 +183,6 @@ class ClusterAgent:
         self._seen_commands: set[bytes] = set()
         self.turns = Turns()
         # Nodes drop peers' multicast heartbeats unread until they await a turn (see the docstring).
-        self._hears_peers = True
         self.hears_peers = role != "node"
         self._listening_since: float | None = None
         self.heartbeats_skipped = 0

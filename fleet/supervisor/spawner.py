@@ -69,7 +69,9 @@ class ForkServerLink:
         return None if self.sock is None else self.sock.fileno()
 
     def pump(self) -> None:
-        """Read what the server said, without waiting."""
+        """Read what the server said, without waiting. What it said before it went counts
+        (a worker forked just before: its exit is then known, killed with the server)."""
+        ended = False
         while self.sock is not None:
             try:
                 data = self.sock.recv(65536)
@@ -78,7 +80,7 @@ class ForkServerLink:
             except OSError:
                 data = b""
             if not data:
-                self._lost()
+                ended = True
                 break
             self._pending += data
         *lines, self._pending = self._pending.split(b"\n")
@@ -88,11 +90,14 @@ class ForkServerLink:
                 self.ready = True
             elif word == "forked":
                 self._forked.append(int(rest))
+                self._children.add(int(rest))
             elif word == "failed":
                 self._forked.append(rest)
             elif word == "exited":
                 pid, code = rest.split()
                 self._exits[int(pid)] = int(code)
+        if ended:
+            self._lost()
 
     def wait_readable(self, timeout: float) -> None:
         if self.sock is not None:
@@ -103,19 +108,16 @@ class ForkServerLink:
         self._send(f"fork {spec_json}")
         deadline = time.monotonic() + FORK_TIMEOUT
         while not self._forked:
-            self.pump()
             if self.gone:
                 raise ServerGone(f"fork server {self.pid} died")
-            if self._forked:
-                break
             if time.monotonic() >= deadline:
                 self.stop()
                 raise ServerGone(f"fork server {self.pid} did not answer a fork in {FORK_TIMEOUT:.0f} s")
             self.wait_readable(deadline - time.monotonic())
+            self.pump()
         answer = self._forked.popleft()
         if isinstance(answer, str):
             raise OSError(f"fork server {self.pid}: {answer}")
-        self._children.add(answer)
         return answer
 
     def take_exit(self, pid: int) -> int | None:
@@ -134,9 +136,7 @@ class ForkServerLink:
 
     def stop(self) -> None:
         """End the server (its workers, if any are left, die with it) and reap it."""
-        if self.sock is not None:
-            self.sock.close()  # end of file: it exits
-            self._lost()
+        self._lost()  # the socket closes: end of file, it exits
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:

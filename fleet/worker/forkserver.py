@@ -35,6 +35,7 @@ import sys
 
 from setproctitle import setproctitle
 
+from fleet.supervisor.signals import SignalQueue
 from fleet.worker.start import die_with_parent
 
 FLAG = "--fork-server"
@@ -58,7 +59,7 @@ class ForkServer:
         self.parent = parent
         self.held_fds = held_fds
         self.pid = os.getpid()
-        self._wake_read, self._wake_write = socket.socketpair()
+        self.children_exited: SignalQueue | None = None  # SIGCHLD wakes the select
         self._defaults = {signum: signal.getsignal(signum) for signum in (*IGNORED_SIGNALS, signal.SIGCHLD)}
 
     def serve(self) -> list[str]:
@@ -68,16 +69,13 @@ class ForkServer:
         setproctitle(f"fleet: fork server (supervisor {self.parent})")
         for signum in IGNORED_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-        for end in (self._wake_read, self._wake_write):
-            end.setblocking(False)
-        signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # the wake-up byte is what matters
+        self.children_exited = SignalQueue((signal.SIGCHLD,))
         self._say(f"ready {self.pid}")
         pending = b""
         while True:
-            readable, _, _ = select.select([self.control, self._wake_read], [], [])
-            if self._wake_read in readable:
-                self._drain_wakeups()
+            readable, _, _ = select.select([self.control, self.children_exited.fileno()], [], [])
+            for _ in self.children_exited.take():
+                pass  # which child is waitpid's to say
             self._report_exits()
             if self.control not in readable:
                 continue
@@ -105,12 +103,10 @@ class ForkServer:
 
     def _become_worker(self, spec_json: str) -> list[str]:
         """In the child: undo what is the server's, so it starts as a fresh worker process would."""
-        signal.set_wakeup_fd(-1)
+        self.children_exited.close()
         for signum, handler in self._defaults.items():
             signal.signal(signum, handler)
         self.control.close()
-        self._wake_read.close()
-        self._wake_write.close()
         setproctitle(f"fleet: worker (supervisor {self.parent})")
         return [spec_json]
 
@@ -123,13 +119,6 @@ class ForkServer:
             if pid == 0:
                 return
             self._say(f"exited {pid} {os.waitstatus_to_exitcode(status)}")
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_read.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _close_held_fds(self) -> None:
         for fd in self.held_fds:
