@@ -76,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         check_once(port, "/bench")
         run_wrk(url, rig.script, args, args.warmup)
         master = contender.proc.pid
-        workers = [c.pid for c in psutil.Process(master).children(recursive=True)]
+        children = psutil.Process(master).children(recursive=True)
+        # The fork server is a child too (it serves nothing): named, and never the worker profiled.
+        servers = [c.pid for c in children if "fork server" in " ".join(c.cmdline())]
+        workers = [c.pid for c in children if c.pid not in servers]
         processes = {"mongrel2": rig.server.pid, "master": master,
-                     **{f"worker{i}": pid for i, pid in enumerate(workers)}}
+                     **{f"worker{i}": pid for i, pid in enumerate(workers)},
+                     **{"forkserver" if i == 0 else f"forkserver{i}": pid for i, pid in enumerate(servers)}}
         side: list[subprocess.Popen] = []
         if args.py_spy:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
