@@ -5,7 +5,8 @@
 A real BrokerSource reads requests from a real link (a Unix socket whose
 other end this script holds, preloaded with the captured GET of
 bench.micro.mongrel2), Worker.handle serves them with the benchmark's
-hello-world app, and the DONEs go back over the link. Only the reply to
+hello-world app, and the DONEs go back over the link (with the outbox, as
+the worker's threads run, they leave together). Only the reply to
 Mongrel2 is not sent (a publisher that counts). Prints µs per request with
 the compiled lane and with the worker's Python path (the lane off); the
 compiled codec, environ and framer run in both unless FLEET_PURE=1.
@@ -25,6 +26,7 @@ from bench.micro.mongrel2 import TNET_GET
 from fleet.config import Endpoint, HandlerConfig
 from fleet.dispatch import frames
 from fleet.worker import worker as worker_module
+from fleet.worker.outbox import Outbox
 from fleet.worker.sources import BrokerSource
 from fleet.worker.spec import WorkerSpec
 from fleet.worker.tally import Tally
@@ -42,8 +44,12 @@ class CountingPublisher:
         self.sent += 1
         return True
 
+    def send_framed(self, data: bytes) -> bool:
+        self.sent += 1
+        return True
 
-def make_loop(lane: object) -> tuple:
+
+def make_loop(lane: object, held: bool = False) -> tuple:
     directory = tempfile.mkdtemp(prefix="fleet-loop-")
     path = os.path.join(directory, "link")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -65,11 +71,15 @@ def make_loop(lane: object) -> tuple:
         except BlockingIOError:
             pass
 
+    outbox = Outbox(publishers, source.link.send_encoded) if held else None
+
     def run() -> None:
         worker_module.lane = lane
         dispatcher.sendall(batch)
         for _ in range(BATCH):
-            worker.handle(source.next(), source, publishers, tally)
+            worker.handle(source.next(), source, publishers, tally, outbox)
+            if outbox is not None and (not source.has_more() or outbox.due()):
+                outbox.flush()  # as Worker.run_thread does
         drain()
 
     return run
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = {"loop, Python path": make_loop(None)}
     if lane is not None:
         cases["loop, compiled lane"] = make_loop(lane)
+        cases["loop, compiled lane, outbox"] = make_loop(lane, held=True)
     return run_cases(cases, __doc__.splitlines()[0], argv, number=10, repeat=5, per=BATCH)
 
 

@@ -15,10 +15,22 @@ from collections.abc import Callable
 
 from fleet.mongrel2.connection import Publisher
 from fleet.mongrel2.zmtp import frame_head
-from fleet.worker.outbox import Into
 
 # A message this big is not copied into the batch: what waits leaves, then it does.
 BATCH_BYTES = 64 * 1024
+
+
+class Into:
+    """What a reply sends through in place of a Publisher: the outbox's ``reply(index, message)``."""
+
+    __slots__ = ("put", "index")
+
+    def __init__(self, put: Callable[[int, bytes], bool], index: int) -> None:
+        self.put = put
+        self.index = index
+
+    def send(self, message: bytes) -> bool:
+        return self.put(self.index, message)
 
 
 class LoopOutbox:

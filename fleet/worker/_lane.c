@@ -4,9 +4,10 @@
  * fleet.wsgi.serve.serve do for the request nearly every request is (read
  * them first; they are the reference): a plain HTTP request (no upload, no
  * flow control) whose app returns a list or tuple of bytes. It uses the
- * compiled codec, environ and framer, calls the app once, writes the one
- * Mongrel2 message (and the close when the connection must end) through the
- * thread's Publisher, and reports (conn_id, closed, status line).
+ * compiled codec, environ and framer, calls the app once, and returns the one
+ * Mongrel2 message (and the close when the connection must end) framed for
+ * the wire, with (conn_id, closed, status line): the worker's outbox sends it
+ * (fleet.worker.outbox), so the lane itself never writes to a socket.
  *
  * Everything else stays in Python, so the rules live in one place:
  *  - a message that is not a plain request: serve() returns None before any
@@ -21,6 +22,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 static PyObject *parse_message, *ProtocolError, *RequestType, *Framer, *build_environ, *BytesIO, *ReplyType;
@@ -201,14 +203,30 @@ static PyTypeObject ResponseType = {
 
 /* -- serve ---------------------------------------------------------------------- */
 
-/* encode_response(sender, [conn_id], body): SENDER SP LEN:ID, SP BODY */
-static PyObject *mongrel2_message(PyObject *sender, PyObject *conn_id, const char *body, Py_ssize_t body_len) {
+/* ZMTP's single-frame head for a message of `size` bytes (fleet.mongrel2.zmtp.frame_head). */
+static Py_ssize_t frame_head(char *p, Py_ssize_t size) {
+    if (size < 256) {
+        p[0] = 0;
+        p[1] = (char)size;
+        return 2;
+    }
+    p[0] = 2;
+    for (int i = 0; i < 8; i++) p[1 + i] = (char)((uint64_t)size >> (56 - 8 * i));
+    return 9;
+}
+
+/* One reply message to Mongrel2 as it goes on the wire: its frame head, then encode_response's
+ * bytes with the body in two parts (a, then b). Written at p unless p is NULL; its size either way. */
+static Py_ssize_t wire_message(char *p, PyObject *sender, PyObject *conn_id, const char *a, Py_ssize_t a_len,
+                               const char *b, Py_ssize_t b_len) {
     char prefix[24];
     int n = snprintf(prefix, sizeof(prefix), " %zd:", PyBytes_GET_SIZE(conn_id));
-    Py_ssize_t size = PyBytes_GET_SIZE(sender) + n + PyBytes_GET_SIZE(conn_id) + 2 + body_len;
-    PyObject *message = PyBytes_FromStringAndSize(NULL, size);
-    if (!message) return NULL;
-    char *p = PyBytes_AS_STRING(message);
+    Py_ssize_t size = PyBytes_GET_SIZE(sender) + n + PyBytes_GET_SIZE(conn_id) + 2 + a_len + b_len;
+    char head[9];
+    Py_ssize_t head_len = frame_head(head, size);
+    if (!p) return head_len + size;
+    memcpy(p, head, head_len);
+    p += head_len;
     memcpy(p, PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender));
     p += PyBytes_GET_SIZE(sender);
     memcpy(p, prefix, n);
@@ -216,16 +234,10 @@ static PyObject *mongrel2_message(PyObject *sender, PyObject *conn_id, const cha
     memcpy(p, PyBytes_AS_STRING(conn_id), PyBytes_GET_SIZE(conn_id));
     p += PyBytes_GET_SIZE(conn_id);
     memcpy(p, ", ", 2);
-    memcpy(p + 2, body, body_len);
-    return message;
-}
-
-static int publish(PyObject *responder, PyObject *message) {
-    if (!message) return -1;
-    PyObject *sent = PyObject_CallMethodOneArg(responder, s_send, message);
-    Py_DECREF(message);
-    Py_XDECREF(sent);
-    return sent ? 0 : -1;
+    p += 2;
+    memcpy(p, a, a_len);
+    memcpy(p + a_len, b, b_len);
+    return head_len + size;
 }
 
 /* What the worker's Python does next: (request, response, framer, result, error). */
@@ -290,24 +302,22 @@ static PyObject *finish_common(PyObject *request, Response *response, PyObject *
     if (!keep) goto done;
     int closed = !PyObject_IsTrue(keep);
     Py_DECREF(keep);
-    /* Reply.send(head + body), then Reply.finish(end, close): one message, the end
-     * in a second one only if there is one, then the close. */
-    Py_ssize_t head_len = PyBytes_GET_SIZE(head), body_len = PyBytes_GET_SIZE(body);
-    PyObject *wire = PyBytes_FromStringAndSize(NULL, head_len + body_len);
+    /* What Reply.send(head + body), then Reply.finish(end, close) would send: one message, the
+     * end in a second one only if there is one, then the close. Returned framed for the wire:
+     * the worker's outbox sends it with the replies and DONEs of the requests around it. */
+    PyObject *sender = response->sender, *conn_id = response->conn_id;
+    const char *h = PyBytes_AS_STRING(head), *b = PyBytes_AS_STRING(body), *e = PyBytes_AS_STRING(end);
+    Py_ssize_t h_len = PyBytes_GET_SIZE(head), b_len = PyBytes_GET_SIZE(body), e_len = PyBytes_GET_SIZE(end);
+    Py_ssize_t wire_size = wire_message(NULL, sender, conn_id, h, h_len, b, b_len);
+    if (e_len) wire_size += wire_message(NULL, sender, conn_id, e, e_len, "", 0);
+    if (closed) wire_size += wire_message(NULL, sender, conn_id, "", 0, "", 0);
+    PyObject *wire = PyBytes_FromStringAndSize(NULL, wire_size);
     if (!wire) goto done;
-    memcpy(PyBytes_AS_STRING(wire), PyBytes_AS_STRING(head), head_len);
-    memcpy(PyBytes_AS_STRING(wire) + head_len, PyBytes_AS_STRING(body), body_len);
-    int failed = publish(response->responder, mongrel2_message(response->sender, response->conn_id,
-                                                               PyBytes_AS_STRING(wire), PyBytes_GET_SIZE(wire)));
-    Py_DECREF(wire);
-    if (failed) goto done;
-    if (PyBytes_GET_SIZE(end) && publish(response->responder, mongrel2_message(response->sender, response->conn_id,
-                                                                              PyBytes_AS_STRING(end),
-                                                                              PyBytes_GET_SIZE(end))) < 0)
-        goto done;
-    if (closed && publish(response->responder, mongrel2_message(response->sender, response->conn_id, "", 0)) < 0)
-        goto done;
-    outcome = Py_BuildValue("(OOO)", response->conn_id, closed ? Py_True : Py_False, response->status);
+    char *p = PyBytes_AS_STRING(wire);
+    p += wire_message(p, sender, conn_id, h, h_len, b, b_len);
+    if (e_len) p += wire_message(p, sender, conn_id, e, e_len, "", 0);
+    if (closed) wire_message(p, sender, conn_id, "", 0, "", 0);
+    outcome = Py_BuildValue("(OOON)", conn_id, closed ? Py_True : Py_False, response->status, wire);
 done:
     Py_DECREF(data);
     Py_XDECREF(length);
@@ -414,7 +424,8 @@ done:
 static PyMethodDef methods[] = {
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
      "serve(app, raw, responder, poll_control, multithread, multiprocess)\n"
-     "-> None (not taken: nothing done), (conn_id, closed, status) (served), or\n"
+     "-> None (not taken: nothing done), (conn_id, closed, status, wire) (served: wire is\n"
+     "the reply framed for Mongrel2, not yet sent), or\n"
      "(request, response, framer, result, error) for fleet.wsgi.serve.respond."},
     {NULL, NULL, 0, NULL},
 };

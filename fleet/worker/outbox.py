@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable
 
 from fleet.mongrel2.connection import Publisher
-from fleet.mongrel2.zmtp import frame_head
 
 log = logging.getLogger("fleet.worker")
 
@@ -56,7 +55,7 @@ class Outbox:
     while the outbox is empty, so the main thread has nothing to send then.
     """
 
-    def __init__(self, publishers: list[Publisher], send_done) -> None:
+    def __init__(self, publishers: list[Publisher], send_done: Callable[[bytes], None] | None) -> None:
         """``send_done(data)`` writes encoded link messages to the dispatcher (None: direct mode)."""
         self.publishers = publishers
         self.send_done = send_done
@@ -65,33 +64,21 @@ class Outbox:
         self.since = 0.0  # when the oldest waiting reply was held; 0.0 when empty
         self.size = 0
         self.lock = threading.Lock()
-        self.holding = False  # set by the thread around the lane: what it sends otherwise leaves at once
-        self.responders = [Into(self.hold, index) for index in range(len(publishers))]
 
-    def hold(self, index: int, message: bytes) -> bool:
-        """Keep a Mongrel2 message for endpoint ``index`` while holding (the lane's responder.send)."""
-        if not self.holding:  # after the lane handed a response over: streaming, sent as it comes
-            return self.publishers[index].send(message)
+    def hold(self, index: int, wire: bytes, done: bytes | None) -> None:
+        """Keep a finished reply for endpoint ``index`` (already framed for the wire, as the
+        lane returns it) and its encoded DONE (None: direct mode), which leaves after it."""
         with self.lock:
-            if len(message) >= HOLD_BYTES:  # large: no copy, after what waits
+            if len(wire) >= HOLD_BYTES:  # large: no copy, after what waits
                 self._flush()
-                return self.publishers[index].send(message)
-            if not self.since:
+                self.publishers[index].send_framed(wire)
+            else:
+                self.replies[index] += wire
+                self.size += len(wire)
+            if done is not None:
+                self.dones += done
+            if not self.since and (self.size or self.dones):
                 self.since = time.monotonic()
-            reply = self.replies[index]
-            reply += frame_head(len(message))
-            reply += message
-            self.size += len(message)
-            return True
-
-    def hold_done(self, message: bytes | None) -> None:
-        """Keep an encoded DONE; it leaves after the replies held before it."""
-        if message is None:
-            return
-        with self.lock:
-            if not self.since:
-                self.since = time.monotonic()
-            self.dones += message
 
     def due(self) -> bool:
         """Whether what waits should leave now, though more requests are in hand."""
@@ -127,16 +114,3 @@ class Outbox:
             self.dones.clear()
             self.send_done(dones)
 
-
-class Into:
-    """What a reply sends through in place of a Publisher: an outbox's ``put(index, message)``
-    (this Outbox's hold, or fleet.asgi.outbox's reply)."""
-
-    __slots__ = ("put", "index")
-
-    def __init__(self, put: Callable[[int, bytes], bool], index: int) -> None:
-        self.put = put
-        self.index = index
-
-    def send(self, message: bytes) -> bool:
-        return self.put(self.index, message)

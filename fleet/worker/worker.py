@@ -228,43 +228,41 @@ class Worker:
         after calling the app goes on in fleet.wsgi.serve.respond, as in serve()."""
         if self.http is not None:
             self.http.thread_busy()
-        responder = responders[message.index] if outbox is None else outbox.responders[message.index]
+        responder = responders[message.index]
         try:
-            if outbox is not None:
-                outbox.holding = True
             outcome = lane.serve(self.app, message.raw, responder, source.poll_control,
                                  self.multithread, self.multiprocess)
-            if outbox is not None:
-                outbox.holding = False
             if outcome is None:
                 return False
-            if len(outcome) == 3:
-                conn_id, closed, status = outcome
+            if len(outcome) == 4:  # finished: its reply, framed, is for the outbox
+                conn_id, closed, status, wire = outcome
+                if outbox is None:
+                    responder.send_framed(wire)
+                    source.done(message.index, conn_id, None, closed)
+                else:
+                    outbox.hold(message.index, wire, source.done_message(message.index, conn_id, None, closed))
             else:
                 if outbox is not None:
-                    outbox.flush()  # the rest of this response is sent as it comes
+                    outbox.flush()  # the rest of this response is sent as it comes, after what waits
                 request, response, framer, result, error = outcome
                 conn_id, reply = request.conn_id, response.reply
                 closed = self._guarded(reply, "connection",
                                        lambda: respond(request, reply, response, framer, result, error))
                 status = response.status if response.head_sent else reply.status
+                source.done(message.index, conn_id, None, closed)
         except Exception:
             # A fault of fleet's own: the client may have had part of a response; end its connection.
             if outbox is not None:
-                outbox.holding = False
                 outbox.flush()
             sender, conn_id, _ = peek_route(message.raw)
             log.exception("internal error serving connection %s", conn_id.decode())
-            responders[message.index].send(encode_close(sender, [conn_id]))
-            closed, status = True, None
+            responder.send(encode_close(sender, [conn_id]))
+            source.done(message.index, conn_id, None, True)
+            status = None
         finally:
             if self.http is not None:
                 self.http.thread_idle()
         tally.record("mongrel2", status, time.monotonic() - started)
-        if outbox is None:
-            source.done(message.index, conn_id, None, closed)
-        else:
-            outbox.hold_done(source.done_message(message.index, conn_id, None, closed))
         return True
 
     def serve_http(self, exchange: Exchange, tally: Tally) -> None:

@@ -64,67 +64,68 @@ def make_outbox(endpoints: int = 2) -> tuple[Outbox, Wire]:
     return outbox, wire
 
 
+def framed(message: bytes) -> bytes:
+    """A reply as the lane returns it: framed for the wire."""
+    return frame_head(len(message)) + message
+
+
 def test_replies_leave_before_the_dones_written_after_them():
     outbox, wire = make_outbox()
-    outbox.holding = True
-    outbox.hold(0, b"reply-a")
-    outbox.hold_done(b"done-a")
-    outbox.hold(1, b"reply-b")
-    outbox.hold(0, b"reply-c")
-    outbox.hold_done(b"done-bc")
+    outbox.hold(0, framed(b"reply-a"), b"done-a")
+    outbox.hold(1, framed(b"reply-b"), None)
+    outbox.hold(0, framed(b"reply-c"), b"done-bc")
     assert wire.log == []
     outbox.flush()
     assert wire.log == [
-        ("m2-0", frame_head(7) + b"reply-a" + frame_head(7) + b"reply-c"),
-        ("m2-1", frame_head(7) + b"reply-b"),
+        ("m2-0", framed(b"reply-a") + framed(b"reply-c")),
+        ("m2-1", framed(b"reply-b")),
         ("link", b"done-adone-bc"),
     ]
     outbox.flush()
     assert len(wire.log) == 3, "an empty outbox sends nothing"
 
 
-def test_not_holding_sends_at_once():
-    outbox, wire = make_outbox()
-    outbox.responders[1].send(b"streamed")
-    assert wire.log == [("m2-1", frame_head(8) + b"streamed")]
-    outbox.hold_done(None)  # direct mode: no DONE to keep
-    assert not outbox.since
+def test_direct_mode_holds_replies_without_dones():
+    outbox, wire = make_outbox(1)
+    outbox.hold(0, framed(b"reply"), None)  # direct mode: no DONE to keep
+    assert outbox.since
+    outbox.flush()
+    assert wire.log == [("m2-0", framed(b"reply"))]
 
 
 def test_a_large_reply_goes_after_what_waits_without_a_copy():
     outbox, wire = make_outbox(1)
-    outbox.holding = True
-    outbox.hold(0, b"small")
-    big = b"x" * HOLD_BYTES
-    outbox.hold(0, big)
-    assert wire.log == [("m2-0", frame_head(5) + b"small"), ("m2-0", frame_head(len(big)) + big)]
+    outbox.hold(0, framed(b"small"), b"done-small")
+    big = framed(b"x" * HOLD_BYTES)
+    outbox.hold(0, big, b"done-big")
+    assert wire.log == [("m2-0", framed(b"small")), ("link", b"done-small"), ("m2-0", big)]
+    outbox.flush()
+    assert wire.log[-1] == ("link", b"done-big"), "the large reply's DONE still leaves after it"
 
 
 def test_due_after_hold_max_or_hold_bytes(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(outbox_module.time, "monotonic", lambda: clock[0])
     outbox, _ = make_outbox(1)
-    outbox.holding = True
     assert not outbox.due()
-    outbox.hold(0, b"a")
+    outbox.hold(0, framed(b"a"), None)
     assert not outbox.due()
     clock[0] += outbox_module.HOLD_MAX * 1.5
     assert outbox.due()
     outbox.flush()
-    outbox.hold(0, b"b" * (HOLD_BYTES // 2))
+    outbox.hold(0, framed(b"b" * (HOLD_BYTES // 2 - 16)), None)
     assert not outbox.due()
-    outbox.hold(0, b"c" * (HOLD_BYTES // 2))
+    outbox.hold(0, framed(b"c" * (HOLD_BYTES // 2)), None)
     assert outbox.due()
 
 
 def test_flush_if_stale_only_after_stall():
     outbox, wire = make_outbox(1)
-    outbox.holding = True
-    outbox.hold(0, b"a")
+    outbox.hold(0, framed(b"a"), None)
     outbox.flush_if_stale(outbox.since + outbox_module.STALL / 2)
     assert wire.log == []
     outbox.flush_if_stale(outbox.since + outbox_module.STALL * 1.5)
-    assert wire.log == [("m2-0", frame_head(1) + b"a")]
+    assert wire.log == [("m2-0", framed(b"a"))]
 
 
 # -- a request thread with a slow request behind a fast one ------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 from fleet import native
 from fleet.config import Endpoint, HandlerConfig
 from fleet.mongrel2.codec import Disconnect
+from fleet.mongrel2.zmtp import frame_head
 from fleet.worker import worker as worker_module
 from fleet.worker.sources import Message
 from fleet.worker.spec import WorkerSpec
@@ -43,6 +44,25 @@ class Publisher:
     def send(self, message: bytes) -> bool:
         self.sent.append(message)
         return True
+
+    def send_framed(self, wire: bytes) -> bool:
+        """What the lane returns: messages framed for the wire, recorded one by one as send() does."""
+        self.sent.extend(unframe(wire))
+        return True
+
+
+def unframe(wire: bytes) -> list[bytes]:
+    """The messages in ZMTP single-frame messages, back to back (fleet.mongrel2.zmtp.frame_head)."""
+    messages, pos = [], 0
+    while pos < len(wire):
+        if wire[pos] & 2:  # a long frame: 8 bytes of size
+            size, pos = int.from_bytes(wire[pos + 1:pos + 9], "big"), pos + 9
+        else:
+            size, pos = wire[pos + 1], pos + 2
+        messages.append(wire[pos:pos + size])
+        pos += size
+    assert pos == len(wire), "the wire ends on a message boundary"
+    return messages
 
 
 class Source:
@@ -263,8 +283,29 @@ def test_what_the_lane_does_not_take_is_served_by_python(monkeypatch, caplog) ->
 def test_the_common_request_is_finished_in_c(monkeypatch) -> None:
     lane = native.compiled("fleet.worker._lane")
     publisher = Publisher()
-    assert lane.serve(hello, request(), publisher, Source().poll_control, False, True) == (b"42", False, "200 OK")
-    assert publisher.sent == [SENDER + b" 2:42, HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                                       b"Content-Length: 12\r\n\r\nHello world!"]
+    conn_id, closed, status, wire = lane.serve(hello, request(), publisher, Source().poll_control, False, True)
+    assert (conn_id, closed, status) == (b"42", False, "200 OK")
+    assert publisher.sent == [], "the lane sends nothing itself: the worker's outbox does"
+    message = (SENDER + b" 2:42, HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+               b"Content-Length: 12\r\n\r\nHello world!")
+    assert wire == frame_head(len(message)) + message
     ClosingIterable.closed.clear()
     assert len(lane.serve(closing, request(), Publisher(), Source().poll_control, False, True)) == 5
+
+
+@pytest.mark.parametrize("size", [0, 200, 255, 256, 70_000])
+def test_the_wire_is_framed_as_zmtp_at_every_size(size) -> None:
+    """Short frames up to 255 bytes, long ones (8-byte size) past: the close message too."""
+    lane = native.compiled("fleet.worker._lane")
+
+    def sized(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(size))])
+        return [b"x" * size]
+
+    _, closed, _, wire = lane.serve(sized, request({"connection": "close"}), Publisher(), Source().poll_control,
+                                    False, True)
+    assert closed
+    reply, close = unframe(wire)
+    assert reply.startswith(SENDER + b" 2:42, HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\n" + b"x" * size)
+    assert close == SENDER + b" 2:42, "
+    assert wire.startswith(frame_head(len(reply)))
