@@ -12,6 +12,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "_request_slots.h"
@@ -53,6 +54,35 @@ static int tnet_item(const char *p, const char *end, const char **start, const c
     return 0;
 }
 
+/* Header names seen before are decoded once. A request's keys are then the same interned
+ * str objects every time: their hash is known, and the environ's caches (and every lookup
+ * by an interned constant such as "METHOD") match them by identity, not by comparing bytes.
+ * Bounded, since clients choose names: past NAME_SLOTS names, or NAME_PROBES taken slots,
+ * a name is decoded afresh, as it always was. Only threads holding the GIL come here. */
+#define NAME_SLOTS 512  /* a power of two */
+#define NAME_PROBES 4
+#define MAX_CACHED_NAME 64
+static PyObject *names[NAME_SLOTS];
+
+static PyObject *header_name(const char *start, Py_ssize_t size) {
+    if (size > MAX_CACHED_NAME) return PyUnicode_DecodeLatin1(start, size, NULL);
+    uint32_t hash = 2166136261u;  /* FNV-1a */
+    for (Py_ssize_t i = 0; i < size; i++) hash = (hash ^ (unsigned char)start[i]) * 16777619u;
+    for (int probe = 0; probe < NAME_PROBES; probe++) {
+        PyObject **slot = &names[(hash + probe) & (NAME_SLOTS - 1)];
+        if (!*slot) {
+            PyObject *name = PyUnicode_DecodeLatin1(start, size, NULL);
+            if (!name) return NULL;
+            PyUnicode_InternInPlace(&name);
+            *slot = Py_NewRef(name);
+            return name;
+        }
+        if (PyUnicode_GET_LENGTH(*slot) == size && memcmp(PyUnicode_1BYTE_DATA(*slot), start, size) == 0)
+            return Py_NewRef(*slot);
+    }
+    return PyUnicode_DecodeLatin1(start, size, NULL);
+}
+
 /* A header value: a string, or a non-empty list of strings; NULL (no error set) otherwise. */
 static PyObject *header_value(const char *start, const char *stop, char type) {
     if (type == ',') return PyUnicode_DecodeLatin1(start, stop - start, NULL);
@@ -89,7 +119,7 @@ static PyObject *headers_dict(const char *p, const char *end) {
         p = ke + 1;
         if (tnet_item(p, end, &vs, &ve, &vt) < 0) goto other;
         p = ve + 1;
-        PyObject *key = PyUnicode_DecodeLatin1(ks, ke - ks, NULL);
+        PyObject *key = header_name(ks, ke - ks);
         if (!key) goto fail;
         int seen = PyDict_Contains(headers, key);
         PyObject *value = seen == 0 ? header_value(vs, ve, vt) : NULL;

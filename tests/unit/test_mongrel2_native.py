@@ -12,6 +12,7 @@ corpus and on the short atheris run.
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -53,6 +54,21 @@ def test_the_common_request_is_decoded_in_c_and_the_rest_by_the_reference() -> N
     assert isinstance(control, codec.Disconnect)
     with pytest.raises(codec.ProtocolError, match="no METHOD"):
         COMPILED_PARSE(encode_tnetstring_request(SENDER, b"7", b"/x", {"PATH": "/x"}, b""))
+
+
+def test_header_names_seen_before_are_the_same_objects_and_the_cache_is_bounded() -> None:
+    """Repeated names come back as one interned str (found by identity in the environ's
+    caches); names past the cache's room, or longer than it keeps, still decode right."""
+    first = COMPILED_PARSE(encode_tnetstring_request(SENDER, b"7", b"/t/hello", HEADERS, b""))
+    again = COMPILED_PARSE(encode_tnetstring_request(SENDER, b"8", b"/t/hello", HEADERS, b""))
+    for a, b in zip(first.headers, again.headers):
+        assert a is b, a
+    assert next(iter(first.headers)) is sys.intern("REMOTE_ADDR")
+    many = {f"x-name-{i}": str(i) for i in range(2000)} | {"x-" + "long" * 40: "v", "METHOD": "GET"}
+    for _ in range(2):  # the second time, the cache is full
+        raw = encode_tnetstring_request(SENDER, b"9", b"/x", many, b"")
+        assert dict(COMPILED_PARSE(raw).headers) == many
+        same(raw)
 
 
 text = st.text(st.characters(max_codepoint=255), max_size=12)
