@@ -35,6 +35,8 @@
 #define MAX_BACKLOG 10000
 #define MAX_GONE_PIDS 4096
 #define CLOSED_MEMORY 60.0
+#define PACK_WITHIN 0.002
+#define PACK_PAUSE 10.0
 #define MAX_CLOSED 4096
 #define MAX_FRAME (1ULL << 30)
 #define RECV_SIZE 65536
@@ -123,6 +125,7 @@ typedef struct {      /* broker.Thread */
     int retiring;
     Held *held;
     int nheld, capheld;
+    long owed;         /* credits of requests it gave back, returned with its next DONE */
     int tier;          /* 0 none, 1 idle, 2 spare */
     int prev, next;    /* neighbours in its tier's list */
     uint64_t order;    /* creation order, for iterating as the reference's dict does */
@@ -181,6 +184,8 @@ typedef struct {
     PyObject *dropped;  /* waiting tuples of messages dropped for closed connections, for the glue */
     int accepting;
     double ticked_at;
+    double pack_within; /* broker.PACK_WITHIN, or the constructor's */
+    double packs_again_at; /* broker._packs_again_at: after the last give-back, PACK_PAUSE */
 } Core;
 
 static PyObject *zero, *one;
@@ -257,12 +262,59 @@ static void tier_append(Core *self, int slot, int which) {
 static void file_thread(Core *self, int slot) {
     Thread *t = &self->threads[slot];
     tier_remove(self, slot);
-    if (t->credits <= 0 || t->retiring) return;
+    if (t->credits <= 0 || t->retiring || t->owed) return;  /* owed: stuck, it said so */
     tier_append(self, slot, t->nheld ? 2 : 1);
+}
+
+static int is_stream(Core *self, uint64_t key) {
+    if (!PySet_GET_SIZE(self->streams)) return 0;
+    PyObject *k = key_object(key);
+    int is = k ? PySet_Contains(self->streams, k) : 0;
+    Py_XDECREF(k);
+    if (is < 0) { PyErr_Clear(); is = 0; }
+    return is;
+}
+
+static int has_idle_thread(Core *self, long pid) {
+    for (int slot = self->idle.head; slot >= 0; slot = self->threads[slot].next) {
+        if (self->threads[slot].pid == pid) return 1;
+    }
+    return 0;
+}
+
+/* broker._young_spare: a thread with room, serving a request it got less than pack_within ago,
+ * in a worker with an idle thread; the one filed last first (it is awake) */
+static int young_spare(Core *self) {
+    if (self->spare.tail < 0 || self->idle.head < 0) return -1;
+    double now = monotonic();
+    if (now < self->packs_again_at) return -1;
+    for (int slot = self->spare.tail; slot >= 0; slot = self->threads[slot].prev) {
+        Thread *t = &self->threads[slot];
+        if (!has_idle_thread(self, t->pid)) continue;
+        if (t->nheld && now - t->held[0].since < self->pack_within && !is_stream(self, t->held[0].key)) return slot;
+    }
+    return -1;
+}
+
+static int worker_busy(Core *self, long pid) {
+    for (int i = 0; i < self->nthreads; i++) {
+        Thread *t = &self->threads[i];
+        if (t->used && t->pid == pid && t->nheld) return 1;
+    }
+    return 0;
 }
 
 /* broker._pick */
 static int pick(Core *self) {
+    int packer = young_spare(self);
+    if (packer >= 0) {
+        int slot = packer;
+        for (int idle = self->idle.head; idle >= 0; idle = self->threads[idle].next) {
+            if (!worker_busy(self, self->threads[idle].pid)) { slot = idle; break; }
+        }
+        tier_remove(self, slot);
+        return slot;
+    }
     Tier *tiers[2] = {&self->idle, &self->spare};
     for (int i = 0; i < 2; i++) {
         if (tiers[i]->head >= 0) {
@@ -419,6 +471,7 @@ static void links_flush(Core *self) {
 /* -- the broker -------------------------------------------------------------------- */
 
 static void send_request(Core *self, int slot, int index, uint64_t key, PyObject *raw, char kind);
+static void backlog_push_front(Core *self, int index, PyObject *sender, PyObject *conn_id, PyObject *raw);
 
 static int held_index(Thread *t, uint64_t key) {
     for (int i = 0; i < t->nheld; i++) if (t->held[i].key == key) return i;
@@ -646,7 +699,8 @@ static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_i
         Py_XDECREF(p);
     }
     if (holder_is(self, key, slot)) holder_del(self, key);
-    if (credit && !t->retiring) t->credits++;
+    if (credit && !t->retiring) t->credits += 1 + t->owed;
+    t->owed = 0;
     file_thread(self, slot);
     PyObject *k = key_object(key);
     if (k && closed) {
@@ -673,6 +727,26 @@ static void broker_done(Core *self, PyObject *ident, int index, PyObject *conn_i
     Py_XDECREF(k);
     PyErr_Clear();
     drain_backlog(self);
+}
+
+/* broker.give_back */
+static void broker_give_back(Core *self, PyObject *ident, int index, PyObject *conn_id) {
+    int slot = thread_slot(self, ident);
+    if (slot < 0) { PyErr_Clear(); return; }
+    uint64_t key = make_key(index, conn_id);
+    Thread *t = &self->threads[slot];
+    int i = held_index(t, key);
+    if (i < 0 || is_stream(self, key)) return;
+    PyObject *sender = Py_NewRef(t->held[i].sender), *raw = Py_NewRef(t->held[i].raw);
+    held_remove(t, i);
+    if (holder_is(self, key, slot)) holder_del(self, key);
+    self->packs_again_at = monotonic() + PACK_PAUSE;
+    if (!t->retiring) t->owed++;
+    tier_remove(self, slot);  /* out of the tiers while it is placed: not back to where it was stuck */
+    backlog_push_front(self, index, sender, Py_NewRef(conn_id), raw);
+    Py_DECREF(raw);
+    drain_backlog(self);
+    file_thread(self, slot);
 }
 
 /* broker.stream */
@@ -703,6 +777,29 @@ static void broker_retire(Core *self, PyObject *ident) {
     t->retiring = 1;
     t->credits = 0;
     tier_remove(self, slot);
+}
+
+/* _backlog.appendleft: a request that was given to a thread and comes back goes first.
+ * Takes the references to sender and conn_id. */
+static void backlog_push_front(Core *self, int index, PyObject *sender, PyObject *conn_id, PyObject *raw) {
+    if (!conn_id) { PyErr_Clear(); Py_DECREF(sender); return; }
+    if (self->bl_len == self->bl_cap) {
+        int cap = self->bl_cap ? self->bl_cap * 2 : 64;
+        Waiting *ring = malloc(sizeof(Waiting) * cap);
+        if (!ring) { Py_DECREF(sender); Py_DECREF(conn_id); return; }
+        for (int j = 0; j < self->bl_len; j++) ring[j] = self->backlog[(self->bl_head + j) % self->bl_cap];
+        free(self->backlog);
+        self->backlog = ring;
+        self->bl_cap = cap;
+        self->bl_head = 0;
+    }
+    self->bl_head = (self->bl_head + self->bl_cap - 1) % self->bl_cap;
+    self->bl_len++;
+    Waiting *w = &self->backlog[self->bl_head];
+    w->index = index;
+    w->sender = sender;
+    w->conn_id = conn_id;
+    w->raw = Py_NewRef(raw);
 }
 
 /* The dispatcher's _send; on a link that is gone, broker.unreachable. */
@@ -740,23 +837,7 @@ static void send_request(Core *self, int slot, int index, uint64_t key, PyObject
     if (holder_is(self, key, slot)) holder_del(self, key);
     Py_DECREF(ident);
     if (!sender) return;
-    if (self->bl_len == self->bl_cap) {
-        int cap = self->bl_cap ? self->bl_cap * 2 : 64;
-        Waiting *ring = malloc(sizeof(Waiting) * cap);
-        if (!ring) { Py_DECREF(sender); return; }
-        for (int j = 0; j < self->bl_len; j++) ring[j] = self->backlog[(self->bl_head + j) % self->bl_cap];
-        free(self->backlog);
-        self->backlog = ring;
-        self->bl_cap = cap;
-        self->bl_head = 0;
-    }
-    self->bl_head = (self->bl_head + self->bl_cap - 1) % self->bl_cap;  /* appendleft */
-    self->bl_len++;
-    Waiting *w = &self->backlog[self->bl_head];
-    w->index = index;
-    w->sender = sender;
-    w->conn_id = conn_id_bytes(key);
-    w->raw = Py_NewRef(raw);
+    backlog_push_front(self, index, sender, conn_id_bytes(key), raw);
 }
 
 /* -- Mongrel2 -> workers ----------------------------------------------------------- */
@@ -985,6 +1066,8 @@ static void from_worker(Core *self, Conn *conn, PyObject **frames, int n) {
             PyErr_Clear();
         }
         broker_done(self, ident, index, frames[1], kind == '=', closed);
+    } else if (kind == '<' && head_len >= 2 && n >= 2) {
+        broker_give_back(self, ident, (unsigned char)head[1], frames[1]);
     } else if (kind == 'W' && head_len >= 2 && n >= 2) {
         broker_stream(self, ident, (unsigned char)head[1], frames[1]);
     } else if (kind == '+' && n >= 2) {
@@ -1467,8 +1550,10 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     const char *path;
     int endpoints;
     PyObject *glue;
-    static char *kwlist[] = {"link_path", "endpoints", "glue", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siO", kwlist, &path, &endpoints, &glue)) return -1;
+    static char *kwlist[] = {"link_path", "endpoints", "glue", "pack_within", NULL};
+    double pack_within = PACK_WITHIN;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siO|d", kwlist, &path, &endpoints, &glue, &pack_within))
+        return -1;
     if (endpoints < 0 || endpoints > 255) {
         PyErr_SetString(PyExc_ValueError, "endpoints must be 0..255");
         return -1;
@@ -1487,6 +1572,7 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->glue = Py_NewRef(glue);
     self->idle.head = self->idle.tail = self->spare.head = self->spare.tail = -1;
     self->accepting = 1;
+    self->pack_within = pack_within;
     self->by_ident = PyDict_New();
     self->watched = PySet_New(NULL);
     self->thread_of = PyDict_New();
@@ -1661,5 +1747,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "MAX_GONE_PIDS", MAX_GONE_PIDS);
     PyModule_AddIntConstant(m, "MAX_CLOSED", MAX_CLOSED);
     PyModule_AddObject(m, "CLOSED_MEMORY", PyFloat_FromDouble(CLOSED_MEMORY));
+    PyModule_AddObject(m, "PACK_WITHIN", PyFloat_FromDouble(PACK_WITHIN));
+    PyModule_AddObject(m, "PACK_PAUSE", PyFloat_FromDouble(PACK_PAUSE));
     return m;
 }

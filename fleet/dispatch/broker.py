@@ -7,6 +7,16 @@ to a handler that leaves), a stuck thread receives nothing more, and the
 broker always knows which connection each thread holds, so the client of a
 crashed worker can be answered at once.
 
+Which thread, when several could take it: idle threads first, then threads
+with room behind the request they serve. Except that a thread serving a
+request it got less than PACK_WITHIN ago takes the next one before an idle
+thread of its own worker is woken (unless a worker with nothing to do can
+take it on a core of its own): it finds it in hand when it finishes. A
+worker's threads share one GIL, and waking one per request cost more than the
+wait. If the request ahead turns out slow, the worker gives back what its
+thread has not started (give_back), and another thread gets it first; and
+for PACK_PAUSE after that nothing is packed: this app blocks at times.
+
 Requests on a connection that a thread already holds wait here (HTTP
 pipelining must be answered in order, and Mongrel2 would hand the second
 request to another handler), unless the thread made the connection a stream
@@ -22,9 +32,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-# A thread holds at most this many requests: the one it serves and the next,
+# A thread holds at least this many requests: the one it serves and the next,
 # so that it never idles for a round trip to the broker between two requests.
 PREFETCH = 2
+# A thread serving a request it was given less than this long ago is given the
+# next one before an idle thread is woken (see the module docstring).
+PACK_WITHIN = 0.002
+# ... unless a worker gave back a request less than this long ago: the app blocks at
+# times, and a request packed behind a blocking one waits for its give-back.
+PACK_PAUSE = 10.0
 # A worker process holds at least this many, whatever its thread count: with
 # one thread, two in hand are not enough to hide the broker's wake-up latency
 # on a busy host (measured: 3.7k against 6.4k requests/s with 4).
@@ -42,10 +58,20 @@ CLOSED_MEMORY = 60.0
 MAX_CLOSED = 4096
 
 
-
 def thread_credits(threads: int) -> int:
-    """How many requests each of a worker's threads asks for."""
-    return max(PREFETCH, -(-WORKER_PREFETCH // threads))
+    """How many requests each of a worker's threads asks for.
+
+    One thread: WORKER_PREFETCH. With several, each asks for PREFETCH per thread of
+    its worker, so that while requests are fast the thread that runs can hold what
+    the whole worker would (the broker packs them onto it) and the others sleep:
+    the threads share one GIL, and waking one per request cost more than it gave
+    (bench.load_profile fleet-broker-t8: 16k requests/s and 0.9 context switches a
+    request per worker with 2 credits a thread, idle threads first; 26k and 0.14
+    with 16 and packing). What a slow request holds up is given back (give_back).
+    """
+    if threads == 1:
+        return WORKER_PREFETCH
+    return PREFETCH * threads
 
 
 ConnKey = tuple[int, bytes]  # (endpoint index, Mongrel2 connection id)
@@ -66,6 +92,7 @@ class Thread:
     pid: int
     credits: int = 0
     retiring: bool = False
+    owed: int = 0  # credits of requests it gave back, returned with its next DONE
     held: dict[ConnKey, Held] = field(default_factory=dict)
 
 
@@ -99,9 +126,12 @@ class WorkerCounters:
 
 
 class Broker:
-    def __init__(self, clock: Callable[[], float]) -> None:
-        """``clock``: monotonic seconds (the dispatcher passes time.monotonic)."""
+    def __init__(self, clock: Callable[[], float], pack_within: float = PACK_WITHIN) -> None:
+        """``clock``: monotonic seconds (the dispatcher passes time.monotonic); ``pack_within``:
+        PACK_WITHIN unless a test says otherwise."""
         self.clock = clock
+        self.pack_within = pack_within
+        self._packs_again_at = 0.0  # after the last give-back, PACK_PAUSE
         self.threads: dict[bytes, Thread] = {}
         self.holder: dict[ConnKey, bytes] = {}
         self.counters: dict[int, WorkerCounters] = {}
@@ -152,7 +182,8 @@ class Broker:
         if self.holder.get(key) == ident:
             self._release(key)
         if credit and not thread.retiring:
-            thread.credits += 1
+            thread.credits += 1 + thread.owed
+        thread.owed = 0
         self._file(thread)
         assignments: list[Assignment] = []
         if closed:
@@ -168,6 +199,27 @@ class Broker:
             if assignment is not None:
                 assignments.append(assignment)
         assignments.extend(self._drain_backlog())
+        return assignments
+
+    def give_back(self, ident: bytes, index: int, conn_id: bytes) -> list[Assignment]:
+        """The thread never started the request of (index, conn_id): it is stuck in the one
+        before. Another thread gets it, before what waits here. The thread gets the credit back
+        with the DONE of the request it is stuck in, and until then it is given nothing."""
+        key = (index, conn_id)
+        thread = self.threads.get(ident)
+        if thread is None or key in self._streams or key not in thread.held:
+            return []
+        held = thread.held.pop(key)
+        if self.holder.get(key) == ident:
+            self._release(key)
+        self._packs_again_at = self.clock() + PACK_PAUSE
+        if not thread.retiring:
+            thread.owed += 1
+        self._idle.pop(ident, None)  # out of the tiers while it is placed: not back to where it was stuck
+        self._spare.pop(ident, None)
+        self._backlog.appendleft((index, held.sender, conn_id, held.raw))
+        assignments = self._drain_backlog()
+        self._file(thread)
         return assignments
 
     def retire(self, ident: bytes) -> None:
@@ -314,11 +366,37 @@ class Broker:
     # -- internals ----------------------------------------------------------
 
     def _pick(self) -> bytes | None:
+        packer = self._young_spare()
+        if packer is not None:
+            busy = {t.pid for t in self.threads.values() if t.held}
+            ident = next((i for i in self._idle if self.threads[i].pid not in busy), packer)
+            (self._idle if ident in self._idle else self._spare).pop(ident)
+            return ident
         for tier in (self._idle, self._spare):
             if tier:
                 ident = next(iter(tier))
                 del tier[ident]
                 return ident
+        return None
+
+    def _young_spare(self) -> bytes | None:
+        """A thread with room, serving a request it got less than pack_within ago, in a worker
+        with an idle thread: giving it the next request saves waking that one. The one filed
+        last first (it has just finished a request, or just been given one: it is awake)."""
+        if not self._spare or not self._idle:
+            return None
+        now = self.clock()
+        if now < self._packs_again_at:
+            return None
+        idle_workers = {self.threads[ident].pid for ident in self._idle}
+        for ident in reversed(self._spare):
+            thread = self.threads[ident]
+            if thread.pid not in idle_workers:
+                continue
+            for key, held in thread.held.items():  # the first: the one it serves
+                if now - held.since < self.pack_within and key not in self._streams:
+                    return ident
+                break
         return None
 
     def _assign(self, ident: bytes, key: ConnKey, sender: bytes, raw: bytes) -> Assignment:
@@ -334,7 +412,7 @@ class Broker:
         ident = thread.ident
         self._idle.pop(ident, None)
         self._spare.pop(ident, None)
-        if thread.credits <= 0 or thread.retiring:
+        if thread.credits <= 0 or thread.retiring or thread.owed:  # owed: stuck, it said so
             return
         (self._spare if thread.held else self._idle)[ident] = None
 

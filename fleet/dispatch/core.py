@@ -9,7 +9,7 @@ Mongrel2, answering clients, logging, parsing the rare message that needs it.
 Both cores have this interface and pass the same tests
 (tests/unit/test_dispatch_core.py):
 
-    Core(link_path, endpoints, glue)
+    Core(link_path, endpoints, glue, pack_within=PACK_WITHIN)
     attach(index, fd, rest)     read Mongrel2 ``index`` from this open fd (now the core's)
     shut_down_sending(index)    half-close it: Mongrel2 stops giving us work
     close_endpoint(index), endpoint_open(index)
@@ -39,13 +39,14 @@ import socket
 import threading
 import time
 
-from fleet.dispatch.broker import Assignment, BacklogFull, Broker, CreditLedger, Orphan
+from fleet.dispatch.broker import PACK_WITHIN, Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.dispatch.frames import (
     CONTROL,
     CREDIT,
     DONE,
     DONE_LAST,
     FIGURES,
+    GIVE_BACK,
     READY,
     REQUEST,
     RETIRE,
@@ -84,10 +85,10 @@ class _Endpoint:
 
 
 class Core:
-    def __init__(self, link_path: str, endpoints: int, glue) -> None:
+    def __init__(self, link_path: str, endpoints: int, glue, pack_within: float = PACK_WITHIN) -> None:
         self.glue = glue
         self.lock = threading.RLock()
-        self.broker = Broker(time.monotonic)
+        self.broker = Broker(time.monotonic, pack_within)
         self.credits = CreditLedger()
         self.links = LinkServer(link_path)
         self.epoll = select.epoll()
@@ -320,6 +321,8 @@ class Core:
                 assignments = broker.done(ident, head[1], frames[1], credit=kind == DONE, closed=closed)
             elif kind == CREDIT:
                 assignments = broker.credit(ident, ident_pid(ident), int(frames[1]))
+            elif kind == GIVE_BACK and len(frames) > 1:
+                assignments = broker.give_back(ident, head[1], frames[1])
             elif kind == STREAM and len(frames) > 1:
                 assignments = broker.stream(ident, head[1], frames[1])
             elif kind == RETIRE:

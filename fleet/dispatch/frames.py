@@ -19,6 +19,9 @@ thread -> dispatcher
     [DONE+index, conn_id, sent]  the same for a flow-controlled connection:
                             bytes sent, with a trailing "c" if it was closed
     [DONE_LAST+index, conn_id]  finished it; no credit (retiring)
+    [GIVE_BACK+index, conn_id]  the thread never started that request (it is
+                            stuck in the one before): give it to another; one
+                            more credit, unless retiring
     [STREAM+index, conn_id] the connection this thread holds is a stream now (a
                             WebSocket): what Mongrel2 sends for it comes to this
                             thread as CONTROL until its DONE, instead of waiting
@@ -43,6 +46,7 @@ RETIRED = b"!"
 CREDIT = b"+"
 DONE = b"="
 DONE_LAST = b"-"
+GIVE_BACK = b"<"
 STREAM = b"W"
 RETIRE = b"!"
 READY = b"R"

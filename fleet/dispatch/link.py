@@ -24,6 +24,7 @@ import logging
 import select
 import socket
 import struct
+import threading
 from collections import deque
 
 from fleet import native
@@ -47,7 +48,9 @@ class LinkClosed(Exception):
 
 
 class ThreadLink:
-    """A worker thread's end: blocking, one socket per thread, never shared."""
+    """A worker thread's end: blocking, one socket per thread. Its thread reads it; the
+    worker's main thread may also write to it (a busy thread's stale DONEs, what a stuck
+    thread gives back), so writes take a lock: two writers must not interleave a message."""
 
     def __init__(self, path: str, ident: bytes, timeout: float) -> None:
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -57,14 +60,22 @@ class ThreadLink:
                                struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))
         self.inbox = Inbox(decode)
         self.messages: deque[list[bytes]] = deque()
+        self._writing = threading.Lock()
         self.send([HELLO, ident])
 
     def send(self, frames: list[bytes]) -> None:
-        self.socket.sendall(encode(frames))
+        with self._writing:
+            self.socket.sendall(encode(frames))
 
     def send_encoded(self, data: bytes) -> None:
         """Send messages already encoded (fleet.dispatch.frames.encode), in one write."""
-        self.socket.sendall(data)
+        with self._writing:
+            self.socket.sendall(data)
+
+    def read_arrived(self) -> None:
+        """Buffer every message that has arrived, without waiting for more."""
+        while self._read(socket.MSG_DONTWAIT):
+            pass
 
     def receive(self) -> list[bytes] | None:
         """The next message, or None after the timeout with nothing."""

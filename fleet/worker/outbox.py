@@ -17,9 +17,10 @@ What bounds the wait:
 - after each request it sends what has waited HOLD_MAX or amounts to
   HOLD_BYTES;
 - a thread that is inside a slow request cannot send: the worker's main
-  thread sends for it what has waited STALL (flush_if_stale), so a reply
-  never waits behind another request for long, nor dies with a worker that
-  harakiri kills for that request.
+  thread sends for it what has waited STALL (flush_if_stale), or at once in
+  broker mode once the thread has been in one request for GIVE_BACK_AFTER
+  (fleet.worker.worker), so a reply never waits behind another request for
+  long, nor dies with a worker that harakiri kills for that request.
 
 Replies always leave before the DONEs written after them: a DONE tells the
 dispatcher that the reply is out, and a worker that dies between the two
@@ -90,13 +91,13 @@ class Outbox:
             with self.lock:
                 self._flush()
 
-    def flush_if_stale(self, now: float) -> None:
-        """The main thread's part: send for a thread that has held replies for STALL."""
+    def flush_if_stale(self, now: float, stall: float = STALL) -> None:
+        """The main thread's part: send for a thread that has held replies for ``stall``."""
         since = self.since
-        if not since or now - since < STALL:
+        if not since or now - since < stall:
             return
         with self.lock:
-            if self.since and now - self.since >= STALL:
+            if self.since and now - self.since >= stall:
                 try:
                     self._flush()
                 except OSError as error:  # the thread meets the same fault on its next write

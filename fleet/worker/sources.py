@@ -25,7 +25,7 @@ from fleet.config import Endpoint
 from fleet.dispatch import frames
 from fleet.dispatch.link import LinkClosed, ThreadLink, encode
 from fleet.http.front import Exchange, HttpFront, Waiter
-from fleet.mongrel2.codec import Event, ProtocolError, parse_message
+from fleet.mongrel2.codec import Event, ProtocolError, parse_message, peek_route
 from fleet.mongrel2.connection import Puller, PullerSet
 from fleet.mongrel2.reply import no_control
 
@@ -92,7 +92,15 @@ class HttpShare:
 
 class BrokerSource:
     """Broker mode: the requests the dispatcher hands this thread over its link,
-    for the credits the thread asked; DONE reports each one finished."""
+    for the credits the thread asked; DONE reports each one finished.
+
+    The dispatcher may give the thread its next request while it serves one
+    (fleet.dispatch.broker: cheaper than waking another thread). If the one it
+    serves turns out slow, the worker's main thread gives back what the thread
+    has not started (give_back_unstarted), so that another thread serves it.
+    The lock makes taking work and giving it back exclusive: the thread holds it
+    whenever it reads its link or takes from what it has read.
+    """
 
     honours_credits = True  # the dispatcher keeps flow-control balances per connection
 
@@ -107,6 +115,9 @@ class BrokerSource:
         self.retire_sent = False
         self.draining = False  # the dispatcher acknowledged the retire: only --http is left
         self.pending: deque[list[bytes]] = deque()  # requests read while looking for control messages
+        self.lock = threading.Lock()
+        self.busy_since = 0.0  # when the thread began the work it is doing; 0.0 between two
+        self.checked_at = 0.0  # (the main thread's) when it last gave back for this thread
         self.link.send([frames.CREDIT, b"%d" % credits])
         if http is not None:
             self._poll = select.poll()
@@ -121,7 +132,8 @@ class BrokerSource:
             self.link.send([frames.RETIRE])
             self.retire_sent = True
         try:
-            received = self._receive()
+            with self.lock:
+                received = self._receive()
         except LinkClosed:
             log.warning("the dispatcher closed the link; thread %s stops", self.ident.decode())
             return FINISHED
@@ -154,17 +166,52 @@ class BrokerSource:
     def poll_control(self, timeout: float) -> list[Event]:
         """Read what has arrived (mid-response); keep requests for later, return control events."""
         events: list[Event] = []
-        if not self.link.poll(timeout):
-            return events
-        while (received := self.link.take()) is not None:
-            if received[0][:1] == frames.CONTROL:
-                try:
-                    events.append(parse_message(received[1]))
-                except ProtocolError as error:
-                    log.warning("dropped a malformed control message: %s", error)
-            else:
-                self.pending.append(received)
+        with self.lock:
+            if not self.link.poll(timeout):
+                return events
+            while (received := self.link.take()) is not None:
+                if received[0][:1] == frames.CONTROL:
+                    try:
+                        events.append(parse_message(received[1]))
+                    except ProtocolError as error:
+                        log.warning("dropped a malformed control message: %s", error)
+                else:
+                    self.pending.append(received)
         return events
+
+    def give_back_unstarted(self) -> int:
+        """The worker's main thread, while this thread is stuck in a request: the requests
+        the thread holds and has not started go back to the dispatcher, which gives them to
+        other threads. Returns how many. Nothing if the thread is taking work right now."""
+        if not self.lock.acquire(blocking=False):
+            return 0
+        try:
+            if not self.busy_since or self.draining:
+                return 0
+            try:
+                self.link.read_arrived()
+            except LinkClosed:
+                return 0  # the thread meets it on its next read
+            given: list[bytes] = []
+            for queue in (self.pending, self.link.messages):
+                kept: list[list[bytes]] = []
+                for message in queue:
+                    if message[0][:1] == frames.REQUEST:
+                        try:
+                            given.append(encode([frames.tagged(frames.GIVE_BACK, message[0][1]),
+                                                 peek_route(message[1])[1]]))
+                            continue
+                        except ProtocolError:
+                            pass  # no route to name it by: the thread serves it (and says what is wrong)
+                    kept.append(message)
+                if len(kept) < len(queue):
+                    queue.clear()
+                    queue.extend(kept)
+            if given:
+                self.link.send_encoded(b"".join(given))
+            return len(given)
+        finally:
+            self.lock.release()
 
     def close(self) -> None:
         self.link.close()

@@ -67,6 +67,12 @@ lane = native.compiled("fleet.worker._lane")
 
 # How often (seconds) at most the worker tells the master what it has served.
 FIGURES_INTERVAL = 1.0
+# A thread in the same request this long gives back the requests it holds behind it
+# (the main thread does it for it): a request waits that long, plus a GIL switch
+# interval, behind a slow one, where a thread could have been woken for it at once.
+GIVE_BACK_AFTER = 0.005
+# The worker's main thread never looks more often than this.
+MIN_NAP = 0.001
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).
 SUBSCRIBE_WAIT = 5.0
@@ -84,6 +90,11 @@ class Worker:
         self.responders: list[list[Publisher]] = []
         self.threads: list[threading.Thread] = []
         self.outboxes: list[Outbox] = []  # one per request thread, when the lane is built
+        self.broker_sources: list[tuple[BrokerSource, Outbox | None]] = []  # each thread's, in broker mode
+        # The main thread waits on this. While it waits long (no thread in a request to watch),
+        # a thread that starts one wakes it, so that what it holds is given back in time.
+        self.wake_main = threading.Event()
+        self.main_waits_long = False
         self.tallies: list[Tally] = []  # one per serving thread: what it served (fleet.worker.tally)
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
@@ -161,14 +172,22 @@ class Worker:
             if isinstance(source, BrokerSource):
                 source.before_retire = outbox.flush
             self.outboxes.append(outbox)
+        if isinstance(source, BrokerSource):
+            self.broker_sources.append((source, outbox))
         try:
             while (work := source.next()) is not FINISHED:
-                if isinstance(work, Message):
+                if work is None:
+                    pass
+                elif isinstance(work, Message):
+                    self._busy(source)
                     self.handle(work, source, responders, tally, outbox)
-                elif work is not None:
+                    source.busy_since = 0.0
+                else:
                     if outbox is not None:
                         outbox.flush()
+                    self._busy(source)
                     self.serve_http(work, tally)
+                    source.busy_since = 0.0
                 if outbox is not None and (not source.has_more() or outbox.due()):
                     outbox.flush()  # before next() blocks, or when replies have waited long enough
         finally:
@@ -178,6 +197,13 @@ class Worker:
                 except OSError as error:  # the dispatcher is gone: its DONEs with it
                     log.info("thread %d could not report its last requests: %s", number, error)
             source.close()
+
+    def _busy(self, source: BrokerSource | DirectSource) -> None:
+        """The thread starts a request: what it holds behind it may have to be given back."""
+        source.busy_since = time.monotonic()
+        if self.main_waits_long:
+            self.main_waits_long = False
+            self.wake_main.set()
 
     def work_source(self, number: int) -> BrokerSource | DirectSource:
         http = HttpShare(self.http) if self.http is not None else None
@@ -358,17 +384,49 @@ class Worker:
         send the finished replies of threads held up in a slow request, and ``report`` what
         the threads have served when it changed (at most every FIGURES_INTERVAL, and at the end)."""
         reported, reported_at = None, time.monotonic()
+        nap = STALL
         while any(t.is_alive() for t in self.threads):
-            time.sleep(STALL)
+            if self.wake_main.wait(nap):
+                self.wake_main.clear()
             now = time.monotonic()
             for outbox in self.outboxes:
                 outbox.flush_if_stale(now)
+            # Set before looking: a request that starts from now on wakes us, unless we look
+            # again before it could be due anyway.
+            self.main_waits_long = bool(self.broker_sources)
+            nap = self._give_back_for_stuck_threads(now)
+            if nap <= GIVE_BACK_AFTER:
+                self.main_waits_long = False
             if os.getppid() != self.spec.parent_pid:
                 log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
                 os._exit(BOOT_FAILED)
             if now - reported_at >= FIGURES_INTERVAL:
                 reported, reported_at = self._report(report, reported), now
         self._report(report, reported)
+
+    def _give_back_for_stuck_threads(self, now: float) -> float:
+        """For each thread in the same request for GIVE_BACK_AFTER: the replies it finished
+        before that one leave, and the requests it holds and has not started go back to the
+        dispatcher (fleet.dispatch.broker packs a request behind one just given, which may turn
+        out slow). Then every STALL while it stays in that request. Returns how long to wait
+        before the next look (STALL at most)."""
+        wait = STALL
+        for source, outbox in self.broker_sources:
+            since = source.busy_since
+            if not since:
+                continue
+            # First GIVE_BACK_AFTER into a request, then every STALL while it lasts.
+            due = since + GIVE_BACK_AFTER if source.checked_at < since else source.checked_at + STALL
+            if now >= due:
+                source.checked_at = now
+                if outbox is not None:
+                    outbox.flush_if_stale(now, stall=0.0)
+                given = source.give_back_unstarted()
+                if given:
+                    log.debug("gave back %d request(s) waiting behind a slow one", given)
+                due = now + STALL
+            wait = min(wait, due - now)
+        return max(wait, MIN_NAP)
 
     def _report(self, report: Callable[[list[float]], None], last: list[float] | None) -> list[float]:
         figures = snapshot(self.tallies, lines_dropped())

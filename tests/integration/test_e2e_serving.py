@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -62,6 +63,31 @@ def test_post_form(m2: Mongrel2, prefix: str) -> None:
 def test_hello(m2: Mongrel2, prefix: str) -> None:
     resp = request(m2, "GET", f"{prefix}hello")
     assert (resp.status, resp.body) == (200, b"Hello world!")
+
+
+def test_fast_requests_never_wait_behind_a_slow_one(m2: Mongrel2, prefix: str) -> None:
+    """The dispatcher may give a thread its next request while it serves one (rather than wake
+    another thread); when that one turns out slow, the worker gives the next back and another
+    thread serves it. So a burst of fast requests beside a slow one all finish before it."""
+    finished: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def get(path: str) -> None:
+        status = request(m2, "GET", path).status
+        with lock:
+            finished.append((path, status))
+
+    for _ in range(2):
+        finished.clear()
+        slow = threading.Thread(target=get, args=(f"{prefix}slow?s=1.5",))
+        slow.start()
+        fast = [threading.Thread(target=get, args=(f"{prefix}hello",)) for _ in range(12)]
+        for thread in fast:
+            thread.start()
+        for thread in [*fast, slow]:
+            thread.join(30)
+        assert len(finished) == 13 and all(status == 200 for _, status in finished), finished
+        assert finished[-1][0].endswith("slow?s=1.5"), f"a fast request waited for the slow one: {finished}"
 
 
 def test_unknown_path_is_the_apps_404(m2: Mongrel2, prefix: str) -> None:

@@ -84,7 +84,8 @@ def test_a_retiring_thread_gets_nothing_more(broker: Broker) -> None:
     assert broker.backlog == 0 and broker.holder_of(0, b"2") == b"11/0"
 
 
-def test_a_dead_worker_leaves_orphans_to_answer(broker: Broker) -> None:
+def test_a_dead_worker_leaves_orphans_to_answer(clock: FakeClock) -> None:
+    broker = Broker(clock, pack_within=0.0)  # no packing: each thread runs one
     broker.credit(b"10/0", 10, 2)
     broker.credit(b"10/1", 10, 2)
     broker.request(0, b"m2", b"1", raw(1))
@@ -188,3 +189,97 @@ def test_only_the_request_a_thread_was_running_counts_as_running(broker: Broker,
     orphans = {o.conn_id: o for o in broker.worker_gone(10)}
     assert orphans[b"1"].running and not orphans[b"2"].running
     assert orphans[b"2"].age == pytest.approx(60)
+
+
+# -- packing and giving back ------------------------------------------------------------------
+
+
+def test_one_threaded_workers_are_served_as_before(broker: Broker) -> None:
+    """Packing only saves waking a sibling: a worker of one thread has none."""
+    broker.credit(b"10/0", 10, 4)
+    broker.credit(b"11/0", 11, 4)
+    idents = [broker.request(0, b"m2", b"%d" % conn, raw(conn)).ident for conn in range(1, 7)]
+    assert idents == [b"10/0", b"11/0", b"10/0", b"11/0", b"10/0", b"11/0"]
+
+
+def test_a_thread_serving_a_new_request_takes_the_next_before_an_idle_one_is_woken(
+        broker: Broker, clock: FakeClock) -> None:
+    for thread in range(3):
+        broker.credit(b"10/%d" % thread, 10, 2)
+    assert broker.request(0, b"m2", b"1", raw(1)).ident == b"10/0"
+    assert broker.request(0, b"m2", b"2", raw(2)).ident == b"10/0", "packed behind a request just given"
+    assert broker.request(0, b"m2", b"3", raw(3)).ident == b"10/1", "10/0 is full: an idle thread"
+    clock.now += broker_module.PACK_WITHIN * 2
+    assert broker.request(0, b"m2", b"4", raw(4)).ident == b"10/2", "10/1's request is no longer new"
+
+
+def test_an_idle_worker_runs_in_parallel_before_a_busy_one_packs(broker: Broker) -> None:
+    for pid in (10, 11):
+        for thread in range(2):
+            broker.credit(b"%d/%d" % (pid, thread), pid, 2)
+    assert broker.request(0, b"m2", b"1", raw(1)).ident == b"10/0"
+    assert broker.request(0, b"m2", b"2", raw(2)).ident == b"11/0", "another process: its own core"
+    assert broker.request(0, b"m2", b"3", raw(3)).ident == b"11/0", "both busy: packed onto the newest"
+    assert broker.request(0, b"m2", b"4", raw(4)).ident == b"10/0", "11/0 is full: the other one packs"
+    assert broker.request(0, b"m2", b"5", raw(5)).ident == b"10/1", "all full: an idle thread after all"
+
+
+def test_a_request_given_back_goes_to_another_thread_first_and_the_credit_comes_back(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))  # packed behind 1
+    broker.request(0, b"m2", b"3", raw(3))  # waits: no room anywhere
+    assert broker.give_back(b"10/0", 0, b"2") == [], "nobody else to take it: it waits, first in line"
+    assert broker.holder_of(0, b"2") is None and broker.backlog == 2
+    assert broker.credit(b"10/1", 10, 1) == [Assignment(b"10/1", 0, b"2", raw(2))]
+    # 10/0 gets its credit back with the DONE of the request it is stuck in, not before.
+    assert (broker.threads[b"10/0"].credits, broker.threads[b"10/0"].owed) == (0, 1)
+    assert broker.done(b"10/0", 0, b"1", credit=True) == [Assignment(b"10/0", 0, b"3", raw(3))]
+    assert (broker.threads[b"10/0"].credits, broker.threads[b"10/0"].owed) == (1, 0)
+    assert broker.counters[10].served == 1, "what was given back is not counted as served"
+
+
+def test_give_back_does_not_hand_the_request_back_to_the_thread_stuck_ahead(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 3)
+    broker.credit(b"11/0", 11, 1)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))  # 11/0: an idle worker first
+    broker.request(0, b"m2", b"3", raw(3))  # 10/0 again: packed
+    assert broker.give_back(b"10/0", 0, b"3") == [], "11/0 is full and 10/0 is stuck: it waits"
+    assert broker.backlog == 1
+    assert broker.done(b"11/0", 0, b"2", credit=True) == [Assignment(b"11/0", 0, b"3", raw(3))]
+
+
+def test_give_back_of_what_a_thread_does_not_hold_changes_nothing(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    assert broker.give_back(b"10/0", 0, b"9") == []
+    assert broker.give_back(b"99/0", 0, b"1") == []
+    broker.stream(b"10/0", 0, b"1")
+    assert broker.give_back(b"10/0", 0, b"1") == [], "a stream is under way, not waiting"
+    assert broker.holder_of(0, b"1") == b"10/0" and broker.threads[b"10/0"].owed == 0
+
+
+def test_a_retiring_thread_gives_back_without_getting_a_credit(broker: Broker) -> None:
+    broker.credit(b"10/0", 10, 2)
+    broker.request(0, b"m2", b"1", raw(1))
+    broker.request(0, b"m2", b"2", raw(2))
+    broker.retire(b"10/0")
+    broker.credit(b"10/1", 10, 1)
+    assert broker.give_back(b"10/0", 0, b"2") == [Assignment(b"10/1", 0, b"2", raw(2))]
+    assert (broker.threads[b"10/0"].credits, broker.threads[b"10/0"].owed) == (0, 0)
+
+
+def test_after_a_give_back_nothing_is_packed_for_a_while(broker: Broker, clock: FakeClock) -> None:
+    """A give-back says the app blocks at times: idle threads first again, for PACK_PAUSE."""
+    for thread in range(3):
+        broker.credit(b"10/%d" % thread, 10, 4)
+    broker.request(0, b"m2", b"1", raw(1))
+    assert broker.request(0, b"m2", b"2", raw(2)).ident == b"10/0", "packed"
+    assert broker.give_back(b"10/0", 0, b"2") == [Assignment(b"10/1", 0, b"2", raw(2))]
+    assert broker.request(0, b"m2", b"3", raw(3)).ident == b"10/2", "10/1's request is new, but no packing now"
+    clock.now += broker_module.PACK_PAUSE
+    for ident, conn in ((b"10/0", b"1"), (b"10/1", b"2"), (b"10/2", b"3")):
+        broker.done(ident, 0, conn, credit=True)
+    first = broker.request(0, b"m2", b"4", raw(4)).ident
+    assert broker.request(0, b"m2", b"5", raw(5)).ident == first, "packing again"

@@ -19,7 +19,7 @@ import tnetstring
 from fleet import native
 from fleet.dispatch import core as pure_core
 from fleet.dispatch import frames as wire
-from fleet.dispatch.broker import CLOSED_MEMORY, MAX_BACKLOG, MAX_CLOSED, MAX_GONE_PIDS
+from fleet.dispatch.broker import CLOSED_MEMORY, MAX_BACKLOG, MAX_CLOSED, MAX_GONE_PIDS, PACK_PAUSE, PACK_WITHIN
 from fleet.dispatch.link import ThreadLink
 from fleet.mongrel2 import zmtp
 from fleet.mongrel2.codec import Credits, Disconnect, parse_message
@@ -104,10 +104,11 @@ def control(conn: int, body: bytes, credits: int | None = None) -> bytes:
 
 
 class Rig:
-    def __init__(self, core_class, tmp_path: Path, endpoints: int = 1) -> None:
+    def __init__(self, core_class, tmp_path: Path, endpoints: int = 1, pack_within: float | None = None) -> None:
         self.path = str(tmp_path / "link")
         self.glue = Glue()
-        self.core = core_class(self.path, endpoints, self.glue)
+        extra = {} if pack_within is None else {"pack_within": pack_within}
+        self.core = core_class(self.path, endpoints, self.glue, **extra)
         self.mongrel2: list[socket.socket] = []
         for index in range(endpoints):
             ours, theirs = socket.socketpair()
@@ -175,6 +176,7 @@ def test_the_limits_are_the_references(core_class) -> None:
         module = native.compiled("fleet.dispatch._core")
         assert (module.MAX_BACKLOG, module.MAX_GONE_PIDS, module.MAX_CLOSED, module.CLOSED_MEMORY) == \
             (MAX_BACKLOG, MAX_GONE_PIDS, MAX_CLOSED, CLOSED_MEMORY)
+        assert (module.PACK_WITHIN, module.PACK_PAUSE) == (PACK_WITHIN, PACK_PAUSE)
 
 
 def test_a_request_goes_to_a_thread_that_asked_and_its_done_counts(rig) -> None:
@@ -201,6 +203,40 @@ def test_idle_threads_first_then_one_behind_the_running_request(rig) -> None:
     rig.push(req(1), req(2), req(3))
     assert [m[1] for m in rig.got(b"100/0")] == [req(1), req(3)]
     assert [m[1] for m in rig.got(b"101/0")] == [req(2)]
+
+
+def test_a_thread_serving_a_new_request_gets_the_next_before_its_idle_sibling(rig) -> None:
+    rig.thread(b"100/0", credits=2)
+    rig.thread(b"100/1", credits=2)
+    rig.thread(b"101/0", credits=2)
+    rig.push(req(1), req(2), req(3), req(4))
+    # 1 to 100/0; 2 to the idle worker 101 (its own core); 3 packed behind 1 rather than waking 100/1;
+    # 4: 100/0 is full and 101 has no idle thread to spare, so the idle 100/1 after all.
+    assert [m[1] for m in rig.got(b"100/0")] == [req(1), req(3)]
+    assert [m[1] for m in rig.got(b"101/0")] == [req(2)]
+    assert [m[1] for m in rig.got(b"100/1")] == [req(4)]
+
+
+def test_a_request_given_back_goes_to_another_thread_and_the_credit_comes_with_the_done(core_class, tmp_path) -> None:
+    rig = Rig(core_class, tmp_path, pack_within=1e9)  # always packs: the order does not hang on timing
+    try:
+        rig.thread(b"100/0", credits=2)
+        rig.push(req(1), req(2), req(3))
+        assert [m[1] for m in rig.got(b"100/0")] == [req(1), req(2)]
+        rig.send(b"100/0", [wire.tagged(wire.GIVE_BACK, 0), b"2"])  # stuck in 1, 2 never started
+        assert rig.core.backlog == 2, "nobody else to take it: it waits, first in line"
+        rig.thread(b"100/1", credits=1)
+        assert [m[1] for m in rig.got(b"100/1")] == [req(2)]
+        assert rig.got(b"100/0") == [], "no credit back before the request it is stuck in is done"
+        rig.done(b"100/0", 1)
+        assert [m[1] for m in rig.got(b"100/0")] == [req(3)]
+        rig.done(b"100/1", 2)
+        rig.done(b"100/0", 3)
+        assert rig.core.total_served() == 3 and rig.core.backlog == 0
+        rig.send(b"100/0", [wire.tagged(wire.GIVE_BACK, 0), b"3"])  # not held any more: nothing happens
+        assert rig.core.backlog == 0 and rig.glue.unknown == []
+    finally:
+        rig.close()
 
 
 def test_pipelined_requests_wait_for_the_one_ahead(rig) -> None:
@@ -440,14 +476,14 @@ def history(seed: int) -> list[tuple]:
     steps: list[tuple] = []
     for _ in range(120):
         kind = rng.choice(["request"] * 5 + ["credit"] * 2 + ["done"] * 4
-                          + ["closing done", "gone", "retire", "control", "close", "stream"])
+                          + ["closing done", "gone", "retire", "control", "close", "stream", "give back"])
         steps.append((kind, rng.randrange(3), rng.randrange(2), rng.randrange(1, 4), rng.randrange(4)))
     return steps
 
 
 def replay(core_class, tmp_path: Path, steps: list[tuple]) -> list:
     """Run a history; everything observable, in order."""
-    rig = Rig(core_class, tmp_path)
+    rig = Rig(core_class, tmp_path, pack_within=1e9)  # packing by age would depend on each core's speed
     seen: list = []
     held: dict[bytes, list[int]] = {}
     try:
@@ -470,6 +506,8 @@ def replay(core_class, tmp_path: Path, steps: list[tuple]) -> list:
                 for key in [k for k in held if k.startswith(b"%d/" % pid)]:
                     held[key] = []
                 rig.core.worker_started(pid)
+            elif kind == "give back" and len(held.get(ident, [])) > 1:
+                rig.send(ident, [wire.tagged(wire.GIVE_BACK, 0), b"%d" % held[ident].pop()])
             elif kind == "stream" and held.get(ident):
                 rig.send(ident, [wire.tagged(wire.STREAM, 0), b"%d" % held[ident][0]])
             elif kind == "retire" and ident in rig.links:
