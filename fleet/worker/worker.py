@@ -71,8 +71,10 @@ FIGURES_INTERVAL = 1.0
 # (the main thread does it for it): a request waits that long, plus a GIL switch
 # interval, behind a slow one, where a thread could have been woken for it at once.
 GIVE_BACK_AFTER = 0.005
-# The worker's main thread never looks more often than this.
+# The worker's main thread never looks more often than this; every GIVE_BACK_AFTER
+# while a thread started a request in the last WATCH_CLOSELY seconds, else every STALL.
 MIN_NAP = 0.001
+WATCH_CLOSELY = 1.0
 # How long a new worker waits for Mongrel2's subscription before it declares
 # itself ready anyway (Mongrel2 may simply not be running yet).
 SUBSCRIBE_WAIT = 5.0
@@ -91,10 +93,7 @@ class Worker:
         self.threads: list[threading.Thread] = []
         self.outboxes: list[Outbox] = []  # one per request thread, when the lane is built
         self.broker_sources: list[tuple[BrokerSource, Outbox | None]] = []  # each thread's, in broker mode
-        # The main thread waits on this. While it waits long (no thread in a request to watch),
-        # a thread that starts one wakes it, so that what it holds is given back in time.
-        self.wake_main = threading.Event()
-        self.main_waits_long = False
+        self.last_started = 0.0  # when a thread last started a request (the main thread watches closely after)
         self.tallies: list[Tally] = []  # one per serving thread: what it served (fleet.worker.tally)
         self.warned_flow_control = False
         self.multithread = self.config.threads > 1
@@ -200,10 +199,7 @@ class Worker:
 
     def _busy(self, source: BrokerSource | DirectSource) -> None:
         """The thread starts a request: what it holds behind it may have to be given back."""
-        source.busy_since = time.monotonic()
-        if self.main_waits_long:
-            self.main_waits_long = False
-            self.wake_main.set()
+        source.busy_since = self.last_started = time.monotonic()
 
     def work_source(self, number: int) -> BrokerSource | DirectSource:
         http = HttpShare(self.http) if self.http is not None else None
@@ -386,17 +382,13 @@ class Worker:
         reported, reported_at = None, time.monotonic()
         nap = STALL
         while any(t.is_alive() for t in self.threads):
-            if self.wake_main.wait(nap):
-                self.wake_main.clear()
+            time.sleep(nap)
             now = time.monotonic()
             for outbox in self.outboxes:
                 outbox.flush_if_stale(now)
-            # Set before looking: a request that starts from now on wakes us, unless we look
-            # again before it could be due anyway.
-            self.main_waits_long = bool(self.broker_sources)
             nap = self._give_back_for_stuck_threads(now)
-            if nap <= GIVE_BACK_AFTER:
-                self.main_waits_long = False
+            if self.broker_sources and now - self.last_started < WATCH_CLOSELY:
+                nap = min(nap, GIVE_BACK_AFTER)  # a request may start, and stick, at any moment
             if os.getppid() != self.spec.parent_pid:
                 log.error("supervisor %d is gone; exiting", self.spec.parent_pid)
                 os._exit(BOOT_FAILED)
