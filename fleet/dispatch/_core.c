@@ -37,6 +37,7 @@
 #define CLOSED_MEMORY 60.0
 #define PACK_WITHIN 0.002
 #define PACK_PAUSE 10.0
+#define PAUSE_AFTER 3
 #define MAX_CLOSED 4096
 #define MAX_FRAME (1ULL << 30)
 #define RECV_SIZE 65536
@@ -185,7 +186,10 @@ typedef struct {
     int accepting;
     double ticked_at;
     double pack_within; /* broker.PACK_WITHIN, or the constructor's */
-    double packs_again_at; /* broker._packs_again_at: after the last give-back, PACK_PAUSE */
+    double pack_pause;     /* broker.PACK_PAUSE, or the constructor's */
+    double packs_again_at; /* broker._packs_again_at */
+    int give_backs;        /* in the second that began at give_backs_from */
+    double give_backs_from;
 } Core;
 
 static PyObject *zero, *one;
@@ -740,7 +744,12 @@ static void broker_give_back(Core *self, PyObject *ident, int index, PyObject *c
     PyObject *sender = Py_NewRef(t->held[i].sender), *raw = Py_NewRef(t->held[i].raw);
     held_remove(t, i);
     if (holder_is(self, key, slot)) holder_del(self, key);
-    self->packs_again_at = monotonic() + PACK_PAUSE;
+    double now = monotonic();
+    if (now - self->give_backs_from >= 1.0) {
+        self->give_backs = 0;
+        self->give_backs_from = now;
+    }
+    if (++self->give_backs >= PAUSE_AFTER) self->packs_again_at = now + self->pack_pause;
     if (!t->retiring) t->owed++;
     tier_remove(self, slot);  /* out of the tiers while it is placed: not back to where it was stuck */
     backlog_push_front(self, index, sender, Py_NewRef(conn_id), raw);
@@ -1550,9 +1559,10 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     const char *path;
     int endpoints;
     PyObject *glue;
-    static char *kwlist[] = {"link_path", "endpoints", "glue", "pack_within", NULL};
-    double pack_within = PACK_WITHIN;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siO|d", kwlist, &path, &endpoints, &glue, &pack_within))
+    static char *kwlist[] = {"link_path", "endpoints", "glue", "pack_within", "pack_pause", NULL};
+    double pack_within = PACK_WITHIN, pack_pause = PACK_PAUSE;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "siO|dd", kwlist, &path, &endpoints, &glue, &pack_within,
+                                     &pack_pause))
         return -1;
     if (endpoints < 0 || endpoints > 255) {
         PyErr_SetString(PyExc_ValueError, "endpoints must be 0..255");
@@ -1573,6 +1583,7 @@ static int Core_init(Core *self, PyObject *args, PyObject *kwds) {
     self->idle.head = self->idle.tail = self->spare.head = self->spare.tail = -1;
     self->accepting = 1;
     self->pack_within = pack_within;
+    self->pack_pause = pack_pause;
     self->by_ident = PyDict_New();
     self->watched = PySet_New(NULL);
     self->thread_of = PyDict_New();
@@ -1749,5 +1760,6 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddObject(m, "CLOSED_MEMORY", PyFloat_FromDouble(CLOSED_MEMORY));
     PyModule_AddObject(m, "PACK_WITHIN", PyFloat_FromDouble(PACK_WITHIN));
     PyModule_AddObject(m, "PACK_PAUSE", PyFloat_FromDouble(PACK_PAUSE));
+    PyModule_AddIntConstant(m, "PAUSE_AFTER", PAUSE_AFTER);
     return m;
 }

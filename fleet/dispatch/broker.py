@@ -15,7 +15,8 @@ take it on a core of its own): it finds it in hand when it finishes. A
 worker's threads share one GIL, and waking one per request cost more than the
 wait. If the request ahead turns out slow, the worker gives back what its
 thread has not started (give_back), and another thread gets it first; and
-for PACK_PAUSE after that nothing is packed: this app blocks at times.
+when that happens PAUSE_AFTER times in a second, nothing is packed for
+PACK_PAUSE: this app blocks.
 
 Requests on a connection that a thread already holds wait here (HTTP
 pipelining must be answered in order, and Mongrel2 would hand the second
@@ -38,9 +39,11 @@ PREFETCH = 2
 # A thread serving a request it was given less than this long ago is given the
 # next one before an idle thread is woken (see the module docstring).
 PACK_WITHIN = 0.002
-# ... unless a worker gave back a request less than this long ago: the app blocks at
-# times, and a request packed behind a blocking one waits for its give-back.
+# ... unless workers gave back requests PAUSE_AFTER times within a second less than
+# PACK_PAUSE ago: the app blocks, and a request packed behind a blocking one waits
+# for its give-back. (One give-back can be a thread that was only descheduled.)
 PACK_PAUSE = 10.0
+PAUSE_AFTER = 3
 # A worker process holds at least this many, whatever its thread count: with
 # one thread, two in hand are not enough to hide the broker's wake-up latency
 # on a busy host (measured: 3.7k against 6.4k requests/s with 4).
@@ -126,12 +129,16 @@ class WorkerCounters:
 
 
 class Broker:
-    def __init__(self, clock: Callable[[], float], pack_within: float = PACK_WITHIN) -> None:
-        """``clock``: monotonic seconds (the dispatcher passes time.monotonic); ``pack_within``:
-        PACK_WITHIN unless a test says otherwise."""
+    def __init__(self, clock: Callable[[], float], pack_within: float = PACK_WITHIN,
+                 pack_pause: float = PACK_PAUSE) -> None:
+        """``clock``: monotonic seconds (the dispatcher passes time.monotonic); ``pack_within``,
+        ``pack_pause``: PACK_WITHIN and PACK_PAUSE unless a test says otherwise."""
         self.clock = clock
         self.pack_within = pack_within
-        self._packs_again_at = 0.0  # after the last give-back, PACK_PAUSE
+        self.pack_pause = pack_pause
+        self._packs_again_at = 0.0
+        self._give_backs = 0  # in the second that began at _give_backs_from
+        self._give_backs_from = 0.0
         self.threads: dict[bytes, Thread] = {}
         self.holder: dict[ConnKey, bytes] = {}
         self.counters: dict[int, WorkerCounters] = {}
@@ -212,7 +219,12 @@ class Broker:
         held = thread.held.pop(key)
         if self.holder.get(key) == ident:
             self._release(key)
-        self._packs_again_at = self.clock() + PACK_PAUSE
+        now = self.clock()
+        if now - self._give_backs_from >= 1.0:
+            self._give_backs, self._give_backs_from = 0, now
+        self._give_backs += 1
+        if self._give_backs >= PAUSE_AFTER:
+            self._packs_again_at = now + self.pack_pause
         if not thread.retiring:
             thread.owed += 1
         self._idle.pop(ident, None)  # out of the tiers while it is placed: not back to where it was stuck

@@ -9,7 +9,7 @@ Mongrel2, answering clients, logging, parsing the rare message that needs it.
 Both cores have this interface and pass the same tests
 (tests/unit/test_dispatch_core.py):
 
-    Core(link_path, endpoints, glue, pack_within=PACK_WITHIN)
+    Core(link_path, endpoints, glue, pack_within=PACK_WITHIN, pack_pause=PACK_PAUSE)
     attach(index, fd, rest)     read Mongrel2 ``index`` from this open fd (now the core's)
     shut_down_sending(index)    half-close it: Mongrel2 stops giving us work
     close_endpoint(index), endpoint_open(index)
@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 
-from fleet.dispatch.broker import PACK_WITHIN, Assignment, BacklogFull, Broker, CreditLedger, Orphan
+from fleet.dispatch.broker import PACK_PAUSE, PACK_WITHIN, Assignment, BacklogFull, Broker, CreditLedger, Orphan
 from fleet.dispatch.frames import (
     CONTROL,
     CREDIT,
@@ -85,10 +85,11 @@ class _Endpoint:
 
 
 class Core:
-    def __init__(self, link_path: str, endpoints: int, glue, pack_within: float = PACK_WITHIN) -> None:
+    def __init__(self, link_path: str, endpoints: int, glue, pack_within: float = PACK_WITHIN,
+                 pack_pause: float = PACK_PAUSE) -> None:
         self.glue = glue
         self.lock = threading.RLock()
-        self.broker = Broker(time.monotonic, pack_within)
+        self.broker = Broker(time.monotonic, pack_within, pack_pause)
         self.credits = CreditLedger()
         self.links = LinkServer(link_path)
         self.epoll = select.epoll()

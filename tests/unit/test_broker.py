@@ -270,16 +270,34 @@ def test_a_retiring_thread_gives_back_without_getting_a_credit(broker: Broker) -
     assert (broker.threads[b"10/0"].credits, broker.threads[b"10/0"].owed) == (0, 0)
 
 
-def test_after_a_give_back_nothing_is_packed_for_a_while(broker: Broker, clock: FakeClock) -> None:
-    """A give-back says the app blocks at times: idle threads first again, for PACK_PAUSE."""
-    for thread in range(3):
-        broker.credit(b"10/%d" % thread, 10, 4)
-    broker.request(0, b"m2", b"1", raw(1))
-    assert broker.request(0, b"m2", b"2", raw(2)).ident == b"10/0", "packed"
-    assert broker.give_back(b"10/0", 0, b"2") == [Assignment(b"10/1", 0, b"2", raw(2))]
-    assert broker.request(0, b"m2", b"3", raw(3)).ident == b"10/2", "10/1's request is new, but no packing now"
+def test_give_backs_within_a_second_pause_packing(broker: Broker, clock: FakeClock) -> None:
+    """One give-back can be a thread that was only descheduled; PAUSE_AFTER within a second say
+    the app blocks: idle threads first again, for PACK_PAUSE."""
+    threads = [b"10/%d" % n for n in range(4)]
+    for ident in threads:
+        broker.credit(ident, 10, 8)
+
+    def packed_pair(conn: int) -> tuple[bytes, bytes]:
+        """Two new requests; the threads they went to (all threads idle before)."""
+        first = broker.request(0, b"m2", b"%d" % conn, raw(conn)).ident
+        return first, broker.request(0, b"m2", b"%d" % (conn + 1), raw(conn + 1)).ident
+
+    def finish_all() -> None:
+        for ident in threads:
+            for index, conn_id in list(broker.threads[ident].held):
+                broker.done(ident, index, conn_id, credit=True)
+
+    conn = 0
+    for given in range(1, broker_module.PAUSE_AFTER + 1):
+        conn += 2
+        first, second = packed_pair(conn)
+        assert first == second, f"packed ({given - 1} give-backs so far)"
+        broker.give_back(first, 0, b"%d" % (conn + 1))  # the second never started
+        clock.now += 0.1
+        finish_all()
+    first, second = packed_pair(100)
+    assert first != second, "paused: an idle thread is woken"
+    finish_all()
     clock.now += broker_module.PACK_PAUSE
-    for ident, conn in ((b"10/0", b"1"), (b"10/1", b"2"), (b"10/2", b"3")):
-        broker.done(ident, 0, conn, credit=True)
-    first = broker.request(0, b"m2", b"4", raw(4)).ident
-    assert broker.request(0, b"m2", b"5", raw(5)).ident == first, "packing again"
+    first, second = packed_pair(200)
+    assert first == second, "packing again"

@@ -19,7 +19,15 @@ import tnetstring
 from fleet import native
 from fleet.dispatch import core as pure_core
 from fleet.dispatch import frames as wire
-from fleet.dispatch.broker import CLOSED_MEMORY, MAX_BACKLOG, MAX_CLOSED, MAX_GONE_PIDS, PACK_PAUSE, PACK_WITHIN
+from fleet.dispatch.broker import (
+    CLOSED_MEMORY,
+    MAX_BACKLOG,
+    MAX_CLOSED,
+    MAX_GONE_PIDS,
+    PACK_PAUSE,
+    PACK_WITHIN,
+    PAUSE_AFTER,
+)
 from fleet.dispatch.link import ThreadLink
 from fleet.mongrel2 import zmtp
 from fleet.mongrel2.codec import Credits, Disconnect, parse_message
@@ -104,10 +112,13 @@ def control(conn: int, body: bytes, credits: int | None = None) -> bytes:
 
 
 class Rig:
-    def __init__(self, core_class, tmp_path: Path, endpoints: int = 1, pack_within: float | None = None) -> None:
+    def __init__(self, core_class, tmp_path: Path, endpoints: int = 1, pack_within: float | None = None,
+                 pack_pause: float | None = None) -> None:
         self.path = str(tmp_path / "link")
         self.glue = Glue()
         extra = {} if pack_within is None else {"pack_within": pack_within}
+        if pack_pause is not None:
+            extra["pack_pause"] = pack_pause
         self.core = core_class(self.path, endpoints, self.glue, **extra)
         self.mongrel2: list[socket.socket] = []
         for index in range(endpoints):
@@ -176,7 +187,7 @@ def test_the_limits_are_the_references(core_class) -> None:
         module = native.compiled("fleet.dispatch._core")
         assert (module.MAX_BACKLOG, module.MAX_GONE_PIDS, module.MAX_CLOSED, module.CLOSED_MEMORY) == \
             (MAX_BACKLOG, MAX_GONE_PIDS, MAX_CLOSED, CLOSED_MEMORY)
-        assert (module.PACK_WITHIN, module.PACK_PAUSE) == (PACK_WITHIN, PACK_PAUSE)
+        assert (module.PACK_WITHIN, module.PACK_PAUSE, module.PAUSE_AFTER) == (PACK_WITHIN, PACK_PAUSE, PAUSE_AFTER)
 
 
 def test_a_request_goes_to_a_thread_that_asked_and_its_done_counts(rig) -> None:
@@ -483,7 +494,8 @@ def history(seed: int) -> list[tuple]:
 
 def replay(core_class, tmp_path: Path, steps: list[tuple]) -> list:
     """Run a history; everything observable, in order."""
-    rig = Rig(core_class, tmp_path, pack_within=1e9)  # packing by age would depend on each core's speed
+    # Packing by age, or paused by give-backs within a second, would depend on each core's speed.
+    rig = Rig(core_class, tmp_path, pack_within=1e9, pack_pause=0.0)
     seen: list = []
     held: dict[bytes, list[int]] = {}
     try:
