@@ -37,7 +37,7 @@
 #define CLOSED_MEMORY 60.0
 #define PACK_WITHIN 0.002
 #define PACK_PAUSE 10.0
-#define PAUSE_AFTER 3
+#define PAUSE_AFTER 10
 #define MAX_CLOSED 4096
 #define MAX_FRAME (1ULL << 30)
 #define RECV_SIZE 65536

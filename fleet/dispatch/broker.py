@@ -43,7 +43,7 @@ PACK_WITHIN = 0.002
 # PACK_PAUSE ago: the app blocks, and a request packed behind a blocking one waits
 # for its give-back. (One give-back can be a thread that was only descheduled.)
 PACK_PAUSE = 10.0
-PAUSE_AFTER = 3
+PAUSE_AFTER = 10
 # A worker process holds at least this many, whatever its thread count: with
 # one thread, two in hand are not enough to hide the broker's wake-up latency
 # on a busy host (measured: 3.7k against 6.4k requests/s with 4).
