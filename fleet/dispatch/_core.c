@@ -751,11 +751,10 @@ static void broker_give_back(Core *self, PyObject *ident, int index, PyObject *c
     }
     if (++self->give_backs >= PAUSE_AFTER) self->packs_again_at = now + self->pack_pause;
     if (!t->retiring) t->owed++;
-    tier_remove(self, slot);  /* out of the tiers while it is placed: not back to where it was stuck */
+    file_thread(self, slot);  /* out of the tiers (it owes, or retires): not back to where it was stuck */
     backlog_push_front(self, index, sender, Py_NewRef(conn_id), raw);
     Py_DECREF(raw);
     drain_backlog(self);
-    file_thread(self, slot);
 }
 
 /* broker.stream */

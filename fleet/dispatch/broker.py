@@ -227,12 +227,9 @@ class Broker:
             self._packs_again_at = now + self.pack_pause
         if not thread.retiring:
             thread.owed += 1
-        self._idle.pop(ident, None)  # out of the tiers while it is placed: not back to where it was stuck
-        self._spare.pop(ident, None)
+        self._file(thread)  # out of the tiers (it owes, or retires): not back to where it was stuck
         self._backlog.appendleft((index, held.sender, conn_id, held.raw))
-        assignments = self._drain_backlog()
-        self._file(thread)
-        return assignments
+        return self._drain_backlog()
 
     def retire(self, ident: bytes) -> None:
         """The thread will ask for nothing more; it still finishes what it holds."""

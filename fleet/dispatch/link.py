@@ -48,9 +48,10 @@ class LinkClosed(Exception):
 
 
 class ThreadLink:
-    """A worker thread's end: blocking, one socket per thread. Its thread reads it; the
-    worker's main thread may also write to it (a busy thread's stale DONEs, what a stuck
-    thread gives back), so writes take a lock: two writers must not interleave a message."""
+    """A worker thread's end: blocking, one socket per thread. The worker's main thread
+    may use it too, for a thread stuck in a request (its stale DONEs, what it gives back):
+    reads are the caller's to serialize (fleet.worker.sources holds a lock around them);
+    writes take a lock here, since two writers must not interleave a message."""
 
     def __init__(self, path: str, ident: bytes, timeout: float) -> None:
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
